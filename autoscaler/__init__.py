@@ -1,0 +1,1 @@
+"""The autoscaler: signals, policies and actuation (arrives with the autoscaler issue)."""

@@ -1,0 +1,1 @@
+"""The gateway: the hot path from a model's stable URL to a version endpoint's replica."""

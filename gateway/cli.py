@@ -1,0 +1,72 @@
+"""`merlin-dp gateway`: arguments to a GatewayConfig, then run it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gateway.config import GatewayConfig
+from gateway.proxy import ProxyLimits
+from gateway.upstream import PoolLimits
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "gateway",
+        help="run the traffic gateway",
+        description=(
+            "Serve model endpoints and version endpoints over HTTP_JSON. Requests are "
+            "routed by Host (<model>.<project>.<domain>, <model>-<version>.<project>.<domain>) "
+            "or by the path form /serving/<project>/<model>/... for clients that can't set "
+            "Host. Route tables come from --routes FILE (re-read when it changes, or on SIGHUP)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--routes", type=Path, metavar="FILE", help="route table file (YAML or JSON)")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="traffic address; 0.0.0.0:8080 to serve other machines")  # fmt: skip
+    p.add_argument("--admin", default="127.0.0.1:8081", metavar="HOST:PORT",
+                   help="admin address: /metrics, /healthz, /readyz")  # fmt: skip
+    p.add_argument("--domain", default="localhost",
+                   help="domain of model URLs: <model>.<project>.<domain>")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the traffic port (SO_REUSEPORT)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=int, default=ProxyLimits().max_body_bytes,
+                   help="request bodies over this are refused with 413")  # fmt: skip
+    p.add_argument("--idle-upstream-seconds", type=float, default=PoolLimits().idle_seconds,
+                   help="close pooled replica connections idle this long")  # fmt: skip
+    p.add_argument("--shutdown-seconds", type=float, default=10.0,
+                   help="grace for in-flight requests on SIGTERM")  # fmt: skip
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(run=run)
+
+
+def split_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"merlin-dp: {text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway import supervisor
+
+    host, port = split_address(args.listen)
+    admin_host, admin_port = split_address(args.admin)
+    try:
+        config = GatewayConfig(
+            host=host,
+            port=port,
+            admin_host=admin_host,
+            admin_port=admin_port,
+            domain=args.domain,
+            routes_file=args.routes,
+            workers=args.workers,
+            shutdown_seconds=args.shutdown_seconds,
+            proxy=ProxyLimits(max_body_bytes=args.max_body_bytes),
+            pool=PoolLimits(idle_seconds=args.idle_upstream_seconds),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"merlin-dp gateway: {exc}") from None
+    supervisor.run(config, args.log_level)
+    return 0

@@ -1,0 +1,36 @@
+"""Gateway settings: one frozen value built by the CLI (or a test) and handed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.proxy import ProxyLimits
+from gateway.upstream import PoolLimits
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8081
+    domain: str = "localhost"
+    routes_file: Path | None = None
+    workers: int = 1
+    reload_seconds: float = 1.0
+    keepalive_seconds: float = 75.0
+    # Grace for in-flight requests when the gateway stops.
+    shutdown_seconds: float = 10.0
+    max_line_bytes: int = 8190
+    max_header_bytes: int = 8190
+    proxy: ProxyLimits = field(default_factory=ProxyLimits)
+    pool: PoolLimits = field(default_factory=PoolLimits)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if not 0 < self.proxy.buffer_body_bytes <= 1024 * 1024:
+            raise ValueError("buffer_body_bytes must be between 1 byte and 1 MiB")
+        if self.proxy.max_body_bytes < 0:
+            raise ValueError("max_body_bytes must not be negative")

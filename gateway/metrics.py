@@ -1,0 +1,254 @@
+"""Gateway counters: cheap to record on the hot path, mergeable across workers.
+
+The hot path bumps plain slot attributes on objects it already holds (a version's
+:class:`VersionStats` hangs off the route table), so recording a request costs a dict
+lookup by status code, a bisect and a few additions, and no lock. A worker exports its
+counters as a JSON-able snapshot; the admin port merges the snapshots of every worker
+and renders them in the Prometheus text format with prometheus-client, so ``/metrics``
+is correct whether one process or N serve the traffic port.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from gateway.upstream import UpstreamStats
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+)  # fmt: skip
+# How a version was chosen: a metric label, and the index into VersionStats.by_choice.
+CHOSEN_BY = ("weight", "direct")
+CHOSEN_WEIGHT = 0
+CHOSEN_DIRECT = 1
+
+Snapshot = dict[str, Any]
+
+
+class CodeStats:
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+
+class VersionStats:
+    """Per version endpoint: in-flight requests and latency by (chosen_by, code)."""
+
+    __slots__ = ("by_choice", "in_flight", "model", "project", "version")
+
+    def __init__(self, project: str, model: str, version: str) -> None:
+        self.project = project
+        self.model = model
+        self.version = version
+        self.in_flight = 0
+        self.by_choice: tuple[dict[int, CodeStats], ...] = tuple({} for _ in CHOSEN_BY)
+
+    def record(self, chosen: int, code: int, seconds: float) -> None:
+        series = self.by_choice[chosen]
+        stats = series.get(code)
+        if stats is None:
+            stats = series[code] = CodeStats()
+        stats.observe(seconds)
+
+
+class GatewayMetrics:
+    """Every counter of one gateway worker."""
+
+    def __init__(self, upstream: UpstreamStats) -> None:
+        self.upstream = upstream
+        self._versions: dict[tuple[str, str, str], VersionStats] = {}
+        self.unrouted: dict[int, int] = {}  # requests answered before a version was chosen
+        self.table_revision = -1
+        self.table_errors = 0
+
+    def version(self, project: str, model: str, version: str) -> VersionStats:
+        key = (project, model, version)
+        stats = self._versions.get(key)
+        if stats is None:
+            stats = self._versions[key] = VersionStats(project, model, version)
+        return stats
+
+    def count_unrouted(self, code: int) -> None:
+        self.unrouted[code] = self.unrouted.get(code, 0) + 1
+
+    def snapshot(self) -> Snapshot:
+        versions = []
+        for vs in self._versions.values():
+            series = [
+                {
+                    "chosen_by": CHOSEN_BY[i],
+                    "code": code,
+                    "count": cs.count,
+                    "sum": cs.total,
+                    "buckets": list(cs.buckets),
+                }
+                for i, by_code in enumerate(vs.by_choice)
+                for code, cs in by_code.items()
+            ]
+            versions.append(
+                {
+                    "project": vs.project,
+                    "model": vs.model,
+                    "version": vs.version,
+                    "in_flight": vs.in_flight,
+                    "series": series,
+                }
+            )
+        up = self.upstream
+        return {
+            "versions": versions,
+            "unrouted": {str(k): v for k, v in self.unrouted.items()},
+            "upstream": {
+                "connects": up.connects,
+                "ejections": up.ejections,
+                "retries": up.retries,
+                "errors": dict(up.errors),
+            },
+            "table": {"revision": self.table_revision, "errors": self.table_errors},
+        }
+
+
+def empty_snapshot() -> Snapshot:
+    return GatewayMetrics(UpstreamStats()).snapshot()
+
+
+def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """Sum the snapshots of several workers into one."""
+    versions: dict[tuple[str, str, str], dict[str, Any]] = {}
+    series: dict[tuple[str, str, str, str, int], dict[str, Any]] = {}
+    unrouted: dict[str, int] = {}
+    upstream: dict[str, Any] = {"connects": 0, "ejections": 0, "retries": 0, "errors": {}}
+    revisions: list[int] = []
+    table_errors = 0
+    for snap in snapshots:
+        for v in snap["versions"]:
+            vkey = (v["project"], v["model"], v["version"])
+            merged = versions.setdefault(
+                vkey, {"project": vkey[0], "model": vkey[1], "version": vkey[2],
+                       "in_flight": 0, "series": []},
+            )  # fmt: skip
+            merged["in_flight"] += v["in_flight"]
+            for s in v["series"]:
+                skey = (*vkey, s["chosen_by"], s["code"])
+                into = series.get(skey)
+                if into is None:
+                    into = series[skey] = {**s, "buckets": list(s["buckets"])}
+                    merged["series"].append(into)
+                else:
+                    into["count"] += s["count"]
+                    into["sum"] += s["sum"]
+                    into["buckets"] = [
+                        a + b for a, b in zip(into["buckets"], s["buckets"], strict=True)
+                    ]
+        for code, n in snap["unrouted"].items():
+            unrouted[code] = unrouted.get(code, 0) + n
+        for key in ("connects", "ejections", "retries"):
+            upstream[key] += snap["upstream"][key]
+        for kind, n in snap["upstream"]["errors"].items():
+            upstream["errors"][kind] = upstream["errors"].get(kind, 0) + n
+        revisions.append(snap["table"]["revision"])
+        table_errors += snap["table"]["errors"]
+    return {
+        "versions": list(versions.values()),
+        "unrouted": unrouted,
+        "upstream": upstream,
+        # Workers may briefly disagree during a swap; the oldest is what is guaranteed.
+        "table": {"revision": min(revisions, default=-1), "errors": table_errors},
+    }
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snap = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snap
+        labels = ["project", "model", "version", "chosen_by", "code"]
+        requests = CounterMetricFamily(
+            "gateway_requests", "Requests answered, by version endpoint and status.", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            "gateway_request_duration_seconds",
+            "Time from request received to response complete, by version endpoint.",
+            labels=labels,
+        )
+        in_flight = GaugeMetricFamily(
+            "gateway_in_flight_requests",
+            "Requests being served, by version endpoint.",
+            labels=["project", "model", "version"],
+        )
+        bounds = [*(repr(b) for b in LATENCY_BUCKETS), "+Inf"]
+        for v in snap["versions"]:
+            vlabels = [v["project"], v["model"], v["version"]]
+            in_flight.add_metric(vlabels, v["in_flight"])
+            for s in v["series"]:
+                values = [*vlabels, s["chosen_by"], str(s["code"])]
+                requests.add_metric(values, s["count"])
+                cumulative, acc = [], 0
+                for bound, n in zip(bounds, s["buckets"], strict=True):
+                    acc += n
+                    cumulative.append((bound, acc))
+                duration.add_metric(values, cumulative, s["sum"])
+        unrouted = CounterMetricFamily(
+            "gateway_unrouted_requests",
+            "Requests answered before a version endpoint was chosen (unknown host, bad input).",
+            labels=["code"],
+        )
+        for code, n in snap["unrouted"].items():
+            unrouted.add_metric([code], n)
+        up = snap["upstream"]
+        errors = CounterMetricFamily(
+            "gateway_upstream_errors", "Failed exchanges with replicas, by kind.", labels=["kind"]
+        )
+        for kind, n in up["errors"].items():
+            errors.add_metric([kind], n)
+        yield requests
+        yield duration
+        yield in_flight
+        yield unrouted
+        yield errors
+        yield CounterMetricFamily(
+            "gateway_retries", "Requests retried on another replica.", value=up["retries"]
+        )
+        yield CounterMetricFamily(
+            "gateway_ejections", "Replicas ejected by outlier detection.", value=up["ejections"]
+        )
+        yield CounterMetricFamily(
+            "gateway_upstream_connects", "Connections opened to replicas.", value=up["connects"]
+        )
+        yield GaugeMetricFamily(
+            "gateway_route_table_revision",
+            "Revision of the route table being served (the oldest across workers).",
+            value=snap["table"]["revision"],
+        )
+        yield CounterMetricFamily(
+            "gateway_route_table_errors",
+            "Route tables rejected (invalid file or feed); the last good table stays.",
+            value=snap["table"]["errors"],
+        )
+
+
+def render(snapshot: Snapshot) -> bytes:
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot))
+    return generate_latest(registry)

@@ -1,0 +1,412 @@
+"""The HTTP_JSON hot path: from a client request to a replica's response.
+
+:class:`Proxy.handle` finds the target by Host (or the ``/serving/`` path form), picks a
+version by the compiled rule, picks a replica, and relays the exchange over a pooled
+keep-alive connection. Small request bodies are read whole and written with the head
+in one send (and can be replayed on retry); larger or chunked ones stream with
+backpressure. Responses that arrive whole are answered with one ``Response``; others
+stream back with bounded buffering. Nothing here parses a body.
+
+The handler reads ``self.table`` once per request; a swap assigns a new table, so a
+request finishes on the table it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass
+from time import perf_counter
+
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from gateway.balancer import choose
+from gateway.errors import error_response
+from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
+from gateway.table import (
+    DIRECT_POLICY,
+    EMPTY_TABLE,
+    ModelTarget,
+    RoutePolicy,
+    RouteTable,
+    VersionTarget,
+)
+from gateway.upstream import Upstream, UpstreamConnection, UpstreamError, UpstreamStats
+
+# RFC 9110 §7.6.1: connection-specific fields a proxy must not forward. Expect is
+# answered by our own server (we read the body ourselves), Host travels as is.
+REQUEST_HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade", b"expect",
+    }
+)  # fmt: skip
+RESPONSE_SKIP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade", b"x-model-version", b"x-request-id",
+    }
+)  # fmt: skip
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PATH_FORM_PREFIX = "/serving/"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Bodies up to this size are read whole before sending: one write, and replayable.
+    buffer_body_bytes: int = 256 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestIds:
+    """Unique request ids without a syscall or a UUID per request."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+class Proxy:
+    """The request handler for the traffic port."""
+
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        upstream_stats: UpstreamStats,
+        limits: ProxyLimits | None = None,
+    ) -> None:
+        self.table: RouteTable = EMPTY_TABLE
+        self.metrics = metrics
+        self.upstream_stats = upstream_stats
+        self.limits = limits or ProxyLimits()
+        self.request_ids = RequestIds()
+        self.loop = asyncio.get_running_loop()
+
+    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+        start = perf_counter()
+        table = self.table
+        host = request.headers.get("Host", "")
+        colon = host.find(":")
+        if colon >= 0:
+            host = host[:colon]
+        target = table.by_host.get(host) or table.by_host.get(host.lower())
+        path = request.raw_path
+        if target is None:
+            if not path.startswith(PATH_FORM_PREFIX):
+                return self._unrouted(
+                    404, f"no model endpoint or version endpoint at host {host!r}"
+                )
+            target, path = self._path_form(table, path)
+            if target is None:
+                return self._unrouted(404, f"no model endpoint or version endpoint at {path!r}")
+        if type(target) is ModelTarget:
+            version = target.pick()
+            chosen = CHOSEN_WEIGHT
+            policy = target.policy
+            query = path.find("?")
+            bare = path if query < 0 else path[:query]
+            if bare in target.predict_paths:
+                path = version.predict_path if query < 0 else version.predict_path + path[query:]
+        else:
+            assert type(target) is VersionTarget
+            version = target
+            chosen = CHOSEN_DIRECT
+            policy = DIRECT_POLICY
+        stats = version.stats
+        stats.in_flight += 1
+        try:
+            resp = await self._forward(request, version, policy, path)
+        finally:
+            stats.in_flight -= 1
+        stats.record(chosen, resp.status, perf_counter() - start)
+        return resp
+
+    def _path_form(
+        self, table: RouteTable, path: str
+    ) -> tuple[ModelTarget | VersionTarget | None, str]:
+        # /serving/<project>/<model or model-version>/<rest> → /<rest>
+        parts = path[len(PATH_FORM_PREFIX) :].split("/", 2)
+        if len(parts) < 2:
+            return None, path
+        name = parts[1].partition("?")[0]
+        target = table.by_path.get(f"{parts[0]}/{name}")
+        rest = parts[2] if len(parts) == 3 else ""
+        if len(parts) == 2 and "?" in parts[1]:
+            rest = "?" + parts[1].partition("?")[2]
+        return target, "/" + rest
+
+    def _unrouted(self, status: int, message: str) -> web.Response:
+        self.metrics.count_unrouted(status)
+        return error_response(status, message)
+
+    # --- forwarding ---------------------------------------------------------------
+
+    async def _forward(
+        self, request: BaseRequest, version: VersionTarget, policy: RoutePolicy, path: str
+    ) -> web.StreamResponse:
+        limits = self.limits
+        body: bytes | None = b""  # None: the body streams and can't be replayed
+        chunked = False
+        if request.body_exists:
+            length = request.content_length
+            if length is None:
+                chunked = True
+                body = None
+            elif length > limits.max_body_bytes:
+                return error_response(
+                    413,
+                    f"request body of {length} bytes is over the limit of "
+                    f"{limits.max_body_bytes} bytes",
+                    close=True,
+                )
+            elif length <= limits.buffer_body_bytes:
+                body = await request.read()
+            else:
+                body = None
+        head, request_id = self._request_head(request, path, chunked)
+        upstreams = version.upstreams
+        if not upstreams:
+            return error_response(
+                503,
+                f"version endpoint {version.project}/{version.full_name} has no ready replica",
+                retry_after=1,
+                headers={"X-Model-Version": version.version_header},
+            )
+        replayable = body is not None and (policy.idempotent or request.method in SAFE_METHODS)
+        ustats = self.upstream_stats
+        tried: list[Upstream] | None = None
+        failure: UpstreamError | None = None
+        for attempt in range(policy.retries + 1):
+            up = choose(upstreams, tried)
+            if up is None:
+                break
+            if attempt:
+                ustats.retries += 1
+            conn = up.take_idle()
+            if conn is None:
+                try:
+                    conn = await up.connect()
+                except UpstreamError as exc:
+                    up.record_failure()
+                    ustats.error(exc.kind)
+                    failure = exc
+                    tried = [up] if tried is None else [*tried, up]
+                    continue
+            up.outstanding += 1
+            try:
+                return await self._exchange(
+                    request, up, conn, head, body, chunked, version, policy, request_id
+                )
+            except UpstreamError as exc:
+                ustats.error(exc.kind)
+                up.record_failure()
+                if exc.kind == "timeout":
+                    return error_response(
+                        504,
+                        f"version endpoint {version.full_name} did not answer within "
+                        f"{policy.timeout:g} s",
+                        headers={"X-Model-Version": version.version_header},
+                    )
+                failure = exc
+                if not replayable:
+                    break
+                tried = [up] if tried is None else [*tried, up]
+            except BodyTooLarge:
+                return error_response(
+                    413,
+                    f"request body is over the limit of {limits.max_body_bytes} bytes",
+                    close=True,
+                )
+            finally:
+                up.outstanding -= 1
+        return error_response(
+            502,
+            f"version endpoint {version.full_name} failed: {failure}"
+            if failure
+            else f"version endpoint {version.full_name}: no replica left to try",
+            headers={"X-Model-Version": version.version_header},
+        )
+
+    def _request_head(self, request: BaseRequest, path: str, chunked: bool) -> tuple[bytes, str]:
+        lines = [f"{request.method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
+        append = lines.append
+        forwarded_for = request_id = connection = None
+        for name, value in request.raw_headers:
+            lname = name.lower()
+            if lname in REQUEST_HOP_BY_HOP:
+                if lname == b"connection":
+                    connection = value
+                continue
+            if lname == b"x-forwarded-for":
+                forwarded_for = value
+                continue
+            if lname == b"x-request-id":
+                request_id = value
+            append(name + b": " + value + b"\r\n")
+        if connection is not None:
+            lines = _drop_connection_tokens(lines, connection)
+            append = lines.append
+        peer = (request.remote or "unknown").encode()
+        append(
+            b"X-Forwarded-For: " + forwarded_for + b", " + peer + b"\r\n"
+            if forwarded_for
+            else b"X-Forwarded-For: " + peer + b"\r\n"
+        )
+        if request_id is None:
+            rid = self.request_ids.next()
+            append(b"X-Request-Id: " + rid.encode() + b"\r\n")
+        else:
+            rid = request_id.decode("latin-1")
+        if chunked:
+            append(b"Transfer-Encoding: chunked\r\n")
+        append(b"\r\n")
+        return b"".join(lines), rid
+
+    async def _exchange(
+        self,
+        request: BaseRequest,
+        up: Upstream,
+        conn: UpstreamConnection,
+        head: bytes,
+        body: bytes | None,
+        chunked: bool,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        request_id: str,
+    ) -> web.StreamResponse:
+        no_body = request.method == "HEAD"
+        sender: asyncio.Future[None] | None = None
+        if body is None:
+            # Full duplex: a replica may answer (and stream) before the upload ends.
+            conn.begin(head, no_body, policy.timeout)
+            sender = asyncio.ensure_future(self._send_body(request, conn, chunked))
+        else:
+            conn.begin(head + body if body else head, no_body, policy.timeout)
+        try:
+            while not conn.head_done:
+                if conn.error is not None:
+                    if sender is not None and sender.done() and sender.exception():
+                        raise sender.exception()  # type: ignore[misc]
+                    raise conn.error
+                await conn.wait()
+            status = conn.status
+            headers = _response_headers(conn.headers, version.version_header, request_id)
+            if conn.complete:
+                if sender is not None and not sender.done():
+                    # Answered without reading the whole body: this connection is spent.
+                    conn.keep_alive = False
+                chunks = conn.take_chunks()
+                payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._settle(up, conn, status)
+                return web.Response(status=status, headers=headers, body=payload)
+            return await self._stream_response(request, up, conn, status, headers)
+        finally:
+            conn.finish()
+            if sender is not None:
+                if sender.done():
+                    if not sender.cancelled():
+                        sender.exception()  # retrieved: reported through conn.error
+                else:
+                    sender.cancel()
+
+    def _settle(self, up: Upstream, conn: UpstreamConnection, status: int) -> None:
+        if status >= 500:
+            up.record_failure()
+        else:
+            up.record_success()
+        up.release(conn)
+
+    async def _send_body(
+        self, request: BaseRequest, conn: UpstreamConnection, chunked: bool
+    ) -> None:
+        content = request.content
+        limit = self.limits.max_body_bytes
+        total = 0
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise BodyTooLarge
+                if conn.error is not None or conn.complete:
+                    return  # the exchange ended without the rest of the body
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if conn.write_paused:
+                    await conn.drain()
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+        except BaseException as exc:
+            # Too large, or the client went away mid-upload: the exchange can't finish.
+            conn.fail(UpstreamError("reset", f"request body not delivered: {exc!r}"))
+            raise
+
+    async def _stream_response(
+        self,
+        request: BaseRequest,
+        up: Upstream,
+        conn: UpstreamConnection,
+        status: int,
+        headers: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers=headers)
+        await resp.prepare(request)
+        try:
+            while True:
+                if conn.chunks:
+                    for chunk in conn.take_chunks():
+                        await resp.write(chunk)
+                    continue
+                if conn.complete:
+                    break
+                if conn.error is not None:
+                    # Headers are out: the only honest signal left is a cut connection.
+                    up.record_failure()
+                    self.upstream_stats.error(conn.error.kind)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError(str(conn.error))
+                await conn.wait()
+        except BaseException:
+            conn.abort()
+            raise
+        self._settle(up, conn, status)
+        await resp.write_eof()
+        return resp
+
+
+def _response_headers(
+    raw: list[tuple[bytes, bytes]], version_header: str, request_id: str
+) -> list[tuple[str, str]]:
+    out = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in raw
+        if name.lower() not in RESPONSE_SKIP
+    ]
+    out.append(("X-Model-Version", version_header))
+    out.append(("X-Request-Id", request_id))
+    return out
+
+
+def _drop_connection_tokens(lines: list[bytes], connection: bytes) -> list[bytes]:
+    """Remove headers the client named in Connection (they are hop-by-hop too)."""
+    tokens = {t.strip().lower() for t in connection.split(b",")} - {b"close", b"keep-alive", b""}
+    if not tokens:
+        return lines
+    return [
+        line
+        for i, line in enumerate(lines)
+        if i == 0 or line.split(b":", 1)[0].strip().lower() not in tokens
+    ]

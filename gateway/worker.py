@@ -1,0 +1,121 @@
+"""One gateway worker: the traffic listener, its route source and its counters.
+
+A worker owns everything bound to its event loop: the upstream registry (pools), the
+metrics, the proxy handler and the listener. :meth:`GatewayWorker.apply` compiles a
+route table spec and swaps it in with one assignment, then drains the replicas the new
+table no longer names. With ``--workers N`` each worker is its own process bound to the
+same port with SO_REUSEPORT (see :mod:`gateway.supervisor`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.http_server import GatewayHttpServer
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.routes import RouteTableSpec
+from gateway.sources import RouteSource
+from gateway.table import compile_table
+from gateway.upstream import UpstreamRegistry
+
+log = logging.getLogger("gateway")
+
+Report = dict[str, Any]
+
+
+class GatewayWorker:
+    def __init__(self, config: GatewayConfig, source: RouteSource) -> None:
+        loop = asyncio.get_running_loop()
+        self.config = config
+        self.source = source
+        self.registry = UpstreamRegistry(loop, config.pool)
+        self.metrics = GatewayMetrics(self.registry.stats)
+        self.proxy = Proxy(self.metrics, self.registry.stats, config.proxy)
+        self.ready = False
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.applied_at: float | None = None
+        self._runner: web.ServerRunner | None = None
+        self._source_task: asyncio.Task[None] | None = None
+        self.port = config.port
+
+    # --- route tables ---------------------------------------------------------------
+
+    def apply(self, spec: RouteTableSpec) -> None:
+        table = compile_table(spec, self.config.domain, self.registry, self.metrics.version)
+        self.proxy.table = table
+        self.registry.retain(table.upstreams())
+        self.metrics.table_revision = table.revision
+        self.ready = True
+        self.applied_at = time.time()
+        log.info(
+            "serving route table revision %d: %d model endpoints, %d version endpoints",
+            table.revision,
+            len(spec.model_endpoints),
+            len(table.versions),
+        )
+
+    def reject(self, reason: str) -> None:
+        self.metrics.table_errors += 1
+        self.last_error = reason
+        self.last_error_at = time.time()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        server = GatewayHttpServer(
+            self.proxy.handle,
+            access_log=None,
+            keepalive_timeout=cfg.keepalive_seconds,
+            max_line_size=cfg.max_line_bytes,
+            max_field_size=cfg.max_header_bytes,
+            # After an early answer (413), read and drop the rest of the body briefly so the
+            # client sees the answer rather than a reset; not for aiohttp's default 10 s.
+            lingering_time=2.0,
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_seconds)
+        await self._runner.setup()
+        sock = bind_socket(cfg.host, cfg.port, reuse_port=cfg.workers > 1)
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        self._source_task = asyncio.create_task(self.source.run(self.apply, self.reject))
+
+    async def stop(self) -> None:
+        """Stop listening, let in-flight requests finish (up to the grace), close pools."""
+        if self._source_task is not None:
+            self._source_task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.registry.close()
+
+    def report(self) -> Report:
+        return {
+            "ready": self.ready,
+            "revision": self.proxy.table.revision,
+            "source": self.source.description,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "applied_at": self.applied_at,
+            "metrics": self.metrics.snapshot(),
+        }
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m loadtests.bench`) and, later, Locust suites and soak scenarios."""
