@@ -219,7 +219,7 @@ class Proxy:
                         headers={"X-Model-Version": version.version_header},
                     )
                 failure = exc
-                if not replayable:
+                if not (replayable or (exc.unread and body is not None)):
                     break
                 tried = [up] if tried is None else [*tried, up]
             except BodyTooLarge:

@@ -28,11 +28,18 @@ READ_HIGH_WATER = 256 * 1024
 
 
 class UpstreamError(Exception):
-    """An exchange with a replica failed; ``kind`` names how, for metrics and retry."""
+    """An exchange with a replica failed; ``kind`` names how, for metrics and retry.
 
-    def __init__(self, kind: str, message: str) -> None:
+    ``unread`` marks a reset that proves the replica never read the request: the kernel
+    answers with RST, before any response byte, only when the replica's socket is gone
+    or is closed with our bytes still unread (a replica that read the request and then
+    died closes with FIN instead). Such a request is safe to send elsewhere.
+    """
+
+    def __init__(self, kind: str, message: str, unread: bool = False) -> None:
         super().__init__(message)
         self.kind = kind  # connect | reset | protocol | timeout
+        self.unread = unread
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +424,10 @@ class UpstreamConnection(asyncio.Protocol):
             if not self.complete:
                 reason = f": {exc}" if exc else ""
                 self.error = UpstreamError(
-                    "reset", f"upstream {self.upstream.address} closed the connection{reason}"
+                    "reset",
+                    f"upstream {self.upstream.address} closed the connection{reason}",
+                    unread=not self.got_bytes
+                    and isinstance(exc, (ConnectionResetError, BrokenPipeError)),
                 )
         ww = self.write_waiter
         if ww is not None and not ww.done():

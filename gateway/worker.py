@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from typing import Any
@@ -99,6 +100,7 @@ class GatewayWorker:
 
     def report(self) -> Report:
         return {
+            "pid": os.getpid(),
             "ready": self.ready,
             "revision": self.proxy.table.revision,
             "source": self.source.description,

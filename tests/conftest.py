@@ -67,11 +67,15 @@ class Replica:
             self._runner = None
 
 
-def version(project: str, model: str, ver: str, replicas: list[str], **extra: Any) -> dict[str, Any]:
+def version(
+    project: str, model: str, ver: str, replicas: list[str], **extra: Any
+) -> dict[str, Any]:
     return {"project": project, "model": model, "version": ver, "replicas": replicas, **extra}
 
 
-def model_endpoint(project: str, model: str, weights: dict[str, int], **rule: Any) -> dict[str, Any]:
+def model_endpoint(
+    project: str, model: str, weights: dict[str, int], **rule: Any
+) -> dict[str, Any]:
     dests = [{"version": v, "weight": w} for v, w in weights.items()]
     return {"project": project, "model": model, "rule": {"destinations": dests, **rule}}
 

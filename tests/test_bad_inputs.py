@@ -44,9 +44,8 @@ async def gw(gateway_factory: Any, replicas: Any) -> Any:
         ],
         "model_endpoints": [
             model_endpoint("fraud", "scorer", {"1": 100}, timeout_seconds=0.3),
-            model_endpoint("fraud", "cold", {}) | {
-                "model": "cold", "rule": {"destinations": [{"version": "1", "weight": 100}]}
-            },
+            model_endpoint("fraud", "cold", {})
+            | {"model": "cold", "rule": {"destinations": [{"version": "1", "weight": 100}]}},
         ],
     }
     spec["version_endpoints"].append(version("fraud", "cold", "1", []))

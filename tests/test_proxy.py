@@ -41,10 +41,14 @@ async def test_model_endpoint_rewrites_predict_paths(gateway_factory: Any, repli
         assert (await resp.json())["ready"] is True
 
 
-async def test_version_endpoint_host_passes_path_through(gateway_factory: Any, replicas: Any) -> None:
+async def test_version_endpoint_host_passes_path_through(
+    gateway_factory: Any, replicas: Any
+) -> None:
     (r1, r2) = await start_replicas(replicas, "v1", "v2")
     gw = await gateway_factory(two_versions([r1.address], [r2.address]))
-    async with gw.request("POST", "scorer-2.fraud.localhost:8080", "/v1/models/scorer-2:predict") as resp:
+    async with gw.request(
+        "POST", "scorer-2.fraud.localhost:8080", "/v1/models/scorer-2:predict"
+    ) as resp:
         body = await resp.json()
         assert body["served_by"] == "v2"
         assert body["path"] == "/v1/models/scorer-2:predict"
@@ -60,7 +64,9 @@ async def test_path_form_for_clients_without_dns(gateway_factory: Any, replicas:
     async with gw.request("POST", "127.0.0.1", "/serving/fraud/scorer/v1/predict?a=b") as resp:
         body = await resp.json()
         assert body["path"] == "/v1/models/scorer-1:predict?a=b"
-    async with gw.request("POST", "127.0.0.1", "/serving/fraud/scorer-2/v1/models/scorer-2:predict") as resp:
+    async with gw.request(
+        "POST", "127.0.0.1", "/serving/fraud/scorer-2/v1/models/scorer-2:predict"
+    ) as resp:
         assert (await resp.json())["served_by"] == "v2"
 
 
@@ -123,7 +129,9 @@ async def test_head_and_chunked_responses(gateway_factory: Any, replicas: Any) -
         assert len(await resp.read()) == 5000
 
 
-async def test_least_outstanding_avoids_the_busy_replica(gateway_factory: Any, replicas: Any) -> None:
+async def test_least_outstanding_avoids_the_busy_replica(
+    gateway_factory: Any, replicas: Any
+) -> None:
     gate = asyncio.Event()
 
     async def stuck(request: web.Request) -> web.Response:
@@ -138,7 +146,9 @@ async def test_least_outstanding_avoids_the_busy_replica(gateway_factory: Any, r
     gw = await gateway_factory(two_versions([slow.address, fast.address], [fast.address]))
     # Five requests pile up on the slow replica at most before P2C steers around it.
     pending = [
-        asyncio.ensure_future(gw.request("POST", "scorer.fraud.localhost", "/v1/predict").__aenter__())
+        asyncio.ensure_future(
+            gw.request("POST", "scorer.fraud.localhost", "/v1/predict").__aenter__()
+        )
         for _ in range(40)
     ]
     done, _ = await asyncio.wait(pending, timeout=3)
@@ -168,7 +178,9 @@ async def test_refused_connect_is_retried_elsewhere(gateway_factory: Any, replic
     dead = f"127.0.0.1:{free_port()}"  # nothing listens here
     gw = await gateway_factory(two_versions([dead, good.address], [good.address]))
     for _ in range(30):
-        async with gw.request("POST", "scorer.fraud.localhost", "/v1/predict", data=b"x" * 100) as resp:
+        async with gw.request(
+            "POST", "scorer.fraud.localhost", "/v1/predict", data=b"x" * 100
+        ) as resp:
             assert resp.status == 200
             assert (await resp.json())["served_by"] == "good"
     assert gw.worker.registry.stats.retries > 0
@@ -176,13 +188,14 @@ async def test_refused_connect_is_retried_elsewhere(gateway_factory: Any, replic
 
 
 def resetting_app(counter: Counter[str]) -> web.Application:
-    """A replica that reads the request, then drops the connection without answering."""
+    """A replica that reads the request, then closes without answering (as one that
+    crashes mid-request does: the kernel closes its socket with FIN)."""
 
     async def reset(request: web.Request) -> web.Response:
         await request.read()
         counter["seen"] += 1
         assert request.transport is not None
-        request.transport.abort()
+        request.transport.close()
         raise ConnectionResetError
 
     app = web.Application()
@@ -248,7 +261,9 @@ async def test_ejected_replica_returns_after_backoff(gateway_factory: Any, repli
     (good,) = await start_replicas(replicas, "good")
     port = free_port()
     config = GatewayConfig(pool=PoolLimits(eject_after=2, eject_base_seconds=0.3))
-    gw = await gateway_factory(two_versions([f"127.0.0.1:{port}", good.address], [good.address]), config)
+    gw = await gateway_factory(
+        two_versions([f"127.0.0.1:{port}", good.address], [good.address]), config
+    )
     for _ in range(20):
         async with gw.request("POST", "scorer.fraud.localhost", "/v1/predict") as resp:
             assert resp.status == 200
