@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from time import perf_counter
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.web_request import BaseRequest
 
 from gateway.balancer import choose
 from gateway.errors import error_response
 from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
+from gateway.relay import RESPONSE_SKIP, relay
 from gateway.table import (
     DIRECT_POLICY,
     EMPTY_TABLE,
@@ -41,12 +43,6 @@ REQUEST_HOP_BY_HOP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
         b"transfer-encoding", b"upgrade", b"expect",
-    }
-)  # fmt: skip
-RESPONSE_SKIP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-        b"transfer-encoding", b"upgrade", b"x-model-version", b"x-request-id",
     }
 )  # fmt: skip
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -70,11 +66,11 @@ class RequestIds:
     __slots__ = ("_counter", "_prefix")
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
+        self._prefix = os.urandom(6).hex().encode()
         self._counter = itertools.count(1)
 
-    def next(self) -> str:
-        return f"{self._prefix}-{next(self._counter):x}"
+    def next(self) -> bytes:
+        return b"%s-%x" % (self._prefix, next(self._counter))
 
 
 class Proxy:
@@ -171,7 +167,10 @@ class Proxy:
                     close=True,
                 )
             elif length <= limits.buffer_body_bytes:
-                body = await request.read()
+                content = request.content
+                # Small bodies have usually arrived with the head: take them without the
+                # coroutine chain of read().
+                body = content.read_nowait() if content.is_eof() else await request.read()
             else:
                 body = None
         head, request_id = self._request_head(request, path, chunked)
@@ -238,7 +237,7 @@ class Proxy:
             headers={"X-Model-Version": version.version_header},
         )
 
-    def _request_head(self, request: BaseRequest, path: str, chunked: bool) -> tuple[bytes, str]:
+    def _request_head(self, request: BaseRequest, path: str, chunked: bool) -> tuple[bytes, bytes]:
         lines = [f"{request.method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
         append = lines.append
         forwarded_for = request_id = connection = None
@@ -264,14 +263,12 @@ class Proxy:
             else b"X-Forwarded-For: " + peer + b"\r\n"
         )
         if request_id is None:
-            rid = self.request_ids.next()
-            append(b"X-Request-Id: " + rid.encode() + b"\r\n")
-        else:
-            rid = request_id.decode("latin-1")
+            request_id = self.request_ids.next()
+            append(b"X-Request-Id: " + request_id + b"\r\n")
         if chunked:
             append(b"Transfer-Encoding: chunked\r\n")
         append(b"\r\n")
-        return b"".join(lines), rid
+        return b"".join(lines), request_id
 
     async def _exchange(
         self,
@@ -283,7 +280,7 @@ class Proxy:
         chunked: bool,
         version: VersionTarget,
         policy: RoutePolicy,
-        request_id: str,
+        request_id: bytes,
     ) -> web.StreamResponse:
         no_body = request.method == "HEAD"
         sender: asyncio.Future[None] | None = None
@@ -301,15 +298,25 @@ class Proxy:
                     raise conn.error
                 await conn.wait()
             status = conn.status
-            headers = _response_headers(conn.headers, version.version_header, request_id)
             if conn.complete:
                 if sender is not None and not sender.done():
                     # Answered without reading the whole body: this connection is spent.
                     conn.keep_alive = False
                 chunks = conn.take_chunks()
-                payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                payload = chunks[0] if len(chunks) == 1 else (b"".join(chunks) if chunks else b"")
                 self._settle(up, conn, status)
+                if request.version == HttpVersion11:
+                    return relay(
+                        status,
+                        conn.headers,
+                        payload,
+                        version.relay_headers + b"X-Request-Id: " + request_id + b"\r\n",
+                        request.keep_alive,
+                        no_body,
+                    )
+                headers = _response_headers(conn.headers, version.version_header, request_id)
                 return web.Response(status=status, headers=headers, body=payload)
+            headers = _response_headers(conn.headers, version.version_header, request_id)
             return await self._stream_response(request, up, conn, status, headers)
         finally:
             conn.finish()
@@ -388,7 +395,7 @@ class Proxy:
 
 
 def _response_headers(
-    raw: list[tuple[bytes, bytes]], version_header: str, request_id: str
+    raw: list[tuple[bytes, bytes]], version_header: str, request_id: bytes
 ) -> list[tuple[str, str]]:
     out = [
         (name.decode("latin-1"), value.decode("latin-1"))
@@ -396,7 +403,7 @@ def _response_headers(
         if name.lower() not in RESPONSE_SKIP
     ]
     out.append(("X-Model-Version", version_header))
-    out.append(("X-Request-Id", request_id))
+    out.append(("X-Request-Id", request_id.decode("latin-1")))
     return out
 
 

@@ -46,6 +46,7 @@ class VersionTarget:
     stats: VersionStats
     predict_path: str  # /v1/models/<model>-<version>:predict
     version_header: str
+    relay_headers: bytes  # our response header lines for this version, pre-encoded
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -102,6 +103,7 @@ def compile_table(
             stats=stats_for(ve.project, ve.model, ve.version),
             predict_path=f"/v1/models/{name}:predict",
             version_header=ve.version,
+            relay_headers=b"X-Model-Version: " + ve.version.encode() + b"\r\n",
         )
         versions[(ve.project, ve.model, ve.version)] = vt
         by_host[f"{name}.{ve.project}.{domain}"] = vt
