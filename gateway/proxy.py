@@ -110,15 +110,14 @@ class Proxy:
             version = target.pick()
             chosen = CHOSEN_WEIGHT
             policy = target.policy
-            query = path.find("?")
-            bare = path if query < 0 else path[:query]
-            if bare in target.predict_paths:
-                path = version.predict_path if query < 0 else version.predict_path + path[query:]
         else:
             assert type(target) is VersionTarget
             version = target
             chosen = CHOSEN_DIRECT
             policy = DIRECT_POLICY
+        query = path.find("?")
+        if (path if query < 0 else path[:query]) in target.predict_paths:
+            path = version.predict_path if query < 0 else version.predict_path + path[query:]
         stats = version.stats
         stats.in_flight += 1
         try:

@@ -45,6 +45,7 @@ class VersionTarget:
     upstreams: tuple[Upstream, ...]
     stats: VersionStats
     predict_path: str  # /v1/models/<model>-<version>:predict
+    predict_paths: frozenset[str]  # paths rewritten to predict_path
     version_header: str
     relay_headers: bytes  # our response header lines for this version, pre-encoded
 
@@ -102,6 +103,7 @@ def compile_table(
             upstreams=ups,
             stats=stats_for(ve.project, ve.model, ve.version),
             predict_path=f"/v1/models/{name}:predict",
+            predict_paths=frozenset({"/v1/predict"}),
             version_header=ve.version,
             relay_headers=b"X-Model-Version: " + ve.version.encode() + b"\r\n",
         )

@@ -53,9 +53,12 @@ async def test_version_endpoint_host_passes_path_through(
         assert body["served_by"] == "v2"
         assert body["path"] == "/v1/models/scorer-2:predict"
         assert resp.headers["X-Model-Version"] == "2"
-    # Host names are case-insensitive.
-    async with gw.request("POST", "SCORER-2.Fraud.LOCALHOST", "/v1/predict") as resp:
-        assert (await resp.json())["path"] == "/v1/predict"
+    # Host names are case-insensitive; /v1/predict is a predict call here too, and other
+    # paths pass through unchanged.
+    async with gw.request("POST", "SCORER-2.Fraud.LOCALHOST", "/v1/predict?x=1") as resp:
+        assert (await resp.json())["path"] == "/v1/models/scorer-2:predict?x=1"
+    async with gw.request("GET", "scorer-2.fraud.localhost", "/metrics/custom") as resp:
+        assert (await resp.json())["path"] == "/metrics/custom"
 
 
 async def test_path_form_for_clients_without_dns(gateway_factory: Any, replicas: Any) -> None:
@@ -290,3 +293,35 @@ async def test_timeout_answers_504(gateway_factory: Any, replicas: Any) -> None:
     # The next request on the same route is fine.
     async with gw.request("GET", "scorer.fraud.localhost", "/sleep?s=0.01") as resp:
         assert resp.status == 200
+
+
+async def test_small_chunked_answer_is_relayed_with_a_length(
+    gateway_factory: Any, replicas: Any
+) -> None:
+    from tests.test_bad_inputs import raw_exchange
+
+    (r1,) = await start_replicas(replicas, "v1")
+    gw = await gateway_factory(two_versions([r1.address], [r1.address]))
+    request = b"GET /big?bytes=1000 HTTP/1.1\r\nHost: scorer.fraud.localhost\r\n\r\n"
+    status, headers, body = await raw_exchange(gw.port, request)
+    assert status == 200
+    assert headers["content-length"] == "1000"
+    assert "transfer-encoding" not in headers
+    assert headers["x-model-version"] == "1"
+    assert body == b"x" * 1000
+
+
+async def test_http10_client(gateway_factory: Any, replicas: Any) -> None:
+    import asyncio as aio
+
+    (r1,) = await start_replicas(replicas, "v1")
+    gw = await gateway_factory(two_versions([r1.address], [r1.address]))
+    reader, writer = await aio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /v1/predict HTTP/1.0\r\nHost: scorer.fraud.localhost\r\n"
+                 b"Content-Length: 2\r\n\r\n{}")  # fmt: skip
+    raw = await aio.wait_for(reader.read(), 10)  # 1.0 without keep-alive: closed after
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert b"X-Model-Version: 1" in head
+    assert b'"served_by": "v1"' in body

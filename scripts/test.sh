@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: install, lint, type-check, test.
+# README's second set-up command; .ci/run runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+echo "== ruff"
+python3 -m ruff check .
+python3 -m ruff format --check .
+echo "== mypy"
+python3 -m mypy
+echo "== pytest"
+python3 -m pytest -q "$@"
