@@ -21,7 +21,7 @@ def make_app(full_name: str, factor: float) -> web.Application:
             payload = await request.json()
             instances = payload["instances"]
             predictions = [round(sum(map(float, row)) * factor, 4) for row in instances]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
             return web.json_response(
                 {"error": f'expected {{"instances": [[numbers]]}}: {exc}'}, status=400
             )

@@ -155,6 +155,16 @@ class Proxy:
         chunked = False
         if request.body_exists:
             length = request.content_length
+            if (
+                not request.content.is_eof()
+                and request.headers.get("Expect", "").lower() == "100-continue"
+                and (length is None or length <= limits.max_body_bytes)
+            ):
+                # The client holds its body until told to send it; aiohttp's router
+                # answers this, its low-level server (which we use) does not.
+                transport = request.transport
+                if transport is not None:
+                    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if length is None:
                 chunked = True
                 body = None

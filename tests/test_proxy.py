@@ -325,3 +325,19 @@ async def test_http10_client(gateway_factory: Any, replicas: Any) -> None:
     assert head.startswith(b"HTTP/1.0 200")
     assert b"X-Model-Version: 1" in head
     assert b'"served_by": "v1"' in body
+
+
+async def test_expect_100_continue(gateway_factory: Any, replicas: Any) -> None:
+    import asyncio as aio
+
+    (r1,) = await start_replicas(replicas, "v1")
+    gw = await gateway_factory(two_versions([r1.address], [r1.address]))
+    reader, writer = await aio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /v1/predict HTTP/1.1\r\nHost: scorer.fraud.localhost\r\n"
+                 b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+    interim = await aio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"{}")
+    head = await aio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
