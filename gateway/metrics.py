@@ -28,9 +28,11 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
 )  # fmt: skip
 # How a version was chosen: a metric label, and the index into VersionStats.by_choice.
-CHOSEN_BY = ("weight", "direct")
+CHOSEN_BY = ("weight", "direct", "match", "sticky")
 CHOSEN_WEIGHT = 0
 CHOSEN_DIRECT = 1
+CHOSEN_MATCH = 2
+CHOSEN_STICKY = 3
 
 Snapshot = dict[str, Any]
 
@@ -69,12 +71,32 @@ class VersionStats:
         stats.observe(seconds)
 
 
+class ShadowStats:
+    """Per shadow (mirror) version: copies by result, comparisons, latency."""
+
+    __slots__ = ("compared", "latency", "mismatch", "model", "project", "results", "version")
+
+    def __init__(self, project: str, model: str, version: str) -> None:
+        self.project = project
+        self.model = model
+        self.version = version
+        self.results: dict[str, int] = {}  # "sent|", "dropped|concurrency", "error|timeout"
+        self.compared = 0
+        self.mismatch: dict[str, int] = {}  # status | body
+        self.latency = CodeStats()
+
+    def count(self, result: str, reason: str) -> None:
+        key = f"{result}|{reason}"
+        self.results[key] = self.results.get(key, 0) + 1
+
+
 class GatewayMetrics:
     """Every counter of one gateway worker."""
 
     def __init__(self, upstream: UpstreamStats) -> None:
         self.upstream = upstream
         self._versions: dict[tuple[str, str, str], VersionStats] = {}
+        self._shadows: dict[tuple[str, str, str], ShadowStats] = {}
         self.unrouted: dict[int, int] = {}  # requests answered before a version was chosen
         self.table_revision = -1
         self.table_errors = 0
@@ -84,6 +106,13 @@ class GatewayMetrics:
         stats = self._versions.get(key)
         if stats is None:
             stats = self._versions[key] = VersionStats(project, model, version)
+        return stats
+
+    def shadow(self, project: str, model: str, version: str) -> ShadowStats:
+        key = (project, model, version)
+        stats = self._shadows.get(key)
+        if stats is None:
+            stats = self._shadows[key] = ShadowStats(project, model, version)
         return stats
 
     def count_unrouted(self, code: int) -> None:
@@ -112,9 +141,24 @@ class GatewayMetrics:
                     "series": series,
                 }
             )
+        shadows = [
+            {
+                "project": sh.project,
+                "model": sh.model,
+                "version": sh.version,
+                "results": dict(sh.results),
+                "compared": sh.compared,
+                "mismatch": dict(sh.mismatch),
+                "count": sh.latency.count,
+                "sum": sh.latency.total,
+                "buckets": list(sh.latency.buckets),
+            }
+            for sh in self._shadows.values()
+        ]
         up = self.upstream
         return {
             "versions": versions,
+            "shadows": shadows,
             "unrouted": {str(k): v for k, v in self.unrouted.items()},
             "upstream": {
                 "connects": up.connects,
@@ -131,48 +175,55 @@ def empty_snapshot() -> Snapshot:
 
 
 def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """Sum the snapshots of several workers into one."""
-    versions: dict[tuple[str, str, str], dict[str, Any]] = {}
-    series: dict[tuple[str, str, str, str, int], dict[str, Any]] = {}
-    unrouted: dict[str, int] = {}
-    upstream: dict[str, Any] = {"connects": 0, "ejections": 0, "retries": 0, "errors": {}}
+    """Sum the snapshots of several workers into one.
+
+    Numbers add, dicts merge by key, lists add element-wise; lists of labelled records
+    (versions, their series, shadows) merge records with the same labels.
+    """
+    merged: Snapshot = empty_snapshot()
     revisions: list[int] = []
-    table_errors = 0
     for snap in snapshots:
-        for v in snap["versions"]:
-            vkey = (v["project"], v["model"], v["version"])
-            merged = versions.setdefault(
-                vkey, {"project": vkey[0], "model": vkey[1], "version": vkey[2],
-                       "in_flight": 0, "series": []},
-            )  # fmt: skip
-            merged["in_flight"] += v["in_flight"]
-            for s in v["series"]:
-                skey = (*vkey, s["chosen_by"], s["code"])
-                into = series.get(skey)
-                if into is None:
-                    into = series[skey] = {**s, "buckets": list(s["buckets"])}
-                    merged["series"].append(into)
-                else:
-                    into["count"] += s["count"]
-                    into["sum"] += s["sum"]
-                    into["buckets"] = [
-                        a + b for a, b in zip(into["buckets"], s["buckets"], strict=True)
-                    ]
-        for code, n in snap["unrouted"].items():
-            unrouted[code] = unrouted.get(code, 0) + n
-        for key in ("connects", "ejections", "retries"):
-            upstream[key] += snap["upstream"][key]
-        for kind, n in snap["upstream"]["errors"].items():
-            upstream["errors"][kind] = upstream["errors"].get(kind, 0) + n
         revisions.append(snap["table"]["revision"])
-        table_errors += snap["table"]["errors"]
-    return {
-        "versions": list(versions.values()),
-        "unrouted": unrouted,
-        "upstream": upstream,
-        # Workers may briefly disagree during a swap; the oldest is what is guaranteed.
-        "table": {"revision": min(revisions, default=-1), "errors": table_errors},
-    }
+        _add(merged, snap)
+    # Workers may briefly disagree during a swap; the oldest is what is guaranteed.
+    merged["table"]["revision"] = min(revisions, default=-1)
+    return merged
+
+
+_IDENTITY = ("project", "model", "version", "chosen_by", "code")
+
+
+def _identity(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(record.get(k) for k in _IDENTITY)
+
+
+def _add(into: dict[str, Any], item: dict[str, Any]) -> None:
+    for key, value in item.items():
+        have = into.get(key)
+        if have is None:
+            into[key] = _copy(value)
+        elif isinstance(value, dict):
+            _add(have, value)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            index = {_identity(r): r for r in have}
+            for record in value:
+                found = index.get(_identity(record))
+                if found is None:
+                    have.append(_copy(record))
+                else:
+                    _add(found, record)
+        elif isinstance(value, list):
+            into[key] = [a + b for a, b in zip(have, value, strict=True)]
+        elif key not in _IDENTITY and isinstance(value, int | float):
+            into[key] = have + value
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 class _SnapshotCollector(Collector):
@@ -223,6 +274,7 @@ class _SnapshotCollector(Collector):
         yield requests
         yield duration
         yield in_flight
+        yield from _shadow_families(snap.get("shadows", []), bounds)
         yield unrouted
         yield errors
         yield CounterMetricFamily(
@@ -244,6 +296,45 @@ class _SnapshotCollector(Collector):
             "Route tables rejected (invalid file or feed); the last good table stays.",
             value=snap["table"]["errors"],
         )
+
+
+def _shadow_families(shadows: list[dict[str, Any]], bounds: list[str]) -> Iterator[Metric]:
+    labels = ["project", "model", "version"]
+    requests = CounterMetricFamily(
+        "gateway_shadow_requests",
+        "Mirrored copies by result (sent, dropped, error) and reason.",
+        labels=[*labels, "result", "reason"],
+    )
+    compared = CounterMetricFamily(
+        "gateway_shadow_compared", "Shadow answers compared with the primary's.", labels=labels
+    )
+    mismatch = CounterMetricFamily(
+        "gateway_shadow_mismatch",
+        "Shadow answers that disagreed with the primary's, by kind (status, body).",
+        labels=[*labels, "kind"],
+    )
+    duration = HistogramMetricFamily(
+        "gateway_shadow_duration_seconds",
+        "Time for the shadow version to answer a mirrored copy.",
+        labels=labels,
+    )
+    for sh in shadows:
+        base = [sh["project"], sh["model"], sh["version"]]
+        for key, n in sh["results"].items():
+            result, _, reason = key.partition("|")
+            requests.add_metric([*base, result, reason], n)
+        compared.add_metric(base, sh["compared"])
+        for kind in ("status", "body"):
+            mismatch.add_metric([*base, kind], sh["mismatch"].get(kind, 0))
+        cumulative, acc = [], 0
+        for bound, n in zip(bounds, sh["buckets"], strict=True):
+            acc += n
+            cumulative.append((bound, acc))
+        duration.add_metric(base, cumulative, sh["sum"])
+    yield requests
+    yield compared
+    yield mismatch
+    yield duration
 
 
 def render(snapshot: Snapshot) -> bytes:

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import os
 from dataclasses import dataclass
+from random import random
 from time import perf_counter
 
 from aiohttp import web
@@ -26,10 +27,12 @@ from aiohttp.web_request import BaseRequest
 from gateway.balancer import choose
 from gateway.errors import error_response
 from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
-from gateway.relay import RESPONSE_SKIP, relay
+from gateway.relay import RESPONSE_SKIP, RelayedResponse, relay
+from gateway.shadow import Shadowing, ShadowLimits
 from gateway.table import (
     DIRECT_POLICY,
     EMPTY_TABLE,
+    MirrorTarget,
     ModelTarget,
     RoutePolicy,
     RouteTable,
@@ -81,6 +84,7 @@ class Proxy:
         metrics: GatewayMetrics,
         upstream_stats: UpstreamStats,
         limits: ProxyLimits | None = None,
+        shadow_limits: ShadowLimits | None = None,
     ) -> None:
         self.table: RouteTable = EMPTY_TABLE
         self.metrics = metrics
@@ -88,6 +92,7 @@ class Proxy:
         self.limits = limits or ProxyLimits()
         self.request_ids = RequestIds()
         self.loop = asyncio.get_running_loop()
+        self.shadowing = Shadowing(metrics, shadow_limits)
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         start = perf_counter()
@@ -106,22 +111,37 @@ class Proxy:
             target, path = self._path_form(table, path)
             if target is None:
                 return self._unrouted(404, f"no model endpoint or version endpoint at {path!r}")
+        mirror = None
         if type(target) is ModelTarget:
-            version = target.pick()
-            chosen = CHOSEN_WEIGHT
+            if target.weights_only:
+                version = target.pick()
+                chosen = CHOSEN_WEIGHT
+            else:
+                version, chosen = target.route(request.headers)
             policy = target.policy
+            mirror = target.mirror
         else:
             assert type(target) is VersionTarget
             version = target
             chosen = CHOSEN_DIRECT
             policy = DIRECT_POLICY
         query = path.find("?")
-        if (path if query < 0 else path[:query]) in target.predict_paths:
+        predict = (path if query < 0 else path[:query]) in target.predict_paths
+        original = path
+        if predict:
             path = version.predict_path if query < 0 else version.predict_path + path[query:]
         stats = version.stats
         stats.in_flight += 1
         try:
-            resp = await self._forward(request, version, policy, path)
+            if mirror is None or mirror.version is version or random() >= mirror.fraction:
+                resp = await self._forward(request, version, policy, path)
+            else:
+                shadow_path = original
+                if predict:
+                    shadow_path = mirror.version.predict_path + (
+                        path[path.find("?") :] if query >= 0 else ""
+                    )
+                resp = await self._mirrored(request, version, policy, path, mirror, shadow_path)
         finally:
             stats.in_flight -= 1
         stats.record(chosen, resp.status, perf_counter() - start)
@@ -141,6 +161,51 @@ class Proxy:
             rest = "?" + parts[1].partition("?")[2]
         return target, "/" + rest
 
+    async def _mirrored(
+        self,
+        request: BaseRequest,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        path: str,
+        mirror: MirrorTarget,
+        shadow_path: str,
+    ) -> web.StreamResponse:
+        """The primary exchange, with a copy sent to the shadow version beside it."""
+        body: bytes | None = b""
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length <= self.limits.buffer_body_bytes:
+                self._continue(request, length)
+                body = await request.read()
+            else:
+                body = None  # streams: can't be copied, counted as dropped
+        head, _ = self._request_head(request, shadow_path, False)
+        head = head[:-2] + b"X-Shadow-Request: 1\r\n\r\n"
+        shadow = self.shadowing.launch(mirror, head, body, policy.timeout)
+        if shadow is None:
+            return await self._forward(request, version, policy, path, body)
+        try:
+            resp = await self._forward(request, version, policy, path, body)
+        except BaseException:
+            shadow.primary_done(-1, None)
+            raise
+        shadow.primary_done(resp.status, response_body(resp))
+        return resp
+
+    def _continue(self, request: BaseRequest, length: int | None) -> None:
+        """Answer ``Expect: 100-continue`` before waiting for a body.
+
+        aiohttp's router does this; its low-level server, which we use, does not.
+        """
+        if (
+            not request.content.is_eof()
+            and request.headers.get("Expect", "").lower() == "100-continue"
+            and (length is None or length <= self.limits.max_body_bytes)
+        ):
+            transport = request.transport
+            if transport is not None:
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def _unrouted(self, status: int, message: str) -> web.Response:
         self.metrics.count_unrouted(status)
         return error_response(status, message)
@@ -148,23 +213,20 @@ class Proxy:
     # --- forwarding ---------------------------------------------------------------
 
     async def _forward(
-        self, request: BaseRequest, version: VersionTarget, policy: RoutePolicy, path: str
+        self,
+        request: BaseRequest,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        path: str,
+        preread: bytes | None = None,
     ) -> web.StreamResponse:
         limits = self.limits
         body: bytes | None = b""  # None: the body streams and can't be replayed
         chunked = False
         if request.body_exists:
             length = request.content_length
-            if (
-                not request.content.is_eof()
-                and request.headers.get("Expect", "").lower() == "100-continue"
-                and (length is None or length <= limits.max_body_bytes)
-            ):
-                # The client holds its body until told to send it; aiohttp's router
-                # answers this, its low-level server (which we use) does not.
-                transport = request.transport
-                if transport is not None:
-                    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if preread is None:
+                self._continue(request, length)
             if length is None:
                 chunked = True
                 body = None
@@ -175,6 +237,8 @@ class Proxy:
                     f"{limits.max_body_bytes} bytes",
                     close=True,
                 )
+            elif preread is not None:
+                body = preread
             elif length <= limits.buffer_body_bytes:
                 content = request.content
                 # Small bodies have usually arrived with the head: take them without the
@@ -401,6 +465,14 @@ class Proxy:
         self._settle(up, conn, status)
         await resp.write_eof()
         return resp
+
+
+def response_body(resp: web.StreamResponse) -> bytes | None:
+    """The body of an answer we hold whole; None for a streamed one."""
+    if isinstance(resp, RelayedResponse):
+        return resp.payload
+    body = resp.body if isinstance(resp, web.Response) else None
+    return body if isinstance(body, bytes) else None
 
 
 def _response_headers(

@@ -36,10 +36,11 @@ class RelayedResponse(web.StreamResponse):
     """Pre-serialised response bytes. Deliberately skips StreamResponse's set-up: only
     the members aiohttp's connection handler touches are provided."""
 
-    def __init__(self, status: int, data: bytes, keep_alive: bool) -> None:
+    def __init__(self, status: int, data: bytes, payload: bytes, keep_alive: bool) -> None:
         # No super().__init__(): that builds the header multidict we exist to avoid.
         self._relay_status = status
         self._data = data
+        self.payload = payload  # the body alone, for shadow comparison
         self._keep_alive = keep_alive
 
     @property
@@ -87,4 +88,4 @@ def relay(
     append(b"\r\n")
     if body and not head_request:
         append(body)
-    return RelayedResponse(status, b"".join(parts), keep_alive)
+    return RelayedResponse(status, b"".join(parts), body, keep_alive)

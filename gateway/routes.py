@@ -71,16 +71,14 @@ class RouteTableSpec(StrictModel):
             if (me.project, me.model) in models:
                 raise ValueError(f"model_endpoints.{i}: {me.project}/{me.model} is listed twice")
             models.add((me.project, me.model))
-            for j, dest in enumerate(me.rule.destinations):
-                found = versions.get((me.project, me.model, dest.version))
-                where = f"model_endpoints.{i}.rule.destinations.{j}"
+            for field_path, name in me.rule.named_versions():
+                found = versions.get((me.project, me.model, name))
+                where = f"model_endpoints.{i}.rule.{field_path}"
                 if found is None:
-                    raise ValueError(
-                        f"{where}: no version endpoint {me.project}/{me.model}/{dest.version}"
-                    )
+                    raise ValueError(f"{where}: no version endpoint {me.project}/{me.model}/{name}")
                 if found.protocol != me.protocol:
                     raise ValueError(
-                        f"{where}: version {dest.version} speaks {found.protocol}, "
+                        f"{where}: version {name} speaks {found.protocol}, "
                         f"the model endpoint {me.protocol}"
                     )
         return self

@@ -34,12 +34,67 @@ class Destination(StrictModel):
     weight: int = Field(ge=0, le=100, description="Share of traffic in percent.")
 
 
+HEADER_TOKEN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"  # RFC 9110 field-name
+
+
+class HeaderMatch(StrictModel):
+    """Send requests whose header matches to one version, before weights apply."""
+
+    header: Annotated[str, StringConstraints(pattern=HEADER_TOKEN, max_length=128)]
+    exact: str | None = Field(default=None, description="The header's whole value.")
+    regex: str | None = Field(default=None, description="Searched in the header's value.")
+    version: VersionId
+
+    @model_validator(mode="after")
+    def _one_test(self) -> HeaderMatch:
+        if (self.exact is None) == (self.regex is None):
+            raise ValueError("give exactly one of exact or regex")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        return self
+
+
+class Sticky(StrictModel):
+    """Pin each caller (by a header's or a cookie's value) to a version for a given split.
+
+    Callers are placed on the weight space by a hash of their key, so when weights
+    change only the callers in the share that moved change version.
+    """
+
+    header: Annotated[str, StringConstraints(pattern=HEADER_TOKEN, max_length=128)] | None = None
+    cookie: Annotated[str, StringConstraints(pattern=HEADER_TOKEN, max_length=128)] | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Sticky:
+        if (self.header is None) == (self.cookie is None):
+            raise ValueError("give exactly one of header or cookie")
+        return self
+
+
+class Mirror(StrictModel):
+    """Copy a share of requests to a shadow version and compare its answers."""
+
+    version: VersionId
+    percent: float = Field(gt=0, le=100, description="Share of requests copied; may be 0.5.")
+    relative_tolerance: float = Field(
+        default=1e-6, ge=0, le=1, description="Numbers in JSON bodies equal within this."
+    )
+
+
 class Rule(StrictModel):
     """How a model endpoint's traffic is spread over its version endpoints."""
 
     destinations: list[Destination] = Field(
         min_length=1, description="Weighted versions; integer weights summing to 100."
     )
+    match: list[HeaderMatch] = Field(
+        default_factory=list, max_length=64, description="Evaluated in order, before weights."
+    )
+    sticky: Sticky | None = None
+    mirror: Mirror | None = None
     timeout_seconds: float = Field(
         default=30.0,
         gt=0,
@@ -72,14 +127,22 @@ class Rule(StrictModel):
         return self
 
     def routed_versions(self) -> list[str]:
-        """Versions that can receive traffic under this rule (weight above zero)."""
-        return [d.version for d in self.destinations if d.weight > 0]
+        """Versions that can receive traffic under this rule (weights, matches, mirror)."""
+        names = [d.version for d in self.destinations if d.weight > 0]
+        names += [m.version for m in self.match if m.version not in names]
+        if self.mirror is not None and self.mirror.version not in names:
+            names.append(self.mirror.version)
+        return names
+
+    def named_versions(self) -> list[tuple[str, str]]:
+        """Every (field path, version) the rule names, for cross-checks."""
+        named = [(f"destinations.{i}", d.version) for i, d in enumerate(self.destinations)]
+        named += [(f"match.{i}", m.version) for i, m in enumerate(self.match)]
+        if self.mirror is not None:
+            named.append(("mirror", self.mirror.version))
+        return named
 
 
 def full_name(model: str, version: str) -> str:
     """Merlin's version endpoint name, `<model>-<version>`."""
     return f"{model}-{version}"
-
-
-def is_name(value: str) -> bool:
-    return re.fullmatch(NAME_PATTERN, value) is not None

@@ -12,12 +12,14 @@ counters). Those are owned by registries, so a swap never resets a pool or a cou
 
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from gateway.metrics import VersionStats
-from gateway.routes import RouteTableSpec, parse_address
+from gateway.metrics import CHOSEN_MATCH, CHOSEN_STICKY, CHOSEN_WEIGHT, VersionStats
+from gateway.routes import ModelEndpointSpec, RouteTableSpec, parse_address
 from gateway.rule import full_name
 from gateway.upstream import Upstream, UpstreamRegistry
 
@@ -51,6 +53,26 @@ class VersionTarget:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class HeaderRoute:
+    header: str
+    exact: str | None
+    regex: re.Pattern[str] | None
+    version: VersionTarget
+
+    def matches(self, value: str) -> bool:
+        if self.regex is None:
+            return value == self.exact
+        return self.regex.search(value) is not None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MirrorTarget:
+    version: VersionTarget
+    fraction: float  # of requests copied, 0 < fraction <= 1
+    relative_tolerance: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class ModelTarget:
     """A model endpoint: its stable name, its rule compiled for O(1) choice."""
 
@@ -59,9 +81,49 @@ class ModelTarget:
     slots: tuple[VersionTarget, ...]  # WEIGHT_SLOTS entries, laid out in rule order
     predict_paths: frozenset[str]
     policy: RoutePolicy
+    matches: tuple[HeaderRoute, ...] = ()
+    sticky_header: str | None = None
+    sticky_cookie: str | None = None
+    mirror: MirrorTarget | None = None
+    weights_only: bool = True  # no match, no sticky: pick() is the whole choice
 
     def pick(self, rand: Callable[[], float] = random.random) -> VersionTarget:
         return self.slots[int(rand() * WEIGHT_SLOTS)]
+
+    def route(self, headers: Mapping[str, str]) -> tuple[VersionTarget, int]:
+        """Header matches in order, then the sticky key, then the weights."""
+        for m in self.matches:
+            value = headers.get(m.header)
+            if value is not None and m.matches(value):
+                return m.version, CHOSEN_MATCH
+        key = None
+        if self.sticky_header is not None:
+            key = headers.get(self.sticky_header)
+        elif self.sticky_cookie is not None:
+            key = cookie_value(headers.get("Cookie"), self.sticky_cookie)
+        if key:
+            return self.slots[sticky_slot(key)], CHOSEN_STICKY
+        return self.pick(), CHOSEN_WEIGHT
+
+
+def sticky_slot(key: str) -> int:
+    """A caller's place on the weight space: stable across processes and restarts.
+
+    Python's hash() is salted per process; every gateway replica must place a caller
+    alike, so we hash with blake2b.
+    """
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % WEIGHT_SLOTS
+
+
+def cookie_value(header: str | None, name: str) -> str | None:
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value.strip('"')
+    return None
 
 
 Target = ModelTarget | VersionTarget
@@ -115,12 +177,40 @@ def compile_table(
         for dest in me.rule.destinations:
             slots.extend([versions[(me.project, me.model, dest.version)]] * dest.weight)
         rule = me.rule
+
+        def target(version: str, me: ModelEndpointSpec = me) -> VersionTarget:
+            return versions[(me.project, me.model, version)]
+
+        matches = tuple(
+            HeaderRoute(
+                header=m.header,
+                exact=m.exact,
+                regex=re.compile(m.regex) if m.regex is not None else None,
+                version=target(m.version),
+            )
+            for m in rule.match
+        )
+        mirror = (
+            MirrorTarget(
+                target(rule.mirror.version),
+                rule.mirror.percent / 100,
+                rule.mirror.relative_tolerance,
+            )
+            if rule.mirror is not None
+            else None
+        )
+        sticky = rule.sticky
         mt = ModelTarget(
             project=me.project,
             model=me.model,
             slots=tuple(slots),
             predict_paths=frozenset({"/v1/predict", f"/v1/models/{me.model}:predict"}),
             policy=RoutePolicy(rule.timeout_seconds, rule.retries, rule.idempotent),
+            matches=matches,
+            sticky_header=sticky.header if sticky else None,
+            sticky_cookie=sticky.cookie if sticky else None,
+            mirror=mirror,
+            weights_only=not matches and sticky is None,
         )
         # A model endpoint's name wins over a version endpoint's on a clash
         # (model "a-1" beside model "a" version "1"): the stable URL is the contract.

@@ -98,6 +98,7 @@ class GatewayWorker:
             self._source_task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.proxy.shadowing.close()
         self.registry.close()
 
     def report(self) -> Report:

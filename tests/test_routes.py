@@ -89,6 +89,41 @@ BAD = [
         {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100}, timeout_seconds=0)]},
         "model_endpoints.0.rule.timeout_seconds: Input should be greater than 0",
     ),
+    (
+        {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100},
+            match=[{"header": "X-Tenant", "version": "2"}])]},
+        "model_endpoints.0.rule.match.0: give exactly one of exact or regex",
+    ),
+    (
+        {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100},
+            match=[{"header": "X-Tenant", "regex": "([", "version": "2"}])]},
+        "does not compile",
+    ),
+    (
+        {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100},
+            match=[{"header": "X Tenant", "exact": "a", "version": "2"}])]},
+        "model_endpoints.0.rule.match.0.header: String should match pattern",
+    ),
+    (
+        {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100},
+            match=[{"header": "X-Tenant", "exact": "a", "version": "9"}])]},
+        "model_endpoints.0.rule.match.0: no version endpoint fraud/scorer/9",
+    ),
+    (
+        {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100},
+            sticky={"header": "X-User", "cookie": "s"})]},
+        "model_endpoints.0.rule.sticky: give exactly one of header or cookie",
+    ),
+    (
+        {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100},
+            mirror={"version": "2", "percent": 0})]},
+        "model_endpoints.0.rule.mirror.percent: Input should be greater than 0",
+    ),
+    (
+        {"model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100},
+            mirror={"version": "7", "percent": 0.5})]},
+        "model_endpoints.0.rule.mirror: no version endpoint fraud/scorer/7",
+    ),
 ]  # fmt: skip
 
 
