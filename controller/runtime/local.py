@@ -1,0 +1,406 @@
+"""The local runtime: each replica is a child process on this machine.
+
+A replica is started under Merlin's custom model contract (``CARAML_HTTP_PORT`` or
+``CARAML_GRPC_PORT`` on a free loopback port, ``CARAML_MODEL_NAME``,
+``CARAML_MODEL_VERSION``, ``CARAML_MODEL_FULL_NAME``, ``CARAML_ARTIFACT_LOCATION``,
+``STORAGE_URI``), its output going to a log file. One supervising task per replica:
+
+- readiness (``GET /v1/models/<full name>``) must pass before the replica is reported
+  ready (and so joins the route table); a later failure reports it unready;
+- liveness (``GET /``) failing three times in a row, or the process exiting, restarts it
+  with exponential back-off;
+- a version endpoint none of whose replicas becomes ready within its deadline fails,
+  with the last exit code and the last lines of the log in the message;
+- scale-down and undeploy drain: the replica is reported draining (it leaves the route
+  table), and only after ``drain_seconds`` gets SIGTERM, then SIGKILL after a grace.
+
+Every replica's pid and command line are recorded under the state directory, so
+replicas that outlive a crashed supervisor are found and killed at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from controller.runtime import (
+    DeploySpec,
+    EventKind,
+    OnEvent,
+    ReplicaInfo,
+    ReplicaState,
+    RuntimeEvent,
+)
+
+log = logging.getLogger("controller.runtime")
+
+LOG_TAIL_LINES = 15
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTimings:
+    probe_interval: float = 0.1
+    liveness_interval: float = 2.0
+    liveness_failures: int = 3
+    drain_seconds: float = 2.0  # time for every gateway to drop the replica from its table
+    stop_grace_seconds: float = 10.0
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+
+
+@dataclass(eq=False)
+class _Replica:
+    id: str
+    log_path: Path
+    port: int = 0
+    state: ReplicaState = "starting"
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    task: asyncio.Task[None] | None = None
+    stopping: bool = False
+
+    def info(self) -> ReplicaInfo:
+        pid = self.process.pid if self.process is not None else None
+        return ReplicaInfo(self.id, f"127.0.0.1:{self.port}", self.state, pid, self.restarts)
+
+
+@dataclass(eq=False)
+class _Version:
+    spec: DeploySpec
+    replicas: dict[str, _Replica] = field(default_factory=dict)
+    next_index: int = 0
+    ever_ready: bool = False
+    failed: bool = False
+    deadline_task: asyncio.Task[None] | None = None
+    last_exit: str = ""
+
+
+class LocalRuntime:
+    def __init__(
+        self, state_dir: Path, on_event: OnEvent, timings: LocalTimings | None = None
+    ) -> None:
+        self.state_dir = state_dir
+        self.logs_dir = state_dir / "logs"
+        self.pids_dir = state_dir / "replicas"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.pids_dir.mkdir(parents=True, exist_ok=True)
+        self.on_event = on_event
+        self.timings = timings or LocalTimings()
+        self._versions: dict[str, _Version] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- the Runtime interface ------------------------------------------------------
+
+    async def deploy(self, spec: DeploySpec) -> None:
+        old = self._versions.pop(spec.key, None)
+        version = _Version(spec)
+        self._versions[spec.key] = version
+        for _ in range(spec.replicas):
+            self._add_replica(version)
+        version.deadline_task = asyncio.create_task(self._deadline(version))
+        if old is not None:
+            # Redeploy: the new replicas start first; the old ones drain once replaced.
+            self._spawn(self._retire(old))
+
+    async def scale(self, key: str, replicas: int) -> None:
+        version = self._versions.get(key)
+        if version is None or version.failed:
+            return
+        live = [r for r in version.replicas.values() if not r.stopping]
+        if replicas > len(live):
+            for _ in range(replicas - len(live)):
+                self._add_replica(version)
+        elif replicas < len(live):
+            # Stop the least useful first: starting ones, then the newest ready ones.
+            order = {"starting": 0, "unready": 1, "ready": 2}
+            victims = sorted(
+                live, key=lambda r: (order.get(r.state, 0), -int(r.id.rsplit("-", 1)[1]))
+            )
+            for replica in victims[: len(live) - replicas]:
+                self._spawn(self._stop_replica(version, replica, drain=True))
+        self._emit(key, "scaled", f"desired {replicas} replicas")
+        version.spec = replace(version.spec, replicas=replicas)
+
+    async def undeploy(self, key: str) -> None:
+        version = self._versions.pop(key, None)
+        if version is not None:
+            await self._retire(version)
+
+    def replicas(self, key: str) -> list[ReplicaInfo]:
+        version = self._versions.get(key)
+        if version is None:
+            return []
+        return [r.info() for r in version.replicas.values()]
+
+    def logs(self, key: str) -> list[str]:
+        prefix = key.replace("/", "_") + "-"
+        files = sorted(self.logs_dir.glob(prefix + "*.log"), key=lambda p: p.stat().st_mtime)
+        return [str(p) for p in files]
+
+    async def close(self) -> None:
+        versions = list(self._versions.values())
+        self._versions.clear()
+        await asyncio.gather(*(self._retire(v, drain=False) for v in versions))
+        for task in list(self._background):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- orphans --------------------------------------------------------------------
+
+    def reap_orphans(self) -> int:
+        """Kill replicas recorded by an earlier run that are still alive."""
+        killed = 0
+        for record in self.pids_dir.glob("*.json"):
+            try:
+                data = json.loads(record.read_text())
+                pid = int(data["pid"])
+                recorded = data["cmdline"]
+            except (OSError, ValueError, KeyError):
+                record.unlink(missing_ok=True)
+                continue
+            if _cmdline(pid) == recorded:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                    killed += 1
+            record.unlink(missing_ok=True)
+        if killed:
+            log.warning("killed %d replica(s) left running by an earlier run", killed)
+        return killed
+
+    # --- one replica ----------------------------------------------------------------
+
+    def _add_replica(self, version: _Version) -> _Replica:
+        spec = version.spec
+        index = version.next_index
+        version.next_index += 1
+        rid = f"{spec.full_name}-{index}"
+        log_path = self.logs_dir / f"{spec.key.replace('/', '_')}-{index}.log"
+        replica = _Replica(rid, log_path)
+        version.replicas[rid] = replica
+        replica.task = asyncio.create_task(self._supervise(version, replica))
+        return replica
+
+    async def _supervise(self, version: _Version, replica: _Replica) -> None:
+        t = self.timings
+        failures = 0
+        while not replica.stopping and not version.failed:
+            started = time.monotonic()
+            try:
+                await self._start_process(version, replica)
+            except OSError as exc:
+                version.last_exit = f"could not start {version.spec.command[0]!r}: {exc}"
+                self._emit(version.spec.key, "replica_exited", version.last_exit, replica.id)
+            else:
+                await self._watch(version, replica)
+            if replica.stopping or version.failed:
+                break
+            if time.monotonic() - started > 30:
+                failures = 0  # it ran a good while: start the back-off afresh
+            delay = min(t.backoff_base * 2**failures, t.backoff_max)
+            failures += 1
+            replica.restarts += 1
+            replica.state = "starting"
+            await asyncio.sleep(delay)
+
+    async def _start_process(self, version: _Version, replica: _Replica) -> None:
+        spec = version.spec
+        replica.port = _free_port()
+        port_var = "CARAML_GRPC_PORT" if spec.protocol == "UPI_V1" else "CARAML_HTTP_PORT"
+        env = {
+            **os.environ,
+            **spec.env,
+            port_var: str(replica.port),
+            "CARAML_MODEL_NAME": spec.model,
+            "CARAML_MODEL_VERSION": spec.version,
+            "CARAML_MODEL_FULL_NAME": spec.full_name,
+            "CARAML_ARTIFACT_LOCATION": spec.artifact,
+            "STORAGE_URI": spec.artifact,
+        }
+        with replica.log_path.open("ab") as out:
+            out.write(f"--- starting {' '.join(spec.command)} on port {replica.port}\n".encode())
+            out.flush()
+            replica.process = await asyncio.create_subprocess_exec(
+                *spec.command,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        pid = replica.process.pid
+        record = {"pid": pid, "cmdline": _cmdline(pid), "replica": replica.id}
+        (self.pids_dir / f"{replica.id}.json").write_text(json.dumps(record))
+        replica.state = "starting"
+        self._emit(spec.key, "replica_started", f"pid {pid} on port {replica.port}", replica.id)
+
+    async def _watch(self, version: _Version, replica: _Replica) -> None:
+        """From start to exit: readiness, then liveness; returns when the process is gone."""
+        t = self.timings
+        proc = replica.process
+        assert proc is not None
+        spec = version.spec
+        ready_url = f"http://127.0.0.1:{replica.port}/v1/models/{spec.full_name}"
+        live_url = f"http://127.0.0.1:{replica.port}/"
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            while not exited.done() and not replica.stopping:
+                if await self._probe(ready_url):
+                    break
+                await asyncio.wait([exited], timeout=t.probe_interval)
+            if not exited.done() and not replica.stopping:
+                replica.state = "ready"
+                version.ever_ready = True
+                self._emit(spec.key, "replica_ready", replica.info().address, replica.id)
+            misses = 0
+            while not exited.done() and not replica.stopping:
+                await asyncio.wait([exited], timeout=t.liveness_interval)
+                if exited.done() or replica.stopping:
+                    break
+                if not await self._probe(live_url):
+                    misses += 1
+                    if misses >= t.liveness_failures:
+                        self._emit(spec.key, "replica_unready", "liveness failed", replica.id)
+                        replica.state = "unready"
+                        _signal(proc, signal.SIGKILL)
+                        break
+                    continue
+                misses = 0
+                ready = await self._probe(ready_url)
+                if ready and replica.state == "unready":
+                    replica.state = "ready"
+                    self._emit(spec.key, "replica_ready", replica.info().address, replica.id)
+                elif not ready and replica.state == "ready":
+                    replica.state = "unready"
+                    self._emit(spec.key, "replica_unready", "readiness failed", replica.id)
+            code = await exited
+        finally:
+            if not exited.done():
+                exited.cancel()
+        if replica.stopping:
+            return
+        was_ready = replica.state == "ready"
+        replica.state = "starting"
+        version.last_exit = f"exit code {code}"
+        if was_ready:
+            self._emit(spec.key, "replica_unready", "process exited", replica.id)
+        self._emit(spec.key, "replica_exited", f"exit code {code}", replica.id)
+
+    async def _probe(self, url: str) -> bool:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        try:
+            async with self._session.get(url) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _deadline(self, version: _Version) -> None:
+        await asyncio.sleep(version.spec.ready_deadline_s)
+        if (
+            version.ever_ready
+            or version.failed
+            or self._versions.get(version.spec.key) is not version
+        ):
+            return
+        version.failed = True
+        newest = max(version.replicas.values(), key=lambda r: r.id, default=None)
+        tail = _tail(newest.log_path) if newest is not None else ""
+        reason = version.last_exit or "the readiness check never passed"
+        message = (
+            f"no replica became ready within {version.spec.ready_deadline_s:g} s "
+            f"({reason}); last log lines:\n{tail}"
+        )
+        await self._retire(version, drain=False)
+        self._emit(version.spec.key, "failed", message)
+
+    async def _retire(self, version: _Version, drain: bool = True) -> None:
+        if (
+            version.deadline_task is not None
+            and version.deadline_task is not asyncio.current_task()
+        ):
+            version.deadline_task.cancel()
+        await asyncio.gather(
+            *(self._stop_replica(version, r, drain) for r in list(version.replicas.values()))
+        )
+
+    async def _stop_replica(self, version: _Version, replica: _Replica, drain: bool) -> None:
+        if replica.stopping:
+            return
+        replica.stopping = True
+        key = version.spec.key
+        if drain and replica.state == "ready":
+            replica.state = "draining"
+            self._emit(key, "replica_unready", "draining", replica.id)
+            await asyncio.sleep(self.timings.drain_seconds)
+        proc = replica.process
+        if proc is not None and proc.returncode is None:
+            _signal(proc, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.timings.stop_grace_seconds)
+            except TimeoutError:
+                _signal(proc, signal.SIGKILL)
+                await proc.wait()
+        if replica.task is not None and replica.task is not asyncio.current_task():
+            replica.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replica.task
+        replica.state = "stopped"
+        version.replicas.pop(replica.id, None)
+        (self.pids_dir / f"{replica.id}.json").unlink(missing_ok=True)
+        self._emit(key, "replica_stopped", "", replica.id)
+
+    def _emit(self, key: str, kind: EventKind, message: str = "", replica: str = "") -> None:
+        try:
+            self.on_event(RuntimeEvent(key, kind, message, replica))
+        except Exception:
+            log.exception("runtime event handler failed")
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
