@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from controller import cli_controller
 from gateway import cli as gateway_cli
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands", metavar="<command>")
     gateway_cli.add_parser(sub)
+    cli_controller.add_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from gateway.config import GatewayConfig
@@ -18,11 +19,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Serve model endpoints and version endpoints over HTTP_JSON. Requests are "
             "routed by Host (<model>.<project>.<domain>, <model>-<version>.<project>.<domain>) "
             "or by the path form /serving/<project>/<model>/... for clients that can't set "
-            "Host. Route tables come from --routes FILE (re-read when it changes, or on SIGHUP)."
+            "Host. Route tables come from --routes FILE (re-read when it changes, or on SIGHUP) "
+            "or from the controller's stream (--controller URL)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--routes", type=Path, metavar="FILE", help="route table file (YAML or JSON)")
+    p.add_argument("--controller", metavar="URL",
+                   help="follow the controller's route-table stream instead of a file")  # fmt: skip
+    p.add_argument("--controller-token", metavar="TOKEN", default=os.environ.get("MERLIN_DP_TOKEN"),
+                   help="read-only API token (default: $MERLIN_DP_TOKEN)")  # fmt: skip
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="traffic address; 0.0.0.0:8080 to serve other machines")  # fmt: skip
     p.add_argument("--admin", default="127.0.0.1:8081", metavar="HOST:PORT",
@@ -61,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             admin_port=admin_port,
             domain=args.domain,
             routes_file=args.routes,
+            controller_url=args.controller,
+            controller_token=args.controller_token,
             workers=args.workers,
             shutdown_seconds=args.shutdown_seconds,
             proxy=ProxyLimits(max_body_bytes=args.max_body_bytes),

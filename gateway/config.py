@@ -17,6 +17,8 @@ class GatewayConfig:
     admin_port: int = 8081
     domain: str = "localhost"
     routes_file: Path | None = None
+    controller_url: str | None = None
+    controller_token: str | None = None
     workers: int = 1
     reload_seconds: float = 1.0
     keepalive_seconds: float = 75.0

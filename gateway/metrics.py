@@ -118,7 +118,7 @@ class GatewayMetrics:
     def count_unrouted(self, code: int) -> None:
         self.unrouted[code] = self.unrouted.get(code, 0) + 1
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, source_connected: bool = True) -> Snapshot:
         versions = []
         for vs in self._versions.values():
             series = [
@@ -166,7 +166,11 @@ class GatewayMetrics:
                 "retries": up.retries,
                 "errors": dict(up.errors),
             },
-            "table": {"revision": self.table_revision, "errors": self.table_errors},
+            "table": {
+                "revision": self.table_revision,
+                "errors": self.table_errors,
+                "source_connected": int(source_connected),
+            },
         }
 
 
@@ -290,6 +294,11 @@ class _SnapshotCollector(Collector):
             "gateway_route_table_revision",
             "Revision of the route table being served (the oldest across workers).",
             value=snap["table"]["revision"],
+        )
+        yield GaugeMetricFamily(
+            "gateway_route_source_connected",
+            "Workers following their route source now (0: serving the last good table).",
+            value=snap["table"].get("source_connected", 0),
         )
         yield CounterMetricFamily(
             "gateway_route_table_errors",

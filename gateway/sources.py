@@ -15,7 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from gateway.routes import RouteFileError, RouteTableSpec, load_route_file
+import aiohttp
+from pydantic import ValidationError
+
+from gateway.routes import (
+    RouteFileError,
+    RouteTableSpec,
+    describe_validation_error,
+    load_route_file,
+)
 
 log = logging.getLogger("gateway.routes")
 
@@ -25,6 +33,8 @@ Reject = Callable[[str], None]
 
 class RouteSource(Protocol):
     description: str
+    connected: bool  # following its source now (a file always is)
+    last_error: str | None
 
     async def run(self, apply: Apply, reject: Reject) -> None: ...
 
@@ -37,6 +47,8 @@ class FileRouteSource:
         self.path = path
         self.interval = interval
         self.description = f"file {path}"
+        self.connected = True
+        self.last_error: str | None = None
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -62,6 +74,7 @@ class FileRouteSource:
                     spec = load_route_file(self.path)
                 except RouteFileError as exc:
                     log.error("route file rejected, still serving the last good table: %s", exc)
+                    self.last_error = str(exc)
                     reject(str(exc))
                 else:
                     apply(spec)
@@ -70,3 +83,83 @@ class FileRouteSource:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+
+class ControllerRouteSource:
+    """Follows the controller's watch stream (``GET /v1/routes?watch=1&since=R``).
+
+    Each line is a whole route table; blank lines are heartbeats. After a disconnect it
+    reconnects with back-off and resumes from the revision it serves; meanwhile the
+    gateway keeps serving that table and ``connected`` is false.
+    """
+
+    STALL_SECONDS = 45.0  # three missed heartbeats: the connection is dead
+
+    def __init__(self, url: str, token: str | None = None, max_backoff: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.max_backoff = max_backoff
+        self.description = f"controller {self.url}"
+        self.connected = False
+        self.last_error: str | None = None
+        self.revision = -1
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self, apply: Apply, reject: Reject) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=self.STALL_SECONDS)
+        backoff = 0.05
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+            while True:
+                try:
+                    await self._follow(session, apply, reject)
+                    problem = "the controller closed the stream"
+                except (aiohttp.ClientError, TimeoutError, OSError, _Refused) as exc:
+                    problem = str(exc) or type(exc).__name__
+                if self.connected:
+                    backoff = 0.05
+                    log.warning("lost the controller (%s); serving revision %d", problem,
+                                self.revision)  # fmt: skip
+                self.connected = False
+                self.last_error = problem
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(backoff):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, self.max_backoff)
+
+    async def _follow(self, session: aiohttp.ClientSession, apply: Apply, reject: Reject) -> None:
+        params = {"watch": "1", "since": str(self.revision)}
+        async with session.get(f"{self.url}/v1/routes", params=params) as resp:
+            if resp.status != 200:
+                raise _Refused(f"controller answered {resp.status}: {(await resp.text())[:300]}")
+            self.connected = True
+            self.last_error = None
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._take(line, apply, reject)
+
+    def _take(self, line: bytes, apply: Apply, reject: Reject) -> None:
+        try:
+            spec = RouteTableSpec.model_validate_json(line)
+        except ValidationError as exc:
+            message = f"controller sent an invalid route table: {describe_validation_error(exc)}"
+            log.error("%s; still serving revision %d", message, self.revision)
+            reject(message)
+            return
+        if spec.revision > self.revision:
+            self.revision = spec.revision
+            apply(spec)
+
+
+class _Refused(Exception):
+    pass

@@ -28,15 +28,19 @@ from aiohttp import web
 from gateway.admin import admin_app, start_admin
 from gateway.config import GatewayConfig
 from gateway.metrics import empty_snapshot
-from gateway.sources import FileRouteSource, RouteSource
+from gateway.sources import ControllerRouteSource, FileRouteSource, RouteSource
 from gateway.worker import GatewayWorker, Report
 
 log = logging.getLogger("gateway")
 
 
 def make_source(config: GatewayConfig) -> RouteSource:
+    if config.controller_url is not None:
+        return ControllerRouteSource(config.controller_url, config.controller_token)
     if config.routes_file is None:
-        raise SystemExit("merlin-dp gateway: no route source; pass --routes FILE")
+        raise SystemExit(
+            "merlin-dp gateway: no route source; pass --routes FILE or --controller URL"
+        )
     return FileRouteSource(config.routes_file, config.reload_seconds)
 
 

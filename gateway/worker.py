@@ -107,10 +107,11 @@ class GatewayWorker:
             "ready": self.ready,
             "revision": self.proxy.table.revision,
             "source": self.source.description,
-            "last_error": self.last_error,
+            "source_connected": self.source.connected,
+            "last_error": self.source.last_error or self.last_error,
             "last_error_at": self.last_error_at,
             "applied_at": self.applied_at,
-            "metrics": self.metrics.snapshot(),
+            "metrics": self.metrics.snapshot(source_connected=self.source.connected),
         }
 
 

@@ -7,20 +7,39 @@ worker) pinned to the other, interleaved rounds, per-round ratios and their medi
 time per request of the system under test read from ``/proc/<pid>/stat``, and a noise
 guard that calls a run inconclusive (a warning, never a failure).
 
-Benchmarks are argparse subcommands. Today there is ``http``: nginx ``proxy_pass`` against
-the gateway's weighted model endpoint and its pass-through version endpoint. Later ones
-(``shadow``, ``grpc``, ``autoscale``) are meant to reuse the helpers below:
+Benchmarks are argparse subcommands:
+
+- ``http``: nginx ``proxy_pass`` against the gateway's model endpoint (90/10 weights plus
+  an ``X-Model-Version`` header match that the load never triggers, so the match is
+  evaluated on every request and the weights still decide) and its pass-through version
+  endpoint. Ends with ``RESULT http gateway/nginx=<ratio> c1_p50_overhead_ms=<ms>``.
+- ``shadow``: two gateways, both started once and pinned to the system-under-test CPU but
+  loaded one at a time: "plain" (a 90/10 model endpoint) and "mirror" (the same rule plus
+  ``mirror: {version: "2", percent: 100}``; both versions are the one upstream, so the
+  comparisons agree). Per round, each gets a saturating run (req/s, CPU µs/request,
+  upstream exchanges per request) and then a fixed-rate ``h2load --h1 --rps`` run at 30%
+  of the plain gateway's saturating req/s in that round (p50/p99 from h2load's
+  per-request log, and the rate achieved); shadow counters come from the mirror gateway's
+  admin ``/metrics``. Ends with
+  ``RESULT shadow mirror/plain=<ratio> p99_fixed_rate_ratio=<ratio>``.
+
+Later ones (``grpc``, ``autoscale``) are meant to reuse the helpers below:
 
 - tools: :func:`find_tool`, :func:`ensure_tools` (installs Debian packages when missing);
 - processes: :func:`start_pinned`, :func:`stop_pinned`, :func:`managed_processes`;
 - ports: :func:`free_port`, :func:`free_ports`, :func:`wait_for_port`, :func:`wait_for_http_ok`;
 - load: :class:`WrkRequest`, :func:`run_wrk`, :func:`parse_wrk_output`,
-  :func:`parse_wrk_time_ms`;
-- measuring: :func:`read_cpu_seconds`, :func:`process_tree_cpu_seconds`,
-  :func:`measure_target`, :func:`median`, :func:`relative_spread`;
+  :func:`parse_wrk_time_ms`; fixed rate: :func:`run_h2load_fixed_rate`,
+  :func:`parse_h2load_output`, :func:`read_h2load_log`, :func:`percentile`;
+- measuring: :func:`read_cpu_seconds`, :func:`process_tree_cpu_seconds`, :func:`warm_up`,
+  :func:`measure_saturating`, :func:`measure_target`, :func:`median`,
+  :func:`relative_spread`;
 - systems: :func:`nginx_upstream_conf`, :func:`nginx_proxy_conf`, :func:`start_nginx`,
-  :func:`build_routes`, :func:`weighted_rule`, :func:`write_route_file`,
-  :func:`start_gateway`.
+  :func:`build_routes`, :func:`weighted_rule`, :func:`with_header_match`,
+  :func:`with_mirror`, :func:`canary_match_rule`, :func:`write_route_file`,
+  :func:`start_gateway`;
+- gateway metrics: :func:`read_metrics`, :func:`parse_prometheus_text`,
+  :func:`read_shadow_counters`, :class:`ShadowCounters`.
 
 It is a benchmark, not a test: it reports numbers and asserts nothing about them. All
 traffic goes to 127.0.0.1, every run is bounded in time, and every process it starts is
@@ -31,7 +50,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import http.client
+import math
 import os
 import re
 import shutil
@@ -508,6 +529,136 @@ def run_wrk(
     return parse_wrk_output(done.stdout)
 
 
+# --- h2load (fixed-rate latency) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class H2loadResult:
+    """A fixed-rate h2load run: what it achieved and the latency of each 2xx request.
+
+    `latencies_ms` comes from h2load's ``--log-file`` (h2load itself prints only
+    min/max/mean/sd), sorted ascending, main-duration requests only (not the warm-up)."""
+
+    requests_per_s: float
+    succeeded: int
+    failed: int
+    errored: int
+    timeouts: int
+    non_2xx: int
+    latencies_ms: list[float]
+    raw: str
+
+    @property
+    def errors(self) -> int:
+        return self.failed + self.errored + self.timeouts + self.non_2xx
+
+    def percentile_ms(self, pct: float) -> float:
+        return percentile(self.latencies_ms, pct)
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of ascending `sorted_values` (NaN when there are none)."""
+    if not sorted_values:
+        return float("nan")
+    rank = math.ceil(pct / 100.0 * len(sorted_values))
+    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
+
+
+_H2LOAD_FINISHED_RE = re.compile(r"^finished in [0-9.]+\s*\w+, ([0-9.]+) req/s")
+_H2LOAD_REQUESTS_RE = re.compile(
+    r"^requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout"
+)
+_H2LOAD_STATUS_RE = re.compile(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+
+
+def parse_h2load_output(text: str, latencies_ms: list[float]) -> H2loadResult:
+    """Parse h2load's summary (req/s, request counts, status classes)."""
+    rps: float | None = None
+    counts: tuple[int, ...] | None = None
+    non_2xx = 0
+    for line in text.splitlines():
+        if m := _H2LOAD_FINISHED_RE.match(line):
+            rps = float(m.group(1))
+        elif m := _H2LOAD_REQUESTS_RE.match(line):
+            counts = tuple(int(g) for g in m.groups())
+        elif m := _H2LOAD_STATUS_RE.match(line):
+            non_2xx = sum(int(g) for g in m.groups()[1:])
+    if rps is None or counts is None:
+        raise BenchError(f"could not parse h2load output:\n{text}")
+    succeeded, failed, errored, timeouts = counts
+    return H2loadResult(rps, succeeded, failed, errored, timeouts, non_2xx, latencies_ms, text)
+
+
+def read_h2load_log(path: Path) -> list[float]:
+    """Latencies (ms, ascending) of the 2xx rows of an h2load ``--log-file``: tab-separated
+    start time (µs since the epoch), status (-1 for a failed stream), µs to the response's
+    end."""
+    latencies: list[float] = []
+    for line in path.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and fields[1].startswith("2"):
+            latencies.append(int(fields[2]) / 1000.0)
+    latencies.sort()
+    return latencies
+
+
+def run_h2load_fixed_rate(
+    h2load_path: str,
+    url: str,
+    request: WrkRequest,
+    *,
+    rate: float,
+    clients: int,
+    seconds: int,
+    warmup_seconds: int = 0,
+    cpus: str | None = None,
+    workdir: Path,
+) -> H2loadResult:
+    """`h2load --h1 -c CLIENTS --rps RATE/CLIENTS -D SECONDS` sending `request` to `url`.
+
+    Each client keeps one HTTP/1.1 connection with one request in flight (a request body
+    disables pipelining), so a client that falls behind queues its next request instead of
+    adding a connection: compare the achieved rate with `rate`. Latency is per request
+    from h2load's log file, so the percentiles cover every request of the main duration."""
+    per_client = rate / clients
+    if per_client < 1.0:
+        raise BenchError(f"fixed rate {rate:.1f} req/s is under 1 req/s for each of {clients}")
+    body = workdir / "h2load-body"
+    body.write_text(request.body)
+    log = workdir / "h2load.log"
+    log.unlink(missing_ok=True)  # h2load appends to an existing file
+    argv = [
+        h2load_path, "--h1", "-t1", f"-c{clients}", f"--rps={per_client:.3f}",
+        f"-D{seconds}", f"--log-file={log}",
+    ]  # fmt: skip
+    if warmup_seconds > 0:
+        argv.append(f"--warm-up-time={warmup_seconds}")
+    if request.method == "POST":
+        argv += ["-d", str(body), "-H", f"Content-Type: {request.content_type}"]
+    elif request.method != "GET":
+        raise BenchError(f"h2load sends GET or POST, not {request.method}")
+    if request.host_header is not None:
+        argv += ["-H", f":authority: {request.host_header}"]  # h2load's name for Host
+    argv.append(url)
+    timeout = seconds + warmup_seconds + 30
+    try:
+        done = subprocess.run(
+            pin_argv(argv, cpus),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"h2load did not finish within {timeout}s: {' '.join(argv)}") from exc
+    if done.returncode != 0:
+        raise BenchError(f"h2load failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
+    latencies = read_h2load_log(log) if log.exists() else []
+    return parse_h2load_output(done.stdout, latencies)
+
+
 # --- measuring a target ---------------------------------------------------------------
 
 
@@ -568,18 +719,22 @@ def check_target(target: Target, expected_body: str) -> None:
         )
 
 
-def measure_target(target: Target, round_index: int, settings: LoadSettings) -> RoundMeasurement:
-    """Warm up, run the saturating load reading the target's CPU time around it, run c=1."""
-    url = target.url + target.request.path
-    common: dict[str, Any] = {
-        "cpus": settings.load_cpus,
-        "script_dir": settings.script_dir,
-    }
+def warm_up(target: Target, settings: LoadSettings) -> None:
+    """`settings.warmup_seconds` of the saturating load, unmeasured (nothing when 0)."""
     if settings.warmup_seconds > 0:
         run_wrk(
-            settings.wrk_path, url, target.request,
-            seconds=settings.warmup_seconds, connections=settings.connections, **common,
+            settings.wrk_path, target.url + target.request.path, target.request,
+            seconds=settings.warmup_seconds, connections=settings.connections,
+            cpus=settings.load_cpus, script_dir=settings.script_dir,
         )  # fmt: skip
+
+
+def measure_saturating(target: Target, settings: LoadSettings) -> tuple[WrkResult, float]:
+    """Warm up, then the saturating run; returns its result and the target's CPU µs/request
+    (the CPU time of the target's process tree across the run over the requests served)."""
+    url = target.url + target.request.path
+    common: dict[str, Any] = {"cpus": settings.load_cpus, "script_dir": settings.script_dir}
+    warm_up(target, settings)
     _check_alive(target.process, target.name)
     cpu_before = process_tree_cpu_seconds(target.process.pid)
     load = run_wrk(
@@ -587,12 +742,20 @@ def measure_target(target: Target, round_index: int, settings: LoadSettings) -> 
         seconds=settings.seconds, connections=settings.connections, **common,
     )  # fmt: skip
     cpu_after = process_tree_cpu_seconds(target.process.pid)
-    c1 = run_wrk(
-        settings.wrk_path, url, target.request,
-        seconds=settings.c1_seconds, connections=1, latency=True, **common,
-    )  # fmt: skip
     _check_alive(target.process, target.name)
     cpu_us = (cpu_after - cpu_before) * 1e6 / load.requests if load.requests else float("nan")
+    return load, cpu_us
+
+
+def measure_target(target: Target, round_index: int, settings: LoadSettings) -> RoundMeasurement:
+    """Warm up, run the saturating load reading the target's CPU time around it, run c=1."""
+    load, cpu_us = measure_saturating(target, settings)
+    c1 = run_wrk(
+        settings.wrk_path, target.url + target.request.path, target.request,
+        seconds=settings.c1_seconds, connections=1, latency=True,
+        cpus=settings.load_cpus, script_dir=settings.script_dir,
+    )  # fmt: skip
+    _check_alive(target.process, target.name)
     return RoundMeasurement(target.name, round_index, load, cpu_us, c1)
 
 
@@ -694,6 +857,29 @@ def weighted_rule(weights: Mapping[str, int]) -> dict[str, Any]:
     return {"destinations": [{"version": v, "weight": w} for v, w in weights.items()]}
 
 
+def with_header_match(
+    rule: Mapping[str, Any], header: str, exact: str, version: str
+) -> dict[str, Any]:
+    """`rule` plus a header match (sending `header: exact` to `version`), after any others."""
+    match = [*rule.get("match", []), {"header": header, "exact": exact, "version": version}]
+    return {**rule, "match": match}
+
+
+def with_mirror(rule: Mapping[str, Any], version: str, percent: float = 100) -> dict[str, Any]:
+    """`rule` plus a mirror copying `percent` of requests to `version` (compared, not served)."""
+    return {**rule, "mirror": {"version": version, "percent": percent}}
+
+
+# The http benchmark's weighted target: the 90/10 split plus a header match that the load
+# never triggers, so the match is evaluated on every request and the weights still decide.
+BENCH_MATCH_HEADER = "X-Model-Version"
+
+
+def canary_match_rule(weights: Mapping[str, int] = DEFAULT_WEIGHTS) -> dict[str, Any]:
+    """The weighted rule plus `X-Model-Version: 2` → version 2 (not sent by the load)."""
+    return with_header_match(weighted_rule(weights), BENCH_MATCH_HEADER, "2", "2")
+
+
 def build_routes(
     replica: str,
     *,
@@ -742,13 +928,131 @@ def start_gateway(
     workdir: Path,
     cpus: str | None,
     extra_args: Sequence[str] = (),
+    name: str = "gateway",
 ) -> PinnedProcess:
-    """Start the gateway and wait until its port accepts and /readyz answers 200."""
+    """Start the gateway and wait until its port accepts and /readyz answers 200.
+
+    `name` names the process in messages and its log, `workdir/<name>.log`."""
     argv = gateway_argv(routes_file, port, admin_port, extra_args)
-    proc = procs.start("gateway", argv, cpus=cpus, log_path=workdir / "gateway.log")
+    proc = procs.start(name, argv, cpus=cpus, log_path=workdir / f"{name}.log")
     wait_for_port(LOOPBACK, port, proc=proc)
     wait_for_http_ok(LOOPBACK, admin_port, "/readyz", proc=proc)
     return proc
+
+
+# --- gateway metrics ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One sample line of the Prometheus text format."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+_SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?$")
+_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_LABEL_UNESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def parse_prometheus_text(text: str) -> list[MetricSample]:
+    """The samples of a Prometheus text exposition (comments and blank lines skipped)."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE_RE.match(line)
+        if match is None:
+            continue
+        labels = {
+            k: re.sub(r"\\[\\\"n]", lambda m: _LABEL_UNESCAPES[m.group(0)], v)
+            for k, v in _LABEL_RE.findall(match.group(2) or "")
+        }
+        samples.append(MetricSample(match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def read_metrics(admin_port: int) -> list[MetricSample]:
+    """GET /metrics from the gateway's admin port on 127.0.0.1, parsed."""
+    try:
+        status, body = http_get(LOOPBACK, admin_port, "/metrics")
+    except OSError as exc:
+        raise BenchError(f"GET /metrics on admin port {admin_port} failed: {exc}") from exc
+    if status != 200:
+        raise BenchError(f"GET /metrics on admin port {admin_port} answered {status}")
+    return parse_prometheus_text(body.decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class ShadowCounters:
+    """The gateway's ``gateway_shadow_*`` counters for one model endpoint, summed over
+    shadow versions; `dropped` and `errors` are by reason."""
+
+    sent: float = 0.0
+    dropped: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    compared: float = 0.0
+    mismatches: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def dropped_total(self) -> float:
+        return sum(self.dropped.values())
+
+    @property
+    def errors_total(self) -> float:
+        return sum(self.errors.values())
+
+    @property
+    def mismatches_total(self) -> float:
+        return sum(self.mismatches.values())
+
+    def minus(self, earlier: ShadowCounters) -> ShadowCounters:
+        """The counts since `earlier` (a reading of the same gateway)."""
+
+        def diff(now: Mapping[str, float], then: Mapping[str, float]) -> dict[str, float]:
+            return {k: v - then.get(k, 0.0) for k, v in now.items()}
+
+        return ShadowCounters(
+            self.sent - earlier.sent,
+            diff(self.dropped, earlier.dropped),
+            diff(self.errors, earlier.errors),
+            self.compared - earlier.compared,
+            diff(self.mismatches, earlier.mismatches),
+        )
+
+
+def shadow_counters(
+    samples: Sequence[MetricSample], project: str = BENCH_PROJECT, model: str = BENCH_MODEL
+) -> ShadowCounters:
+    """Sum the ``gateway_shadow_*`` counters of model endpoint `project`/`model`."""
+    sent = compared = 0.0
+    dropped: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    mismatches: dict[str, float] = {}
+    for s in samples:
+        if s.labels.get("project") != project or s.labels.get("model") != model:
+            continue
+        if s.name == "gateway_shadow_requests_total":
+            result, reason = s.labels.get("result", ""), s.labels.get("reason", "") or "-"
+            if result == "sent":
+                sent += s.value
+            elif result == "dropped":
+                dropped[reason] = dropped.get(reason, 0.0) + s.value
+            else:
+                errors[reason] = errors.get(reason, 0.0) + s.value
+        elif s.name == "gateway_shadow_compared_total":
+            compared += s.value
+        elif s.name == "gateway_shadow_mismatch_total":
+            kind = s.labels.get("kind", "")
+            mismatches[kind] = mismatches.get(kind, 0.0) + s.value
+    return ShadowCounters(sent, dropped, errors, compared, mismatches)
+
+
+def read_shadow_counters(admin_port: int) -> ShadowCounters:
+    """The gateway's shadow counters for the bench model endpoint, read from /metrics."""
+    return shadow_counters(read_metrics(admin_port))
 
 
 # --- reporting ------------------------------------------------------------------------
@@ -851,7 +1155,8 @@ def run_http(args: argparse.Namespace) -> int:
             procs, "proxy", lambda p: nginx_proxy_conf(p, proxy_port, upstream),
             nginx_path=tools["nginx"], port=proxy_port, workdir=workdir, cpus=sut_cpus,
         )  # fmt: skip
-        routes_file = write_route_file(build_routes(upstream), workdir / "routes.yaml")
+        routes = build_routes(upstream, model_rule=canary_match_rule())
+        routes_file = write_route_file(routes, workdir / "routes.yaml")
         gateway = start_gateway(
             procs, routes_file, port=gateway_port, admin_port=admin_port,
             workdir=workdir, cpus=sut_cpus, extra_args=args.gateway_arg,
@@ -924,12 +1229,17 @@ def report_http(measurements: Sequence[RoundMeasurement], target_names: Sequence
     gateway_ratio = median(ratios(HTTP_GATEWAY))
     passthrough_ratio = median(ratios(HTTP_PASSTHROUGH))
     overhead_ms = median(c1_overheads(HTTP_GATEWAY))
+    gateway_vs_passthrough = median([
+        r[HTTP_GATEWAY].load.requests_per_s / r[HTTP_PASSTHROUGH].load.requests_per_s
+        for r in rounds
+    ])  # fmt: skip
     print()
     print(
         f"gateway/nginx req/s = {gateway_ratio:.3f}, passthrough/nginx req/s = "
         f"{passthrough_ratio:.3f}, c1 p50 overhead = {overhead_ms:.3f} ms "
         f"(passthrough {median(c1_overheads(HTTP_PASSTHROUGH)):.3f} ms)"
     )
+    print(f"gateway/passthrough req/s = {gateway_vs_passthrough:.3f}")
 
     for warning in http_noise_warnings(rounds, target_names):
         print(f"inconclusive: {warning}")
@@ -963,6 +1273,344 @@ def http_noise_warnings(
     return warnings
 
 
+# --- the shadow benchmark -------------------------------------------------------------
+
+SHADOW_PLAIN = "plain"
+SHADOW_MIRROR = "mirror"
+SHADOW_VERSION = "2"
+# The fixed-rate run: this share of the plain gateway's saturating req/s in the same round,
+# spread over this many h2load clients (one connection, one request in flight each).
+FIXED_RATE_FRACTION = 0.3
+FIXED_RATE_CLIENTS = 8
+FIXED_RATE_WARMUP_S = 1
+# A fixed-rate run that achieved less than this share of its rate didn't hold the rate.
+ACHIEVED_RATE_LIMIT = 0.95
+# The issue's goals, reported and never asserted.
+MIRROR_RATIO_GOAL = 0.60
+P99_RATIO_GOAL = 1.5
+
+
+@dataclass(frozen=True)
+class ShadowMeasurement:
+    """One gateway in one round of the shadow benchmark."""
+
+    target: str
+    round_index: int
+    load: WrkResult  # the saturating run
+    cpu_us_per_request: float  # over the saturating run
+    load_shadow: ShadowCounters  # shadow counters' change over the saturating run
+    rate: float  # the fixed rate asked for, req/s
+    fixed: H2loadResult  # the fixed-rate run
+    fixed_shadow: ShadowCounters  # shadow counters' change over the fixed-rate run
+
+    @property
+    def upstream_per_request(self) -> float:
+        """Upstream exchanges per request in the saturating run: 1 plus the copies sent
+        (or attempted and failed) per request."""
+        if not self.load.requests:
+            return float("nan")
+        copies = self.load_shadow.sent + self.load_shadow.errors_total
+        return 1.0 + copies / self.load.requests
+
+    @property
+    def errors(self) -> int:
+        return self.load.errors + self.fixed.errors
+
+
+def run_shadow(args: argparse.Namespace) -> int:
+    """The gateway's 90/10 model endpoint without and with a 100% mirror to version 2.
+
+    Two gateway processes are started once, both pinned to the system-under-test CPU, one
+    with the plain 90/10 rule ("plain") and one with the same rule plus
+    ``mirror: {version: "2", percent: 100}`` ("mirror"); only one is loaded at a time (the
+    idle one costs next to nothing), which keeps restarts and their warm-up out of the
+    rounds. Both versions' replicas are the one upstream nginx, so the shadow's answers
+    equal the primary's and every comparison should agree. A request whose weighted
+    choice is version 2 itself is not mirrored, so the mirror gateway makes about 1.9
+    upstream exchanges per request, shown as "up/req".
+
+    Each round, the plain and the mirror gateway (their order alternating across rounds)
+    each get a warm-up and a saturating run (`wrk -t1 -c64`) with their CPU µs/request;
+    then each gets a fixed-rate run at the same rate, --rate-fraction (30%) of the plain
+    gateway's saturating req/s of that round, from `h2load --h1` (p50/p99 from its
+    per-request log, and the rate it achieved). Shadow counters are read from each
+    gateway's admin /metrics around every run.
+    """
+    tools = ensure_tools(["nginx", "wrk", "h2load"])
+    sut_cpus, load_cpus = _usable_cpus(args.sut_cpu, args.load_cpu)
+    rate_seconds: int = args.rate_seconds if args.rate_seconds is not None else args.seconds
+    per_round = 2 * (args.warmup_seconds + args.seconds + FIXED_RATE_WARMUP_S + rate_seconds)
+    print(
+        f"bench shadow: {args.rounds} rounds x 2 gateways (plain 90/10; mirror 90/10 + 100% "
+        f"mirror to v{SHADOW_VERSION}), {args.seconds}s at c={args.connections} after "
+        f"{args.warmup_seconds}s warm-up, then {rate_seconds}s at a fixed "
+        f"{args.rate_fraction:.0%} of plain's req/s over {args.rate_clients} h2load clients "
+        f"(about {args.rounds * per_round}s); gateways on CPU {sut_cpus}, upstream, wrk and "
+        f"h2load on CPU {load_cpus}",
+        flush=True,
+    )
+    measurements: list[ShadowMeasurement] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="merlin-bench-shadow-") as tmp,
+        managed_processes() as procs,
+    ):
+        workdir = Path(tmp)
+        upstream_port, plain_port, plain_admin, mirror_port, mirror_admin = free_ports(5)
+        upstream = f"{LOOPBACK}:{upstream_port}"
+        start_nginx(
+            procs, "upstream", lambda p: nginx_upstream_conf(p, upstream_port),
+            nginx_path=tools["nginx"], port=upstream_port, workdir=workdir, cpus=load_cpus,
+        )  # fmt: skip
+        plain_rule = weighted_rule(DEFAULT_WEIGHTS)
+        mirror_rule = with_mirror(plain_rule, SHADOW_VERSION, 100)
+        gateways: dict[str, tuple[PinnedProcess, int, int]] = {}
+        for name, rule, port, admin in (
+            (SHADOW_PLAIN, plain_rule, plain_port, plain_admin),
+            (SHADOW_MIRROR, mirror_rule, mirror_port, mirror_admin),
+        ):
+            routes = build_routes(upstream, model_rule=rule)
+            routes_file = write_route_file(routes, workdir / f"routes-{name}.yaml")
+            proc = start_gateway(
+                procs, routes_file, port=port, admin_port=admin, workdir=workdir,
+                cpus=sut_cpus, extra_args=args.gateway_arg, name=f"gateway-{name}",
+            )  # fmt: skip
+            gateways[name] = (proc, port, admin)
+        request = WrkRequest(host_header=f"{BENCH_MODEL}.{BENCH_PROJECT}.localhost")
+        targets = {
+            name: Target(name, f"http://{LOOPBACK}:{port}", request, proc)
+            for name, (proc, port, _) in gateways.items()
+        }
+        admin_ports = {name: admin for name, (_, _, admin) in gateways.items()}
+        for target in targets.values():
+            check_target(target, UPSTREAM_BODY)
+        settings = LoadSettings(
+            seconds=args.seconds,
+            warmup_seconds=args.warmup_seconds,
+            c1_seconds=0,  # no c=1 run here
+            connections=args.connections,
+            load_cpus=load_cpus,
+            wrk_path=tools["wrk"],
+            script_dir=workdir,
+        )
+        measured = dataclasses.replace(settings, warmup_seconds=0)
+        print(format_table(_SHADOW_HEADERS, [], min_widths=_SHADOW_WIDTHS, left_columns=2))
+        for round_index in range(args.rounds):
+            order = [SHADOW_PLAIN, SHADOW_MIRROR]
+            if round_index % 2:
+                order.reverse()
+            saturating: dict[str, tuple[WrkResult, float, ShadowCounters]] = {}
+            for name in order:
+                target = targets[name]
+                warm_up(target, settings)
+                before = read_shadow_counters(admin_ports[name])
+                load, cpu_us = measure_saturating(target, measured)
+                shadow = read_shadow_counters(admin_ports[name]).minus(before)
+                saturating[name] = (load, cpu_us, shadow)
+            rate = saturating[SHADOW_PLAIN][0].requests_per_s * args.rate_fraction
+            rows: dict[str, ShadowMeasurement] = {}
+            for name in order:
+                target = targets[name]
+                before = read_shadow_counters(admin_ports[name])
+                fixed = run_h2load_fixed_rate(
+                    tools["h2load"], target.url + request.path, request,
+                    rate=rate, clients=args.rate_clients, seconds=rate_seconds,
+                    warmup_seconds=FIXED_RATE_WARMUP_S, cpus=load_cpus, workdir=workdir,
+                )  # fmt: skip
+                _check_alive(target.process, target.name)
+                fixed_shadow = read_shadow_counters(admin_ports[name]).minus(before)
+                load, cpu_us, load_shadow = saturating[name]
+                rows[name] = ShadowMeasurement(
+                    name, round_index, load, cpu_us, load_shadow, rate, fixed, fixed_shadow
+                )
+            for name in (SHADOW_PLAIN, SHADOW_MIRROR):
+                measurements.append(rows[name])
+                print(format_row(shadow_row(rows[name]), _SHADOW_WIDTHS, 2), flush=True)
+        time.sleep(0.2)  # let the last copies' comparisons finish before the final reading
+        totals = {name: read_shadow_counters(admin) for name, admin in admin_ports.items()}
+    report_shadow(measurements, totals)
+    return 0
+
+
+_SHADOW_HEADERS = [
+    "round", "target", "req/s", "CPU µs/req", "up/req",
+    "rate", "achieved", "p50 ms", "p99 ms", "errors",
+]  # fmt: skip
+_SHADOW_WIDTHS = [5, 6, 8, 10, 6, 7, 8, 7, 7, 6]
+
+
+def shadow_row(m: ShadowMeasurement) -> list[str]:
+    return [
+        str(m.round_index + 1),
+        m.target,
+        _fmt(m.load.requests_per_s, 0),
+        _fmt(m.cpu_us_per_request, 1),
+        _fmt(m.upstream_per_request, 2),
+        _fmt(m.rate, 0),
+        _fmt(m.fixed.requests_per_s, 0),
+        _fmt(m.fixed.percentile_ms(50), 3),
+        _fmt(m.fixed.percentile_ms(99), 3),
+        str(m.errors),
+    ]
+
+
+def _shadow_rounds(
+    measurements: Sequence[ShadowMeasurement],
+) -> list[dict[str, ShadowMeasurement]]:
+    by_round: dict[int, dict[str, ShadowMeasurement]] = {}
+    for m in measurements:
+        by_round.setdefault(m.round_index, {})[m.target] = m
+    return [r for r in by_round.values() if SHADOW_PLAIN in r and SHADOW_MIRROR in r]
+
+
+def _shadow_ratios(rounds: Sequence[Mapping[str, ShadowMeasurement]]) -> dict[str, list[float]]:
+    """Per-round mirror ÷ plain: saturating req/s, CPU µs/request, fixed-rate p50 and p99."""
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    out: dict[str, list[float]] = {"rps": [], "cpu": [], "p50": [], "p99": []}
+    for r in rounds:
+        mirror, plain = r[SHADOW_MIRROR], r[SHADOW_PLAIN]
+        out["rps"].append(ratio(mirror.load.requests_per_s, plain.load.requests_per_s))
+        out["cpu"].append(ratio(mirror.cpu_us_per_request, plain.cpu_us_per_request))
+        for pct in (50, 99):
+            out[f"p{pct}"].append(
+                ratio(mirror.fixed.percentile_ms(pct), plain.fixed.percentile_ms(pct))
+            )
+    return out
+
+
+def _by_reason(counts: Mapping[str, float]) -> str:
+    parts = [f"{reason} {n:.0f}" for reason, n in sorted(counts.items()) if n]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def describe_shadow_counters(c: ShadowCounters) -> str:
+    return (
+        f"sent {c.sent:.0f}, dropped {c.dropped_total:.0f}{_by_reason(c.dropped)}, "
+        f"error {c.errors_total:.0f}{_by_reason(c.errors)}, compared {c.compared:.0f}, "
+        f"mismatches {c.mismatches_total:.0f}{_by_reason(c.mismatches)}"
+    )
+
+
+def report_shadow(
+    measurements: Sequence[ShadowMeasurement], totals: Mapping[str, ShadowCounters]
+) -> None:
+    """Medians, per-round ratio medians, shadow totals, noise guard, the RESULT line."""
+    rounds = _shadow_rounds(measurements)
+    ratios = _shadow_ratios(rounds)
+    rows = []
+    for name in (SHADOW_PLAIN, SHADOW_MIRROR):
+        ms = [r[name] for r in rounds]
+        rps_ratio = median(ratios["rps"]) if name == SHADOW_MIRROR else 1.0
+        p99_ratio = median(ratios["p99"]) if name == SHADOW_MIRROR else 1.0
+        rows.append([
+            name,
+            _fmt(median([m.load.requests_per_s for m in ms]), 0),
+            _fmt(median([m.cpu_us_per_request for m in ms]), 1),
+            _fmt(median([m.upstream_per_request for m in ms]), 2),
+            _fmt(median([m.fixed.requests_per_s for m in ms]), 0),
+            _fmt(median([m.fixed.percentile_ms(50) for m in ms]), 3),
+            _fmt(median([m.fixed.percentile_ms(99) for m in ms]), 3),
+            _fmt(rps_ratio, 3),
+            _fmt(p99_ratio, 3),
+        ])  # fmt: skip
+    print()
+    print(f"medians over {len(rounds)} rounds (ratios: median of per-round values)")
+    print(format_table(
+        ["target", "req/s", "CPU µs/req", "up/req", "achieved", "p50 ms", "p99 ms",
+         "÷ plain req/s", "÷ plain p99"],
+        rows,
+    ))  # fmt: skip
+
+    mirror_ratio = median(ratios["rps"])
+    p99_ratio = median(ratios["p99"])
+    rate = median([r[SHADOW_PLAIN].rate for r in rounds])
+    print()
+    print(
+        f"mirror/plain req/s = {mirror_ratio:.3f}, CPU µs/req = {median(ratios['cpu']):.3f}; "
+        f"at a fixed {rate:,.0f} req/s: p50 ratio = {median(ratios['p50']):.3f}, "
+        f"p99 ratio = {p99_ratio:.3f}"
+    )
+    print(
+        f"goals (reported, not asserted): mirror/plain >= {MIRROR_RATIO_GOAL:.2f} "
+        f"{_goal(mirror_ratio >= MIRROR_RATIO_GOAL)}, p99_fixed_rate_ratio <= "
+        f"{P99_RATIO_GOAL:.2f} {_goal(p99_ratio <= P99_RATIO_GOAL)}"
+    )
+    for name in (SHADOW_MIRROR, SHADOW_PLAIN):
+        if name in totals:
+            print(f"{name} gateway shadow copies, whole run: "
+                  f"{describe_shadow_counters(totals[name])}")  # fmt: skip
+
+    for warning in shadow_noise_warnings(rounds, totals):
+        print(f"inconclusive: {warning}")
+    print(f"RESULT shadow mirror/plain={mirror_ratio:.3f} p99_fixed_rate_ratio={p99_ratio:.3f}")
+
+
+def _goal(met: bool) -> str:
+    return "(met)" if met else "(not met)"
+
+
+def shadow_noise_warnings(
+    rounds: Sequence[Mapping[str, ShadowMeasurement]], totals: Mapping[str, ShadowCounters]
+) -> list[str]:
+    """BENCHMARKING.md's noise guard with the plain gateway as the reference, plus fixed
+    rates not held, errors, and a mirror that didn't copy (or didn't agree) as expected."""
+    warnings = []
+    plain_rps = [r[SHADOW_PLAIN].load.requests_per_s for r in rounds]
+    spread = relative_spread(plain_rps)
+    if spread > NGINX_SPREAD_LIMIT:
+        warnings.append(
+            f"plain gateway req/s varies {spread:.0%} across rounds "
+            f"(limit {NGINX_SPREAD_LIMIT:.0%}); run it once more"
+        )
+    ratios = _shadow_ratios(rounds)
+    for key, what in (("rps", "mirror/plain req/s"), ("p99", "p99_fixed_rate_ratio")):
+        spread = relative_spread(ratios[key])
+        if spread > RATIO_SPREAD_LIMIT:
+            warnings.append(
+                f"{what} varies {spread:.0%} across rounds "
+                f"(limit {RATIO_SPREAD_LIMIT:.0%}); run it once more"
+            )
+    for r in rounds:
+        for m in r.values():
+            if m.fixed.requests_per_s < ACHIEVED_RATE_LIMIT * m.rate:
+                warnings.append(
+                    f"round {m.round_index + 1}: {m.target} held {m.fixed.requests_per_s:,.0f} "
+                    f"of the fixed {m.rate:,.0f} req/s (under {ACHIEVED_RATE_LIMIT:.0%}); "
+                    "its latency is not at that rate"
+                )
+    for name in (SHADOW_PLAIN, SHADOW_MIRROR):
+        errors = sum(r[name].errors for r in rounds)
+        if errors:
+            warnings.append(f"{name} answered {errors} non-2xx responses or failed requests")
+    mirror = totals.get(SHADOW_MIRROR)
+    if mirror is not None:
+        if mirror.dropped_total or mirror.errors_total:
+            warnings.append(
+                f"the mirror dropped {mirror.dropped_total:.0f}{_by_reason(mirror.dropped)} and "
+                f"failed {mirror.errors_total:.0f}{_by_reason(mirror.errors)} copies, so it "
+                "did less work than a full mirror"
+            )
+        if mirror.mismatches_total:
+            warnings.append(
+                f"{mirror.mismatches_total:.0f} shadow answers disagreed"
+                f"{_by_reason(mirror.mismatches)} though both versions are the same upstream"
+            )
+    # A request whose weighted choice is the shadow version isn't copied: expect ~0.9.
+    expected = 2.0 - DEFAULT_WEIGHTS.get(SHADOW_VERSION, 0) / 100.0
+    copied = [r[SHADOW_MIRROR].upstream_per_request for r in rounds]
+    if copied and median(copied) < expected - 0.1:
+        warnings.append(
+            f"the mirror gateway made {median(copied):.2f} upstream exchanges per request, "
+            f"expected about {expected:.2f}: not every request was copied"
+        )
+    plain = totals.get(SHADOW_PLAIN)
+    if plain is not None and plain.sent + plain.dropped_total + plain.errors_total:
+        warnings.append(f"the plain gateway shadowed requests: {describe_shadow_counters(plain)}")
+    return warnings
+
+
 # --- command line ---------------------------------------------------------------------
 
 
@@ -980,8 +1628,8 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def add_round_options(parser: argparse.ArgumentParser) -> None:
-    """Options every interleaved-rounds benchmark takes."""
+def add_round_options(parser: argparse.ArgumentParser, *, c1: bool = True) -> None:
+    """Options every interleaved-rounds benchmark takes (`--c1-seconds` only if `c1`)."""
     parser.add_argument(
         "--rounds", type=_positive_int, default=5, help="interleaved rounds (default: %(default)s)"
     )
@@ -997,12 +1645,13 @@ def add_round_options(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="seconds of warm-up before each saturating run (default: %(default)s)",
     )
-    parser.add_argument(
-        "--c1-seconds",
-        type=_positive_int,
-        default=None,
-        help="seconds of each c=1 latency run (default: min(5, --seconds))",
-    )
+    if c1:
+        parser.add_argument(
+            "--c1-seconds",
+            type=_positive_int,
+            default=None,
+            help="seconds of each c=1 latency run (default: min(5, --seconds))",
+        )
     parser.add_argument(
         "--connections",
         type=_positive_int,
@@ -1029,13 +1678,56 @@ def add_http_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "http",
         help="nginx proxy_pass vs the gateway over HTTP/1.1",
         description=(
-            "Compare nginx proxy_pass with the gateway (90/10 weighted model endpoint, and "
-            "pass-through via the version endpoint host), all proxying to one nginx upstream. "
+            "Compare nginx proxy_pass with the gateway (model endpoint: 90/10 weights plus "
+            "an X-Model-Version header match the load never triggers, and pass-through via "
+            "the version endpoint host), all proxying to one nginx upstream. "
             "Ends with: RESULT http gateway/nginx=<ratio> c1_p50_overhead_ms=<ms>"
         ),
     )
     add_round_options(parser)
     parser.set_defaults(run=run_http)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def add_shadow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "shadow",
+        help="the gateway's 90/10 model endpoint without and with a 100%% mirror",
+        description=(
+            "Compare two gateways on CPU 1, a 90/10 model endpoint (plain) and the same "
+            "rule plus mirror {version: 2, percent: 100} (mirror): saturating req/s and CPU "
+            "µs/request at c=64, then p50/p99 with h2load at a fixed rate (a share of the "
+            "plain gateway's req/s in the same round), and the shadow counters. Ends with: "
+            "RESULT shadow mirror/plain=<ratio> p99_fixed_rate_ratio=<ratio>"
+        ),
+    )
+    add_round_options(parser, c1=False)
+    parser.add_argument(
+        "--rate-fraction",
+        type=_fraction,
+        default=FIXED_RATE_FRACTION,
+        help="fixed rate as a share of the plain gateway's saturating req/s in the round "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate-clients",
+        type=_positive_int,
+        default=FIXED_RATE_CLIENTS,
+        help="h2load clients (connections) sharing the fixed rate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate-seconds",
+        type=_positive_int,
+        default=None,
+        help="seconds of each fixed-rate run, after a 1 s warm-up (default: --seconds)",
+    )
+    parser.set_defaults(run=run_shadow)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1046,6 +1738,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="benchmarks", metavar="<benchmark>", required=True)
     add_http_parser(sub)
+    add_shadow_parser(sub)
     return parser
 
 

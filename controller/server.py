@@ -1,0 +1,83 @@
+"""Running the controller: store, runtime, API, until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from controller.api import make_app
+from controller.auth import Tokens
+from controller.runtime.local import LocalRuntime, LocalTimings
+from controller.service import Controller
+from controller.store import FileStore
+from gateway.worker import bind_socket
+
+log = logging.getLogger("controller")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8090
+    tokens_file: Path | None = None
+    max_versions: int = 2
+    domain: str = "localhost"
+    runtime: str = "local"  # local | none
+    drain_seconds: float = 2.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def start_controller(config: ControllerConfig) -> tuple[Controller, web.AppRunner, int]:
+    tokens = Tokens.load(config.tokens_file, os.environ.get("MERLIN_DP_TOKENS"))
+    if not tokens.enabled:
+        if not is_loopback(config.host):
+            raise SystemExit(
+                f"merlin-dp controller: refusing to serve {config.host} with no tokens; "
+                "give --tokens FILE (or MERLIN_DP_TOKENS), or listen on 127.0.0.1"
+            )
+        log.warning("no API tokens configured: the API is open, bound to %s only", config.host)
+    store = FileStore(config.state_dir)
+    controller = Controller(store, None, max_versions=config.max_versions, domain=config.domain)
+    if config.runtime == "local":
+        runtime = LocalRuntime(
+            config.state_dir / "runtime",
+            controller.on_runtime_event,
+            LocalTimings(drain_seconds=config.drain_seconds),
+        )
+        runtime.reap_orphans()
+        controller.runtime = runtime
+    await controller.start()
+    runner = web.AppRunner(make_app(controller, tokens), access_log=None)
+    await runner.setup()
+    sock = bind_socket(config.host, config.port, reuse_port=False)
+    await web.SockSite(runner, sock).start()
+    port: int = sock.getsockname()[1]
+    log.info("controller API on http://%s:%d (state in %s)", config.host, port, config.state_dir)
+    return controller, runner, port
+
+
+async def serve(config: ControllerConfig) -> None:
+    controller, runner, _ = await start_controller(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await controller.close()
