@@ -176,16 +176,27 @@ class Proxy:
             length = request.content_length
             if length is not None and length <= self.limits.buffer_body_bytes:
                 self._continue(request, length)
-                body = await request.read()
+                content = request.content
+                body = content.read_nowait() if content.is_eof() else await request.read()
             else:
                 body = None  # streams: can't be copied, counted as dropped
-        head, _ = self._request_head(request, shadow_path, False)
-        head = head[:-2] + b"X-Shadow-Request: 1\r\n\r\n"
-        shadow = self.shadowing.launch(mirror, head, body, policy.timeout)
+        if body is None:
+            head = None
+            shadow = self.shadowing.launch(mirror, b"", None, policy.timeout)
+        else:
+            head = self._request_head(request, path, False)
+            # The copy's head is the primary's with its own request line and a marker.
+            line_end = head[0].index(b"\r\n") + 2
+            shadow_head = (
+                f"{request.method} {shadow_path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+                + head[0][line_end:-2]
+                + b"X-Shadow-Request: 1\r\n\r\n"
+            )
+            shadow = self.shadowing.launch(mirror, shadow_head, body, policy.timeout)
         if shadow is None:
-            return await self._forward(request, version, policy, path, body)
+            return await self._forward(request, version, policy, path, body, head)
         try:
-            resp = await self._forward(request, version, policy, path, body)
+            resp = await self._forward(request, version, policy, path, body, head)
         except BaseException:
             shadow.primary_done(-1, None)
             raise
@@ -219,6 +230,7 @@ class Proxy:
         policy: RoutePolicy,
         path: str,
         preread: bytes | None = None,
+        prebuilt: tuple[bytes, bytes] | None = None,
     ) -> web.StreamResponse:
         limits = self.limits
         body: bytes | None = b""  # None: the body streams and can't be replayed
@@ -246,7 +258,7 @@ class Proxy:
                 body = content.read_nowait() if content.is_eof() else await request.read()
             else:
                 body = None
-        head, request_id = self._request_head(request, path, chunked)
+        head, request_id = prebuilt or self._request_head(request, path, chunked)
         upstreams = version.upstreams
         if not upstreams:
             return error_response(

@@ -1,12 +1,14 @@
 """Shadow traffic: copy a share of requests to a candidate version and compare answers.
 
 A mirrored copy never delays or fails the primary. :meth:`Shadowing.launch` is called
-with the primary's already-buffered body; it drops the copy (and counts why) when the
-body is over the size bound or too many copies are in flight, else starts one task that
-sends the copy over the candidate's connection pool. When the primary has answered, the
-handler calls :meth:`Shadow.primary_done`; the task then compares the two answers off
-the hot path: status, and body JSON-aware (key order ignored, numbers equal within a
-relative tolerance), bytes otherwise. The client only ever sees the primary's answer.
+with the primary's already-buffered body and a ready-made request head; it drops the
+copy (and counts why) when the body is over the size bound or too many copies are in
+flight. Otherwise the copy goes out on a pooled connection to the candidate and is
+driven by the connection's callbacks — no task, no future — unless a new connection
+must be opened first (then one task does the connect). When both answers are in (the
+handler reports the primary's through :meth:`Shadow.primary_done`), they are compared:
+status, then body — equal bytes, or JSON-aware (key order ignored, numbers equal within
+a relative tolerance). The client only ever sees the primary's answer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from gateway.balancer import choose
 from gateway.metrics import GatewayMetrics, ShadowStats
 from gateway.table import MirrorTarget
-from gateway.upstream import UpstreamError
+from gateway.upstream import Upstream, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("gateway.shadow")
 
@@ -34,29 +36,106 @@ class ShadowLimits:
 
 
 class Shadow:
-    """One mirrored copy; the handler reports the primary's answer through it."""
+    """One mirrored copy in flight, and the comparison once both answers are in."""
 
-    __slots__ = ("primary",)
+    __slots__ = (
+        "answer",
+        "conn",
+        "owner",
+        "primary",
+        "started",
+        "stats",
+        "tolerance",
+        "up",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.primary: asyncio.Future[tuple[int, bytes | None]] = loop.create_future()
+    def __init__(self, owner: Shadowing, stats: ShadowStats, tolerance: float) -> None:
+        self.owner = owner
+        self.stats = stats
+        self.tolerance = tolerance
+        self.started = perf_counter()
+        self.up: Upstream | None = None
+        self.conn: UpstreamConnection | None = None
+        self.primary: tuple[int, bytes | None] | None = None
+        self.answer: tuple[int, bytes] | None = None  # None while in flight or failed
+
+    # --- the primary's side ---------------------------------------------------------
 
     def primary_done(self, status: int, body: bytes | None) -> None:
         """``body`` is None when the primary streamed (too big to compare); a negative
-        status means the primary never answered."""
-        if not self.primary.done():
-            self.primary.set_result((status, body))
+        status means the primary never answered (nothing to compare)."""
+        self.primary = (status, body)
+        if self.answer is not None:
+            self._compare()
+
+    # --- the copy's side --------------------------------------------------------------
+
+    def send(self, up: Upstream, conn: UpstreamConnection, data: bytes, silence: float) -> None:
+        self.up = up
+        self.conn = conn
+        up.outstanding += 1
+        conn.listener = self._progress
+        conn.begin(data, False, silence)
+
+    def _progress(self) -> None:
+        conn = self.conn
+        assert conn is not None and self.up is not None
+        if conn.error is not None:
+            self._finish(None, conn.error.kind)
+        elif conn.complete:
+            self._finish(conn, "")
+        elif conn.buffered > self.owner.limits.max_body_bytes:
+            conn.abort()
+            self._finish(None, "too_large")
+
+    def _finish(self, conn: UpstreamConnection | None, error: str) -> None:
+        this = self.conn
+        up = self.up
+        assert this is not None and up is not None
+        this.listener = None
+        this.finish()
+        up.outstanding -= 1
+        self.owner.in_flight -= 1
+        if conn is None:
+            up.record_failure()
+            self.stats.count("error", error)
+            return
+        chunks = conn.take_chunks()
+        status = conn.status
+        if status >= 500:
+            up.record_failure()
+        else:
+            up.record_success()
+        up.release(conn)
+        self.stats.latency.observe(perf_counter() - self.started)
+        self.stats.count("sent", "")
+        self.answer = (status, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self.primary is not None:
+            self._compare()
+
+    def _compare(self) -> None:
+        assert self.primary is not None and self.answer is not None
+        primary_status, primary_body = self.primary
+        if primary_status < 0:
+            return
+        status, body = self.answer
+        stats = self.stats
+        stats.compared += 1
+        if primary_status != status:
+            stats.mismatch["status"] = stats.mismatch.get("status", 0) + 1
+        elif primary_body is not None and not bodies_agree(primary_body, body, self.tolerance):
+            stats.mismatch["body"] = stats.mismatch.get("body", 0) + 1
 
 
 class Shadowing:
-    """The worker's shadow sender: bounds, counters, and the comparison."""
+    """The worker's shadow sender: bounds and counters."""
 
     def __init__(self, metrics: GatewayMetrics, limits: ShadowLimits | None = None) -> None:
         self.metrics = metrics
         self.limits = limits or ShadowLimits()
         self.loop = asyncio.get_running_loop()
         self.in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
 
     def launch(
         self, mirror: MirrorTarget, head: bytes, body: bytes | None, silence: float
@@ -69,89 +148,39 @@ class Shadowing:
         if self.in_flight >= self.limits.max_in_flight:
             stats.count("dropped", "concurrency")
             return None
-        shadow = Shadow(self.loop)
-        self.in_flight += 1
-        task = self.loop.create_task(self._run(shadow, mirror, stats, head, body, silence))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return shadow
-
-    async def _run(
-        self,
-        shadow: Shadow,
-        mirror: MirrorTarget,
-        stats: ShadowStats,
-        head: bytes,
-        body: bytes,
-        silence: float,
-    ) -> None:
-        started = perf_counter()
-        try:
-            status, answer = await self._exchange(mirror, head + body, silence)
-        except UpstreamError as exc:
-            stats.count("error", exc.kind)
-            return
-        finally:
-            self.in_flight -= 1
-        stats.latency.observe(perf_counter() - started)
-        stats.count("sent", "")
-        primary_status, primary_body = await shadow.primary
-        if primary_status < 0:
-            return  # the primary never answered (client gone): nothing to compare
-        stats.compared += 1
-        if primary_status != status:
-            stats.mismatch["status"] = stats.mismatch.get("status", 0) + 1
-        elif primary_body is not None and not bodies_agree(
-            primary_body, answer, mirror.relative_tolerance
-        ):
-            stats.mismatch["body"] = stats.mismatch.get("body", 0) + 1
-
-    async def _exchange(
-        self, mirror: MirrorTarget, data: bytes, silence: float
-    ) -> tuple[int, bytes]:
-        target = mirror.version
         up = choose(target.upstreams)
         if up is None:
-            raise UpstreamError(
-                "connect", f"shadow version {target.full_name} has no ready replica"
-            )
+            stats.count("error", "no_replica")
+            return None
+        shadow = Shadow(self, stats, mirror.relative_tolerance)
+        self.in_flight += 1
+        data = head + body if body else head
         conn = up.take_idle()
-        if conn is None:
-            try:
-                conn = await up.connect()
-            except UpstreamError:
-                up.record_failure()
-                raise
-        up.outstanding += 1
-        conn.begin(data, False, silence)
+        if conn is not None:
+            shadow.send(up, conn, data, silence)
+        else:
+            task = self.loop.create_task(self._connect_and_send(shadow, up, data, silence))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+        return shadow
+
+    async def _connect_and_send(
+        self, shadow: Shadow, up: Upstream, data: bytes, silence: float
+    ) -> None:
         try:
-            size = 0
-            while not conn.complete:
-                if conn.error is not None:
-                    up.record_failure()
-                    raise conn.error
-                size = conn.buffered
-                if size > self.limits.max_body_bytes:
-                    conn.abort()
-                    raise UpstreamError("too_large", "shadow answer over the size bound")
-                await conn.wait()
-            chunks = conn.take_chunks()
-            status = conn.status
-            if status >= 500:
-                up.record_failure()
-            else:
-                up.record_success()
-            up.release(conn)
-            return status, b"".join(chunks)
-        finally:
-            conn.finish()
-            up.outstanding -= 1
+            conn = await up.connect()
+        except UpstreamError as exc:
+            up.record_failure()
+            self.in_flight -= 1
+            shadow.stats.count("error", exc.kind)
+            return
+        shadow.send(up, conn, data, silence)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in list(self._connecting):
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._connecting:
+            await asyncio.gather(*self._connecting, return_exceptions=True)
 
 
 def bodies_agree(a: bytes, b: bytes, rel_tol: float) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -262,6 +262,7 @@ class UpstreamConnection(asyncio.Protocol):
         "headers",
         "idle_since",
         "keep_alive",
+        "listener",
         "loop",
         "no_body",
         "parser",
@@ -290,6 +291,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
         self.waiter: asyncio.Future[None] | None = None
+        # A callback-driven user (a shadow copy) is called at every state change instead
+        # of awaiting a future.
+        self.listener: Callable[[], None] | None = None
         self.read_paused = False
         self._reset_exchange()
 
@@ -385,6 +389,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener()
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
