@@ -252,3 +252,67 @@ async def test_no_tokens_refuses_a_public_address(tmp_path: Path) -> None:
     config = ControllerConfig(state_dir=tmp_path / "s", host="0.0.0.0", port=0, runtime="none")
     with pytest.raises(SystemExit, match="refusing to serve"):
         await start_controller(config)
+
+
+async def test_switch_and_rollback_under_load_fail_nothing(ctl: Api) -> None:
+    for v in ("1", "2"):
+        await ctl.call("PUT", f"{BASE}/versions/{v}/endpoint", deployment())
+    for v in ("1", "2"):
+        await ctl.wait_status(v, "running")
+    await ctl.call(
+        "PUT", f"{BASE}/endpoint", {"rule": {"destinations": [{"version": "1", "weight": 100}]}}
+    )
+    worker = GatewayWorker(GatewayConfig(port=0), ControllerRouteSource(ctl.url))
+    await worker.start()
+    await _until_gateway(worker, ctl)
+    url = f"http://127.0.0.1:{worker.port}/v1/predict"
+    failures: list[str] = []
+    served: dict[str, int] = {}
+    done = asyncio.Event()
+
+    async def client(s: aiohttp.ClientSession) -> None:
+        while not done.is_set():
+            async with s.post(url, json={"instances": [[1]]},
+                              headers={"Host": "scorer.fraud.localhost"}) as resp:  # fmt: skip
+                await resp.read()
+                if resp.status != 200:
+                    failures.append(f"{resp.status}")
+                else:
+                    v = resp.headers["X-Model-Version"]
+                    served[v] = served.get(v, 0) + 1
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            clients = [asyncio.ensure_future(client(s)) for _ in range(8)]
+            for i in range(10):
+                op = "endpoint:switch" if i % 2 == 0 else "endpoint:rollback"
+                status, body, _ = await ctl.call("POST", f"{BASE}/{op}")
+                assert status == 200, body
+                await _until_gateway(worker, ctl)
+                await asyncio.sleep(0.1)
+            done.set()
+            await asyncio.gather(*clients)
+    finally:
+        await worker.stop()
+    assert failures == []
+    assert served.get("1", 0) > 0 and served.get("2", 0) > 0
+    # Ten changes, each one revision; rollback returned to the rule before each switch.
+    _, history, _ = await ctl.call("GET", f"{BASE}/endpoint/history")
+    assert [h["rule"]["destinations"][0]["version"] for h in history["history"]][-10:] == [
+        "2",
+        "1",
+    ] * 5
+
+
+async def test_switch_to_a_version_without_ready_replicas_is_refused(ctl: Api) -> None:
+    await ctl.call("PUT", f"{BASE}/versions/1/endpoint", deployment())
+    await ctl.wait_status("1", "running")
+    await ctl.call(
+        "PUT", f"{BASE}/endpoint", {"rule": {"destinations": [{"version": "1", "weight": 100}]}}
+    )
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]  # never ready
+    await ctl.call("PUT", f"{BASE}/versions/2/endpoint", deployment(command=hang))
+    status, body, _ = await ctl.call("POST", f"{BASE}/endpoint:switch", {"to_version": "2"})
+    assert status == 409 and "pending" in body["error"]["message"]
+    _, now, _ = await ctl.call("GET", f"{BASE}/endpoint")
+    assert now["rule"]["destinations"] == [{"version": "1", "weight": 100}]
