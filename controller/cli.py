@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from controller import cli_controller
+from controller import cli_controller, client_cli
 from gateway import cli as gateway_cli
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="<command>")
     gateway_cli.add_parser(sub)
     cli_controller.add_parser(sub)
+    client_cli.add_parsers(sub)
     return parser
 
 

@@ -223,15 +223,17 @@ def switch(
         raise not_found(f"model endpoint {key}")
     live = [d.version for d in current.rule.destinations if d.weight > 0]
     if to_version is None:
+        # The live version is the one taking the most traffic; "the other" must be unique.
+        main = max(current.rule.destinations, key=lambda d: d.weight).version
         candidates = [
             v.version for v in state.versions.values()
             if v.project == project and v.model == model and v.status in ROUTABLE
-            and v.version not in live
+            and v.version != main
         ]  # fmt: skip
         if len(candidates) != 1:
             raise conflict(
                 f"switch needs to_version: {len(candidates)} running versions besides the live "
-                f"one(s) {live} ({', '.join(sorted(candidates)) or 'none'})"
+                f"one {main} ({', '.join(sorted(candidates)) or 'none'})"
             )
         to_version = candidates[0]
     if live == [to_version]:

@@ -1,0 +1,343 @@
+"""`merlin-dp` client commands: the controller's API from a terminal.
+
+Each command is one or two API calls; output is a readable table, or the API's JSON with
+``-o json``. The controller's address comes from ``--controller`` or
+``$MERLIN_DP_CONTROLLER`` (default http://127.0.0.1:8090), the token from ``--token`` or
+``$MERLIN_DP_TOKEN``. API errors are printed as the API states them, exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONTROLLER = "http://127.0.0.1:8090"
+
+
+class CliError(Exception):
+    pass
+
+
+# --- talking to the API ----------------------------------------------------------------
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    url = args.controller.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if args.token:
+        req.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+            raise CliError(f"{exc.code} {err['code']}: {err['message']}") from None
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"{exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise CliError(f"cannot reach the controller at {args.controller}: {exc.reason}") from None
+
+
+def split_name(text: str, parts: int) -> list[str]:
+    names = text.split("/")
+    if len(names) != parts or not all(names):
+        shape = "PROJECT/MODEL/VERSION" if parts == 3 else "PROJECT/MODEL"
+        raise CliError(f"{text!r} is not {shape}")
+    return names
+
+
+def model_path(text: str) -> str:
+    project, model = split_name(text, 2)
+    return f"/v1/projects/{project}/models/{model}"
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def show(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.output == "json" else text)
+
+
+def version_rows(versions: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [v["version"], v["status"], str(len(v["replicas"])), v["spec"]["protocol"],
+         (v["message"].splitlines() or [""])[0][:60]]
+        for v in sorted(versions, key=lambda v: v["version"])
+    ]  # fmt: skip
+
+
+def describe_rule(rule: dict[str, Any]) -> str:
+    parts = [" ".join(f"{d['version']}={d['weight']}%" for d in rule["destinations"])]
+    for m in rule.get("match", []):
+        test = f"={m['exact']}" if m.get("exact") is not None else f"~{m['regex']}"
+        parts.append(f"match {m['header']}{test} -> {m['version']}")
+    if rule.get("sticky"):
+        s = rule["sticky"]
+        parts.append(
+            f"sticky {'header ' + s['header'] if s.get('header') else 'cookie ' + s['cookie']}"
+        )
+    if rule.get("mirror"):
+        parts.append(f"mirror {rule['mirror']['percent']}% -> {rule['mirror']['version']}")
+    return "; ".join(parts)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    project, model, version = split_name(args.name, 3)
+    body: dict[str, Any] = {
+        "type": args.type,
+        "protocol": args.protocol,
+        "resource_request": {"min_replica": args.min_replica, "max_replica": args.max_replica,
+                             "cpu_request": args.cpu, "memory_request": args.memory},
+        "autoscaling_policy": {"metrics_type": args.metric, "target_value": args.target},
+        "env_vars": dict(parse_pair(e, "=") for e in args.env),
+    }  # fmt: skip
+    if args.type == "custom":
+        if not args.command:
+            raise CliError("type custom needs --command 'program args…'")
+        import shlex
+
+        body["command"] = shlex.split(args.command)
+    else:
+        body["model_dir"] = str(Path(args.model_dir).resolve()) if args.model_dir else ""
+        body["pyfunc_class"] = args.pyfunc_class or ""
+    path = f"/v1/projects/{project}/models/{model}/versions/{version}/endpoint"
+    result = call(args, "PUT", path, body)
+    if args.wait:
+        import time
+
+        deadline = time.monotonic() + args.wait
+        while result["status"] == "pending" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            result = call(args, "GET", path)
+    show(args, result, f"{args.name}: {result['status']}  {result['url']}"
+                       + (f"\n{result['message']}" if result["message"] else ""))  # fmt: skip
+
+
+def parse_pair(text: str, sep: str) -> tuple[str, str]:
+    key, found, value = text.partition(sep)
+    if not found or not key:
+        raise CliError(f"{text!r} is not KEY{sep}VALUE")
+    return key, value
+
+
+def cmd_undeploy(args: argparse.Namespace) -> None:
+    project, model, version = split_name(args.name, 3)
+    result = call(
+        args, "DELETE", f"/v1/projects/{project}/models/{model}/versions/{version}/endpoint"
+    )
+    show(args, result, f"{args.name}: {result['status']}")
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    result = call(args, "GET", model_path(args.name) + "/versions")
+    rows = version_rows(result["versions"])
+    show(args, result, table(rows, ["version", "status", "ready", "protocol", "message"]))
+
+
+def build_rule(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rule_file:
+        loaded = yaml.safe_load(Path(args.rule_file).read_text())
+        rule: dict[str, Any] = loaded.get("rule", loaded)
+        return rule
+    if not args.weights:
+        raise CliError("give --weights 1=90,2=10 (or --rule-file FILE)")
+    rule = {"destinations": []}
+    for item in args.weights.split(","):
+        version, weight = parse_pair(item.strip(), "=")
+        if not weight.isdigit():
+            raise CliError(f"weight {weight!r} of version {version} is not a whole number")
+        rule["destinations"].append({"version": version, "weight": int(weight)})
+    rule["match"] = []
+    for spec in args.match:
+        m = re.fullmatch(r"([^=~]+)(=|~)(.*):([^:]+)", spec)
+        if m is None:
+            raise CliError(f"--match {spec!r}: use HEADER=VALUE:VERSION or HEADER~REGEX:VERSION")
+        header, op, value, version = m.groups()
+        rule["match"].append({"header": header, "version": version,
+                              ("exact" if op == "=" else "regex"): value})  # fmt: skip
+    if args.sticky:
+        kind, _, name = args.sticky.partition(":")
+        if kind not in ("header", "cookie") or not name:
+            raise CliError("--sticky header:NAME or --sticky cookie:NAME")
+        rule["sticky"] = {kind: name}
+    if args.mirror:
+        version, percent = parse_pair(args.mirror, ":")
+        rule["mirror"] = {"version": version, "percent": float(percent)}
+    if args.timeout is not None:
+        rule["timeout_seconds"] = args.timeout
+    return rule
+
+
+def cmd_route(args: argparse.Namespace) -> None:
+    body = {"rule": build_rule(args), "protocol": args.protocol}
+    result = call(args, "PUT", model_path(args.name) + "/endpoint", body)
+    show(
+        args,
+        result,
+        f"{args.name} (revision {result['revision']}): {describe_rule(result['rule'])}",
+    )
+
+
+def cmd_switch(args: argparse.Namespace) -> None:
+    result = call(args, "POST", model_path(args.name) + "/endpoint:switch", {"to_version": args.to})
+    show(
+        args,
+        result,
+        f"{args.name} (revision {result['revision']}): {describe_rule(result['rule'])}",
+    )
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    body = {"to_revision": args.to_revision}
+    result = call(args, "POST", model_path(args.name) + "/endpoint:rollback", body)
+    show(
+        args,
+        result,
+        f"{args.name} (revision {result['revision']}): {describe_rule(result['rule'])}",
+    )
+
+
+def cmd_history(args: argparse.Namespace) -> None:
+    import time
+
+    result = call(args, "GET", model_path(args.name) + "/endpoint/history")
+    rows = [
+        [str(h["revision"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"])), h["by"],
+         describe_rule(h["rule"])]
+        for h in result["history"]
+    ]  # fmt: skip
+    show(args, result, table(rows, ["revision", "at", "by", "rule"]))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    base = model_path(args.name)
+    versions = call(args, "GET", base + "/versions")
+    try:
+        endpoint = call(args, "GET", base + "/endpoint")
+    except CliError as exc:
+        if not str(exc).startswith("404"):
+            raise
+        endpoint = None
+    data = {"endpoint": endpoint, "versions": versions["versions"]}
+    head = (f"{endpoint['url']}  revision {endpoint['revision']}: {describe_rule(endpoint['rule'])}"
+            if endpoint else f"{args.name}: no model endpoint yet")  # fmt: skip
+    rows = version_rows(versions["versions"])
+    show(
+        args,
+        data,
+        head + "\n\n" + table(rows, ["version", "status", "ready", "protocol", "message"]),
+    )
+
+
+# --- wiring ---------------------------------------------------------------------------
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    controller = os.environ.get("MERLIN_DP_CONTROLLER", DEFAULT_CONTROLLER)
+    common.add_argument(
+        "--controller", default=controller, help="controller URL (default $MERLIN_DP_CONTROLLER)"
+    )
+    common.add_argument("--token", default=os.environ.get("MERLIN_DP_TOKEN"),
+                        help="API token (default $MERLIN_DP_TOKEN)")  # fmt: skip
+    common.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    p = sub.add_parser("deploy", parents=[common], help="deploy or redeploy a version endpoint")
+    p.add_argument("name", metavar="PROJECT/MODEL/VERSION")
+    p.add_argument("--type", choices=["custom", "pyfunc", "sklearn"], default="custom")
+    p.add_argument("--command", help="custom: the command line that serves the model")
+    p.add_argument("--model-dir", help="pyfunc/sklearn: the artifact directory")
+    p.add_argument("--pyfunc-class", help="pyfunc: module:Class in the model dir")
+    p.add_argument("--protocol", choices=["HTTP_JSON", "UPI_V1"], default="HTTP_JSON")
+    p.add_argument("--min-replica", type=int, default=1)
+    p.add_argument("--max-replica", type=int, default=2)
+    p.add_argument("--cpu", default="500m")
+    p.add_argument("--memory", default="512Mi")
+    metrics = ["cpu_utilization", "memory_utilization", "rps", "concurrency"]
+    p.add_argument("--metric", default="concurrency", choices=metrics)
+    p.add_argument("--target", type=float, default=1.0, help="autoscaling target value")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for it to leave pending")  # fmt: skip
+    p.set_defaults(run=_wrap(cmd_deploy))
+
+    p = sub.add_parser("undeploy", parents=[common], help="undeploy a version endpoint")
+    p.add_argument("name", metavar="PROJECT/MODEL/VERSION")
+    p.set_defaults(run=_wrap(cmd_undeploy))
+
+    p = sub.add_parser("versions", parents=[common], help="list a model's version endpoints")
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.set_defaults(run=_wrap(cmd_versions))
+
+    p = sub.add_parser(
+        "route", parents=[common], help="set the model endpoint's rule",
+        description="Examples: route fraud/scorer --weights 1=90,2=10; "
+        "--match 'X-Tenant~^beta-:2' --match 'X-Model-Version=2:2'; --sticky header:X-User; "
+        "--mirror 2:0.5; or --rule-file rule.yaml",
+    )  # fmt: skip
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.add_argument("--weights", metavar="V=W,...")
+    p.add_argument("--match", action="append", default=[], metavar="HEADER=VALUE:V|HEADER~RE:V")
+    p.add_argument("--sticky", metavar="header:NAME|cookie:NAME")
+    p.add_argument("--mirror", metavar="VERSION:PERCENT")
+    p.add_argument("--timeout", type=float, metavar="SECONDS")
+    p.add_argument("--protocol", choices=["HTTP_JSON", "UPI_V1"], default="HTTP_JSON")
+    p.add_argument("--rule-file", metavar="FILE", help="a YAML/JSON rule instead of the flags")
+    p.set_defaults(run=_wrap(cmd_route))
+
+    p = sub.add_parser(
+        "switch", parents=[common], help="blue-green: all traffic to the other version"
+    )
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.add_argument("--to", metavar="VERSION")
+    p.set_defaults(run=_wrap(cmd_switch))
+
+    p = sub.add_parser(
+        "rollback", parents=[common], help="return to the previous (or a given) rule"
+    )
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.add_argument("--to-revision", type=int, metavar="R")
+    p.set_defaults(run=_wrap(cmd_rollback))
+
+    p = sub.add_parser("history", parents=[common], help="the model endpoint's last rules")
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.set_defaults(run=_wrap(cmd_history))
+
+    p = sub.add_parser("status", parents=[common], help="a model's endpoint and versions")
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.set_defaults(run=_wrap(cmd_status))
+
+
+def _wrap(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            command(args)
+        except CliError as exc:
+            print(f"merlin-dp: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run

@@ -1,0 +1,149 @@
+"""The controller as a real process: the CLI against it, kill -9 and restart, and a
+gateway that keeps serving while the controller is away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import ROOT, Proc, free_port, wait_port
+
+EXAMPLE = f"{sys.executable} {ROOT / 'examples' / 'custom_model.py'}"
+
+
+def start_controller(tmp: Path, state: Path, port: int) -> Proc:
+    proc = Proc(
+        [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+         "--listen", f"127.0.0.1:{port}"],
+        port, tmp / f"controller-{port}-{len(list(tmp.glob('controller-*')))}.log",
+    )  # fmt: skip
+    wait_port(port)
+    return proc
+
+
+def cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args, "--controller", f"http://127.0.0.1:{port}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_cli_drives_the_controller(tmp_path: Path) -> None:
+    port = free_port()
+    ctl = start_controller(tmp_path, tmp_path / "state", port)
+    try:
+        for v in ("1", "2"):
+            out = cli(port, "deploy", f"fraud/scorer/{v}", "--command", EXAMPLE, "--wait", "30")
+            assert out.returncode == 0, out.stderr
+            assert f"fraud/scorer/{v}: running  http://scorer-{v}.fraud.localhost" in out.stdout
+        rule = ["--weights", "1=90,2=10", "--match", "X-Tenant~^beta-:2",
+                "--sticky", "header:X-User", "--mirror", "2:0.5"]  # fmt: skip
+        out = cli(port, "route", "fraud/scorer", *rule)
+        assert out.returncode == 0, out.stderr
+        assert (
+            "1=90% 2=10%; match X-Tenant~^beta- -> 2; sticky header X-User; mirror 0.5% -> 2"
+            in out.stdout
+        )
+        status = cli(port, "status", "fraud/scorer")
+        assert "http://scorer.fraud.localhost" in status.stdout
+        assert "serving" in status.stdout
+        versions = json.loads(cli(port, "versions", "fraud/scorer", "-o", "json").stdout)
+        assert {v["status"] for v in versions["versions"]} == {"serving"}
+        assert "2=100%" in cli(port, "switch", "fraud/scorer").stdout
+        assert "1=90% 2=10%" in cli(port, "rollback", "fraud/scorer").stdout
+        history = cli(port, "history", "fraud/scorer")
+        assert history.stdout.count("\n") >= 3
+        # API errors come back as the API states them, exit code 1.
+        refused = cli(port, "undeploy", "fraud/scorer/1")
+        assert refused.returncode == 1
+        assert "409 conflict: version endpoint fraud/scorer/1 is serving" in refused.stderr
+        bad = cli(port, "route", "fraud/scorer", "--weights", "1=50")
+        assert bad.returncode == 1 and "422 invalid" in bad.stderr and "sum to 100" in bad.stderr
+        assert cli(port + 1, "versions", "fraud/scorer").returncode == 1
+    finally:
+        ctl.stop()
+
+
+async def test_state_survives_kill_9_and_gateway_rides_it_out(tmp_path: Path) -> None:
+    port = free_port()
+    state = tmp_path / "state"
+    ctl = start_controller(tmp_path, state, port)
+    gw_port, admin = free_port(), free_port()
+    gateway = Proc(
+        [sys.executable, "-m", "controller.cli", "gateway", "--controller",
+         f"http://127.0.0.1:{port}", "--listen", f"127.0.0.1:{gw_port}",
+         "--admin", f"127.0.0.1:{admin}"],
+        gw_port, tmp_path / "gateway.log",
+    )  # fmt: skip
+    wait_port(gw_port)
+    base = f"http://127.0.0.1:{port}/v1/projects/fraud/models/scorer"
+    headers = {"Host": "scorer.fraud.localhost"}
+    try:
+        assert (
+            cli(port, "deploy", "fraud/scorer/1", "--command", EXAMPLE, "--wait", "30").returncode
+            == 0
+        )
+        assert cli(port, "route", "fraud/scorer", "--weights", "1=100").returncode == 0
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/endpoint") as r:
+                before: dict[str, Any] = await r.json()
+
+            async def predict() -> int:
+                async with s.post(f"http://127.0.0.1:{gw_port}/v1/predict",
+                                  json={"instances": [[1]]}, headers=headers) as r:  # fmt: skip
+                    await r.read()
+                    return r.status
+
+            for _ in range(100):
+                if await predict() == 200:
+                    break
+                await asyncio.sleep(0.05)
+            # kill -9 the controller: its replicas are orphaned with it, but the gateway
+            # keeps its last good table and says it lost the source.
+            ctl.kill(signal.SIGKILL)
+            ctl.popen.wait(5)
+            for _ in range(100):
+                async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                    ready = await r.json()
+                if not ready["workers"][0]["source_connected"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert ready["ready"] and not ready["workers"][0]["source_connected"]
+            assert await predict() == 200  # replicas outlived the controller's SIGKILL
+            # Restart on the same state: the rule is intact, versions come back running.
+            ctl = start_controller(tmp_path, state, port)
+            async with s.get(f"{base}/endpoint") as r:
+                after = await r.json()
+            assert after["rule"] == before["rule"] and after["revision"] >= before["revision"]
+            for _ in range(300):
+                async with s.get(f"{base}/versions/1/endpoint") as r:
+                    v1 = await r.json()
+                if v1["status"] == "serving" and v1["replicas"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert v1["status"] == "serving" and v1["replicas"]
+            for _ in range(100):
+                async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                    ready = await r.json()
+                if ready["workers"][0]["source_connected"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert ready["workers"][0]["source_connected"]
+            for _ in range(100):
+                if await predict() == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert await predict() == 200
+        # The orphans of the killed controller were reaped at restart: only one replica runs.
+        log = tmp_path.glob("controller-*.log")
+        assert any("left running by an earlier run" in p.read_text() for p in log)
+    finally:
+        gateway.stop()
+        ctl.stop()
