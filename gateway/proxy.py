@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from random import random
 from time import perf_counter
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_request import BaseRequest
@@ -27,7 +28,13 @@ from aiohttp.web_request import BaseRequest
 from gateway.balancer import choose
 from gateway.errors import error_response
 from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
-from gateway.relay import RESPONSE_SKIP, RelayedResponse, relay
+from gateway.relay import (
+    PROTECTED,
+    RESPONSE_SKIP,
+    RelayedResponse,
+    drop_connection_tokens,
+    relay,
+)
 from gateway.shadow import Shadowing, ShadowLimits
 from gateway.table import (
     DIRECT_POLICY,
@@ -38,7 +45,13 @@ from gateway.table import (
     RouteTable,
     VersionTarget,
 )
-from gateway.upstream import Upstream, UpstreamConnection, UpstreamError, UpstreamStats
+from gateway.upstream import (
+    ClientSideError,
+    Upstream,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamStats,
+)
 
 # RFC 9110 §7.6.1: connection-specific fields a proxy must not forward. Expect is
 # answered by our own server (we read the body ourselves), Host travels as is.
@@ -57,10 +70,6 @@ class ProxyLimits:
     max_body_bytes: int = 64 * 1024 * 1024
     # Bodies up to this size are read whole before sending: one write, and replayable.
     buffer_body_bytes: int = 256 * 1024
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class RequestIds:
@@ -142,6 +151,10 @@ class Proxy:
                         path[path.find("?") :] if query >= 0 else ""
                     )
                 resp = await self._mirrored(request, version, policy, path, mirror, shadow_path)
+        except (ConnectionError, asyncio.CancelledError):
+            # The client left; nginx's 499 says so in the metrics.
+            stats.record(chosen, 499, perf_counter() - start)
+            raise
         finally:
             stats.in_flight -= 1
         stats.record(chosen, resp.status, perf_counter() - start)
@@ -271,13 +284,13 @@ class Proxy:
         ustats = self.upstream_stats
         tried: list[Upstream] | None = None
         failure: UpstreamError | None = None
-        for attempt in range(policy.retries + 1):
-            up = choose(upstreams, tried)
-            if up is None:
-                break
-            if attempt:
-                ustats.retries += 1
-            conn = up.take_idle()
+        retries_left = policy.retries
+        stale_retry = body is not None  # one free retry after a dead pooled connection
+        up = choose(upstreams)
+        fresh = False
+        while up is not None:
+            conn = None if fresh else up.take_idle()
+            fresh = False
             if conn is None:
                 try:
                     conn = await up.connect()
@@ -285,14 +298,29 @@ class Proxy:
                     up.record_failure()
                     ustats.error(exc.kind)
                     failure = exc
+                    if retries_left == 0:
+                        break
+                    retries_left -= 1
+                    ustats.retries += 1
                     tried = [up] if tried is None else [*tried, up]
+                    up = choose(upstreams, tried)
                     continue
-            up.outstanding += 1
+            used = up
+            used.outstanding += 1
             try:
                 return await self._exchange(
-                    request, up, conn, head, body, chunked, version, policy, request_id
+                    request, used, conn, head, body, chunked, version, policy, request_id
                 )
+            except ClientSideError as exc:
+                return error_response(exc.status, str(exc), close=True)
             except UpstreamError as exc:
+                if exc.unread and stale_retry and conn.reused:
+                    # A pooled connection the replica had already closed: nothing reached
+                    # it, and a fresh connection to the same replica will likely work.
+                    stale_retry = False
+                    fresh = True
+                    ustats.retries += 1
+                    continue
                 ustats.error(exc.kind)
                 up.record_failure()
                 if exc.kind == "timeout":
@@ -303,22 +331,17 @@ class Proxy:
                         headers={"X-Model-Version": version.version_header},
                     )
                 failure = exc
-                if not (replayable or (exc.unread and body is not None)):
+                if not (replayable or (exc.unread and body is not None)) or retries_left == 0:
                     break
+                retries_left -= 1
+                ustats.retries += 1
                 tried = [up] if tried is None else [*tried, up]
-            except BodyTooLarge:
-                return error_response(
-                    413,
-                    f"request body is over the limit of {limits.max_body_bytes} bytes",
-                    close=True,
-                )
+                up = choose(upstreams, tried)
             finally:
-                up.outstanding -= 1
+                used.outstanding -= 1
         return error_response(
             502,
-            f"version endpoint {version.full_name} failed: {failure}"
-            if failure
-            else f"version endpoint {version.full_name}: no replica left to try",
+            f"version endpoint {version.full_name} failed: {_client_reason(failure)}",
             headers={"X-Model-Version": version.version_header},
         )
 
@@ -330,16 +353,16 @@ class Proxy:
             lname = name.lower()
             if lname in REQUEST_HOP_BY_HOP:
                 if lname == b"connection":
-                    connection = value
+                    connection = value if connection is None else connection + b"," + value
                 continue
             if lname == b"x-forwarded-for":
-                forwarded_for = value
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 continue
             if lname == b"x-request-id":
                 request_id = value
             append(name + b": " + value + b"\r\n")
         if connection is not None:
-            lines = _drop_connection_tokens(lines, connection)
+            lines = drop_connection_tokens(lines, connection)
             append = lines.append
         peer = (request.remote or "unknown").encode()
         append(
@@ -371,22 +394,18 @@ class Proxy:
         sender: asyncio.Future[None] | None = None
         if body is None:
             # Full duplex: a replica may answer (and stream) before the upload ends.
-            conn.begin(head, no_body, policy.timeout)
-            sender = asyncio.ensure_future(self._send_body(request, conn, chunked))
+            conn.begin(head, no_body, policy.timeout, body_sent=False)
+            sender = asyncio.ensure_future(self._send_body(request, conn, chunked, conn.exchange))
         else:
             conn.begin(head + body if body else head, no_body, policy.timeout)
+        exchange = conn.exchange
         try:
             while not conn.head_done:
                 if conn.error is not None:
-                    if sender is not None and sender.done() and sender.exception():
-                        raise sender.exception()  # type: ignore[misc]
                     raise conn.error
                 await conn.wait()
             status = conn.status
             if conn.complete:
-                if sender is not None and not sender.done():
-                    # Answered without reading the whole body: this connection is spent.
-                    conn.keep_alive = False
                 chunks = conn.take_chunks()
                 payload = chunks[0] if len(chunks) == 1 else (b"".join(chunks) if chunks else b"")
                 self._settle(up, conn, status)
@@ -403,8 +422,14 @@ class Proxy:
                 return web.Response(status=status, headers=headers, body=payload)
             headers = _response_headers(conn.headers, version.version_header, request_id)
             return await self._stream_response(request, up, conn, status, headers)
+        except BaseException:
+            # Failed, or cancelled because the client left: the connection can't be reused.
+            if conn.exchange == exchange and not conn.complete:
+                conn.abort()
+            raise
         finally:
-            conn.finish()
+            if conn.exchange == exchange:
+                conn.finish()
             if sender is not None:
                 if sender.done():
                     if not sender.cancelled():
@@ -413,6 +438,8 @@ class Proxy:
                     sender.cancel()
 
     def _settle(self, up: Upstream, conn: UpstreamConnection, status: int) -> None:
+        """The exchange is over: off the clock, health noted, connection back to the pool."""
+        conn.finish()
         if status >= 500:
             up.record_failure()
         else:
@@ -420,29 +447,41 @@ class Proxy:
         up.release(conn)
 
     async def _send_body(
-        self, request: BaseRequest, conn: UpstreamConnection, chunked: bool
+        self, request: BaseRequest, conn: UpstreamConnection, chunked: bool, exchange: int
     ) -> None:
         content = request.content
         limit = self.limits.max_body_bytes
         total = 0
         try:
             while True:
-                chunk = await content.readany()
+                conn.awaiting_client = True
+                try:
+                    chunk = await content.readany()
+                finally:
+                    conn.awaiting_client = False
                 if not chunk:
                     break
                 total += len(chunk)
                 if total > limit:
-                    raise BodyTooLarge
-                if conn.error is not None or conn.complete:
+                    raise ClientSideError(413, f"request body is over the limit of {limit} bytes")
+                if conn.error is not None or conn.complete or conn.exchange != exchange:
                     return  # the exchange ended without the rest of the body
                 conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 if conn.write_paused:
                     await conn.drain()
-            if chunked:
-                conn.write(b"0\r\n\r\n")
-        except BaseException as exc:
-            # Too large, or the client went away mid-upload: the exchange can't finish.
-            conn.fail(UpstreamError("reset", f"request body not delivered: {exc!r}"))
+            if conn.exchange == exchange and conn.error is None:
+                if chunked:
+                    conn.write(b"0\r\n\r\n")
+                conn.body_sent = True
+        except ClientSideError as exc:
+            if conn.exchange == exchange:
+                conn.fail(exc)
+        except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+            if conn.exchange == exchange:
+                conn.fail(ClientSideError(499, f"the client went away mid-upload: {exc}"))
+        except asyncio.CancelledError:
+            if conn.exchange == exchange and not conn.complete:
+                conn.fail(ClientSideError(499, "the request ended before its body was sent"))
             raise
 
     async def _stream_response(
@@ -454,8 +493,8 @@ class Proxy:
         headers: list[tuple[str, str]],
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=status, headers=headers)
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)
             while True:
                 if conn.chunks:
                     for chunk in conn.take_chunks():
@@ -463,20 +502,34 @@ class Proxy:
                     continue
                 if conn.complete:
                     break
-                if conn.error is not None:
+                error = conn.error
+                if error is not None:
                     # Headers are out: the only honest signal left is a cut connection.
-                    up.record_failure()
-                    self.upstream_stats.error(conn.error.kind)
+                    if not isinstance(error, ClientSideError):
+                        up.record_failure()
+                        self.upstream_stats.error(error.kind)
                     if request.transport is not None:
                         request.transport.abort()
-                    raise ConnectionResetError(str(conn.error))
+                    raise ConnectionResetError(str(error))
                 await conn.wait()
+            await resp.write_eof()
         except BaseException:
             conn.abort()
             raise
+        # Only now can the connection serve another exchange.
         self._settle(up, conn, status)
-        await resp.write_eof()
         return resp
+
+
+def _client_reason(failure: UpstreamError | None) -> str:
+    """What a client is told: the kind of failure, not our replicas' addresses."""
+    if failure is None:
+        return "no replica left to try"
+    return {
+        "connect": "no replica could be reached",
+        "reset": "the replica closed the connection before answering",
+        "protocol": "the replica's answer was not valid HTTP",
+    }.get(failure.kind, failure.kind)
 
 
 def response_body(resp: web.StreamResponse) -> bytes | None:
@@ -490,23 +543,13 @@ def response_body(resp: web.StreamResponse) -> bytes | None:
 def _response_headers(
     raw: list[tuple[bytes, bytes]], version_header: str, request_id: bytes
 ) -> list[tuple[str, str]]:
+    named = b",".join(v for n, v in raw if n.lower() == b"connection")
+    drop = {t.strip().lower() for t in named.split(b",")} - PROTECTED if named else set()
     out = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in raw
-        if name.lower() not in RESPONSE_SKIP
+        if name.lower() not in RESPONSE_SKIP and name.lower() not in drop
     ]
     out.append(("X-Model-Version", version_header))
     out.append(("X-Request-Id", request_id.decode("latin-1")))
     return out
-
-
-def _drop_connection_tokens(lines: list[bytes], connection: bytes) -> list[bytes]:
-    """Remove headers the client named in Connection (they are hop-by-hop too)."""
-    tokens = {t.strip().lower() for t in connection.split(b",")} - {b"close", b"keep-alive", b""}
-    if not tokens:
-        return lines
-    return [
-        line
-        for i, line in enumerate(lines)
-        if i == 0 or line.split(b":", 1)[0].strip().lower() not in tokens
-    ]

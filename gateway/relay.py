@@ -27,6 +27,28 @@ RESPONSE_SKIP = frozenset(
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
+# Framing and the fields we set ourselves: a peer can't make them hop-by-hop by naming
+# them in Connection (dropping Content-Length while forwarding the body would smuggle it).
+PROTECTED = frozenset(
+    {b"close", b"keep-alive", b"", b"content-length", b"host", b"x-request-id", b"x-forwarded-for"}
+)
+
+
+def drop_connection_tokens(lines: list[bytes], connection: bytes) -> list[bytes]:
+    """Remove header lines the peer named in Connection (they are hop-by-hop too).
+
+    ``lines[0]`` is the start line and stays.
+    """
+    tokens = {t.strip().lower() for t in connection.split(b",")} - PROTECTED
+    if not tokens:
+        return lines
+    return [
+        line
+        for i, line in enumerate(lines)
+        if i == 0 or line.split(b":", 1)[0].strip().lower() not in tokens
+    ]
+
+
 def status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n".encode()
@@ -52,6 +74,9 @@ class RelayedResponse(web.StreamResponse):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
         transport.write(self._data)
+        # Honour backpressure: a client that pipelines and never reads must not make us
+        # buffer without bound (a no-op unless the transport paused writing).
+        await request.writer.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
         return None
@@ -72,13 +97,19 @@ def relay(
     parts = [status_line(status)]
     append = parts.append
     has_length = False
+    connection = None
     for name, value in raw_headers:
         lname = name.lower()
         if lname in RESPONSE_SKIP:
+            if lname == b"connection":
+                connection = value if connection is None else connection + b"," + value
             continue
         if lname == b"content-length":
             has_length = True
         append(name + b": " + value + b"\r\n")
+    if connection is not None:
+        parts = drop_connection_tokens(parts, connection)
+        append = parts.append
     append(extra)
     if not has_length and not head_request and status >= 200 and status not in (204, 304):
         # The replica chunked it or closed to end it; we send it whole with a length.

@@ -42,6 +42,18 @@ class UpstreamError(Exception):
         self.unread = unread
 
 
+class ClientSideError(UpstreamError):
+    """The exchange failed because of the client (body too large, stalled, gone).
+
+    The replica is not to blame: no ejection, no upstream error metric; ``status`` is
+    what the client is told (413, 408, or 499 when it is gone).
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__("client", message)
+        self.status = status
+
+
 @dataclass(frozen=True, slots=True)
 class PoolLimits:
     max_idle: int = 64
@@ -142,6 +154,7 @@ class Upstream:
     def record_success(self) -> None:
         if self.failures:
             self.failures = 0
+            self.ejections = 0  # the back-off counts consecutive ejections only
 
     def record_failure(self) -> None:
         self.failures += 1
@@ -161,9 +174,6 @@ class Upstream:
         # a success clears the streak and the back-off.
         self.ejected = False
         self.failures = self.limits.eject_after - 1 if self.ejections else 0
-
-    def note_healthy(self) -> None:
-        self.ejections = 0
 
     def drain(self) -> None:
         """Leave rotation: no new requests, idle connections closed now."""
@@ -251,12 +261,15 @@ class UpstreamConnection(asyncio.Protocol):
     """One HTTP/1.1 connection to a replica, carrying one exchange at a time."""
 
     __slots__ = (
+        "awaiting_client",
+        "body_sent",
         "buffered",
         "chunks",
         "closed",
         "complete",
         "deadline",
         "error",
+        "exchange",
         "got_bytes",
         "head_done",
         "headers",
@@ -288,6 +301,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.deadline = 0.0
         self.timeout = 0.0
+        self.exchange = 0  # exchanges begun on this connection; identifies the current one
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -306,6 +320,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.no_body = False
         self.until_close = False
+        self.body_sent = True
+        self.awaiting_client = False
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.error: UpstreamError | None = None
@@ -319,10 +335,15 @@ class UpstreamConnection(asyncio.Protocol):
         return (
             self.complete
             and self.keep_alive
+            and self.body_sent
             and self.error is None
             and not self.no_body
             and self.usable()
         )
+
+    @property
+    def reused(self) -> bool:
+        return self.exchange > 1
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -333,11 +354,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def time_out(self) -> None:
-        self.fail(UpstreamError("timeout", f"the replica was silent for {self.timeout:g} s"))
+        if self.awaiting_client:
+            self.fail(ClientSideError(408, f"the client sent no body for {self.timeout:g} s"))
+        else:
+            self.fail(UpstreamError("timeout", f"the replica was silent for {self.timeout:g} s"))
 
     # --- one exchange -------------------------------------------------------------
 
-    def begin(self, data: bytes, no_body: bool, timeout: float) -> None:
+    def begin(self, data: bytes, no_body: bool, timeout: float, body_sent: bool = True) -> None:
         """Start an exchange by writing the request head (and body, if buffered).
 
         The exchange must end with :meth:`finish`, which takes it off the clock.
@@ -345,10 +369,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.used:
             self._reset_exchange()
         self.used = True
+        self.exchange += 1
         self.no_body = no_body
+        self.body_sent = body_sent
         self.timeout = timeout
         self.deadline = self.loop.time() + timeout
         self.upstream.registry_busy.add(self)
+        if self.closed:
+            # Closed by the replica after we took it: nothing was sent, fail fast.
+            self.error = UpstreamError("reset", "the replica closed the connection", unread=True)
+            self._wake()
+            return
         assert self.transport is not None
         self.transport.write(data)
 
@@ -383,7 +414,9 @@ class UpstreamConnection(asyncio.Protocol):
         return chunks
 
     def fail(self, error: UpstreamError) -> None:
-        if self.error is None and not self.complete:
+        if self.complete:
+            return  # the exchange already ended well; its connection stays good
+        if self.error is None:
             self.error = error
         self.abort()
         self._wake()
@@ -409,6 +442,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstream.stats.connects += 1
 
     def data_received(self, data: bytes) -> None:
+        if self.complete or not self.used:
+            self._desync()
+            return
         self.got_bytes = True
         # The timeout bounds silence, not the whole exchange, so streams may run long.
         self.deadline = self.loop.time() + self.timeout
@@ -454,12 +490,28 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks ------------------------------------------------------
 
+    def _desync(self) -> None:
+        # Bytes outside an exchange: the replica and we disagree on framing. Never reuse
+        # such a connection (they could become another client's answer).
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            self._desync()
+            return
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            self._desync()
+            return
         status = self.parser.get_status_code()
-        if status < 200 and status != 101:
+        if status == 101:
+            self.fail(UpstreamError("protocol", "the replica switched protocols (not supported)"))
+            return
+        if status < 200:
             # Interim response (100 Continue, 103 Early Hints): not forwarded.
             self.headers = []
             return
@@ -467,8 +519,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         self.head_done = True
         if not self.keep_alive:
+            # RFC 9112 §6.3: no length and no final "chunked" coding: the body ends at close.
             self.until_close = not any(
-                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
+                n.lower() == b"content-length"
+                or (n.lower() == b"transfer-encoding" and v.lower().rstrip().endswith(b"chunked"))
+                for n, v in self.headers
             )
         if self.no_body:
             # A HEAD response: httptools can't be told to expect no body, so the exchange
@@ -477,7 +532,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self.no_body:
+        if self.no_body or self.complete:
             return
         self.chunks.append(body)
         self.buffered += len(body)

@@ -84,6 +84,9 @@ class GatewayWorker:
             # After an early answer (413), read and drop the rest of the body briefly so the
             # client sees the answer rather than a reset; not for aiohttp's default 10 s.
             lingering_time=2.0,
+            # A client that leaves cancels its handler, which aborts the replica exchange
+            # instead of keeping the replica busy for nobody.
+            handler_cancellation=True,
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_seconds)
         await self._runner.setup()
