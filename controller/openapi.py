@@ -1,4 +1,4 @@
-"""The OpenAPI 3 document, generated from the API's pydantic models.
+"""The OpenAPI 3.1 document, generated from the API's pydantic models.
 
 Schemas come from the models themselves (``pydantic.json_schema.models_json_schema``),
 so the document can't drift from what the API validates; the paths list the operations
@@ -118,7 +118,7 @@ def openapi_document() -> dict[str, Any]:
             (400, 404, 409, 412, 413, 422), RollbackBody, body_required=False, if_match=True)},
     }  # fmt: skip
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "merlin-dataplane controller", "version": "1"},
         "components": {
             "schemas": defs.get("$defs", {}),

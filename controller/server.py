@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from controller.api import make_app
 from controller.auth import Tokens
@@ -43,7 +44,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _ClientFaultFilter(logging.Filter):
+    """aiohttp logs a malformed request (the client's fault, answered 400) as an error with
+    a trace; a client could fill the log with them. Keep them at debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 async def start_controller(config: ControllerConfig) -> tuple[Controller, web.AppRunner, int]:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaultFilter) for f in server_log.filters):
+        server_log.addFilter(_ClientFaultFilter())
     tokens = Tokens.load(config.tokens_file, os.environ.get("MERLIN_DP_TOKENS"))
     if not tokens.enabled:
         if not is_loopback(config.host):
