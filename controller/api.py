@@ -32,6 +32,7 @@ from controller.models import (
 )
 from controller.openapi import openapi_document
 from controller.service import Controller
+from controller.store import StoreError
 from gateway.rule import NAME_PATTERN, VERSION_PATTERN
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -56,6 +57,8 @@ def make_app(controller: Controller, tokens: Tokens) -> web.Application:
             return await handler(request)
         except st.ApiError as exc:
             return error(exc.status, exc.code, exc.message, getattr(exc, "fields", None))
+        except StoreError as exc:
+            return error(503, "store_unavailable", f"the state store is unavailable: {exc}")
         except web.HTTPRequestEntityTooLarge:
             return error(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
         except web.HTTPException as exc:

@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--state-dir", type=Path, default=Path(".merlin-dp"), help="where state lives")
     p.add_argument("--listen", default="127.0.0.1:8090", metavar="HOST:PORT")
+    p.add_argument("--store", default="", metavar="redis://HOST:PORT/DB",
+                   help="share state through Redis (default: a file in --state-dir)")  # fmt: skip
     p.add_argument("--tokens", type=Path, metavar="FILE",
                    help="bearer tokens (YAML); or set MERLIN_DP_TOKENS")  # fmt: skip
     p.add_argument("--max-versions", type=int, default=2,
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     config = ControllerConfig(
         state_dir=args.state_dir, host=host, port=port, tokens_file=args.tokens,
         max_versions=args.max_versions, domain=args.domain, runtime=args.runtime,
+        store=args.store,
     )  # fmt: skip
     uvloop.run(serve(config))
     return 0

@@ -15,9 +15,10 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from controller.api import make_app
 from controller.auth import Tokens
+from controller.redis_store import RedisStore
 from controller.runtime.local import LocalRuntime, LocalTimings
 from controller.service import Controller
-from controller.store import FileStore
+from controller.store import FileStore, Store
 from gateway.worker import bind_socket
 
 log = logging.getLogger("controller")
@@ -32,6 +33,7 @@ class ControllerConfig:
     max_versions: int = 2
     domain: str = "localhost"
     runtime: str = "local"  # local | none
+    store: str = ""  # "" (a file under state_dir) or redis://host:port/db
     drain_seconds: float = 2.0
 
 
@@ -68,7 +70,13 @@ async def start_controller(config: ControllerConfig) -> tuple[Controller, web.Ap
                 "give --tokens FILE (or MERLIN_DP_TOKENS), or listen on 127.0.0.1"
             )
         log.warning("no API tokens configured: the API is open, bound to %s only", config.host)
-    store = FileStore(config.state_dir)
+    store: Store
+    if config.store.startswith(("redis://", "rediss://", "unix://")):
+        store = RedisStore(config.store)
+    elif config.store:
+        raise SystemExit(f"merlin-dp controller: --store {config.store!r} is not redis://…")
+    else:
+        store = FileStore(config.state_dir)
     controller = Controller(store, None, max_versions=config.max_versions, domain=config.domain)
     if config.runtime == "local":
         runtime = LocalRuntime(

@@ -13,14 +13,14 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from controller.feed import RouteFeed
 from controller.models import ControllerState, VersionEndpoint
 from controller.runtime import DeploySpec, Runtime, RuntimeEvent
 from controller.state import route_table, runtime_update, version_key
-from controller.store import Store
+from controller.store import Store, StoreError
 
 log = logging.getLogger("controller")
 
@@ -50,55 +50,99 @@ class Controller:
         if loaded is not None:
             self.state = loaded
         await self.feed.publish(route_table(self.state))
+        if self.store.shared:
+            self._spawn(self._follow_store())
         if self.runtime is not None:
             # Replicas don't survive the controller: start every deployed version again.
             for rec in self.state.versions.values():
                 if rec.status in ("pending", "running", "serving"):
                     await self.runtime.deploy(deploy_spec(rec))
+            self._spawn(self._resync())
 
-    async def change(self, transition: Transition, audit: dict[str, Any]) -> ControllerState:
-        async with self._lock:
-            new = transition(self.state)  # raises ApiError: nothing happened
-            await self.store.save(new)
+    async def change(self, transition: Transition, audit: dict[str, Any] | None) -> ControllerState:
+        """Apply a transition to the latest state, durably, then publish it.
+
+        Raises ApiError (refused: nothing changed) or StoreError (store unavailable:
+        nothing changed either).
+        """
+        async with self._lock, self.store.lease():
+            current = self.state
+            if self.store.shared:
+                current = await self.store.load() or ControllerState()
+            new = transition(current)
+            if new is current:
+                return current
+            routes = route_table(new)
+            await self.store.save(new, current.revision, routes.model_dump_json().encode())
             self.state = new
-            await self.feed.publish(route_table(new))
-        await self.store.audit({"at": time.time(), "revision": new.revision, **audit})
+            await self.feed.publish(routes)
+        if audit is not None:
+            try:
+                await self.store.audit({"at": time.time(), "revision": new.revision, **audit})
+            except StoreError as exc:
+                log.error("change %d applied but not audited: %s", new.revision, exc)
         return new
 
     # --- the runtime's side -------------------------------------------------------------
 
     def on_runtime_event(self, event: RuntimeEvent) -> None:
-        task = asyncio.get_running_loop().create_task(self._apply_logged(event))
+        if event.kind in ("replica_started", "scaled", "replica_exited"):
+            return
+        failed = event.message if event.kind == "failed" else None
+        if failed:
+            log.error("version endpoint %s failed: %s", event.key, failed)
+        self._spawn(self._sync_version(event.key, failed))
+
+    async def _sync_version(self, key: str, failed: str | None = None) -> None:
+        assert self.runtime is not None
+        ready = [r.address for r in self.runtime.replicas(key) if r.state == "ready"]
+
+        def transition(state: ControllerState) -> ControllerState:
+            return runtime_update(state, key, replicas=ready, failed=failed) or state
+
+        audit = {"who": "runtime", "action": "failed", "target": key} if failed else None
+        try:
+            await self.change(transition, audit)
+        except StoreError as exc:
+            log.error("runtime change to %s not saved (resync will retry): %s", key, exc)
+
+    async def _resync(self, every: float = 5.0) -> None:
+        """The runtime's view wins: re-apply it now and then, so an update lost to a
+        store outage is made good once the store is back."""
+        while True:
+            await asyncio.sleep(every)
+            for key, rec in list(self.state.versions.items()):
+                if rec.status in ("pending", "running", "serving"):
+                    await self._sync_version(key)
+
+    async def _follow_store(self) -> None:
+        """Pick up what other controllers saved, and pass it on to our watchers."""
+        async for revision in self.store.changes():
+            if revision <= self.state.revision:
+                continue
+            try:
+                loaded = await self.store.load()
+            except StoreError as exc:
+                log.warning("could not reload state revision %d: %s", revision, exc)
+                continue
+            async with self._lock:
+                if loaded is not None and loaded.revision > self.state.revision:
+                    self.state = loaded
+                    await self.feed.publish(route_table(loaded))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._logged(coro))
         self._pending_events.add(task)
         task.add_done_callback(self._pending_events.discard)
 
-    async def _apply_logged(self, event: RuntimeEvent) -> None:
+    @staticmethod
+    async def _logged(coro: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._apply_event(event)
+            await coro
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            log.exception("could not apply runtime event %s", event)
-
-    async def _apply_event(self, event: RuntimeEvent) -> None:
-        if event.kind in ("replica_started", "scaled", "replica_exited"):
-            return
-        assert self.runtime is not None
-        ready = [r.address for r in self.runtime.replicas(event.key) if r.state == "ready"]
-        failed = event.message if event.kind == "failed" else None
-
-        def transition(state: ControllerState) -> ControllerState:
-            return runtime_update(state, event.key, replicas=ready, failed=failed) or state
-
-        async with self._lock:
-            new = transition(self.state)
-            if new is self.state:
-                return
-            await self.store.save(new)
-            self.state = new
-            await self.feed.publish(route_table(new))
-        if failed:
-            log.error("version endpoint %s failed: %s", event.key, failed)
-            await self.store.audit({"at": time.time(), "revision": new.revision, "who": "runtime",
-                                    "action": "failed", "target": event.key})  # fmt: skip
+            log.exception("controller background task failed")
 
     async def close(self) -> None:
         for task in list(self._pending_events):

@@ -1,17 +1,24 @@
 """Where the controller's state lives between runs.
 
-A :class:`Store` loads and saves the whole :class:`ControllerState` document and keeps
-an append-only audit log. :class:`FileStore` is the embedded default: one JSON file
-under the state directory, replaced atomically (write a temp file, fsync it, rename,
-fsync the directory), so a crash mid-write leaves either the old state or the new one,
-never a torn file.
+A :class:`Store` loads and saves the whole :class:`ControllerState` document, keeps an
+append-only audit log, and hands out the write lease: a change is made as *take the
+lease, load the latest state, apply, save if the revision is still the one loaded*.
+
+:class:`FileStore` is the embedded default: one JSON file under the state directory,
+replaced atomically (write a temp file, fsync it, rename, fsync the directory), so a
+crash mid-write leaves either the old state or the new one, never a torn file. One
+controller process owns it. :class:`~controller.redis_store.RedisStore` lets several
+controllers share state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,12 +29,24 @@ class StoreError(RuntimeError):
     """The store could not be read or written; the message says why."""
 
 
+class StaleState(StoreError):
+    """Someone else saved a newer state since it was loaded."""
+
+
 class Store(Protocol):
     description: str
+    shared: bool  # other controllers may write it: reload before every change
 
     async def load(self) -> ControllerState | None: ...
 
-    async def save(self, state: ControllerState) -> None: ...
+    async def save(self, state: ControllerState, expected: int, routes: bytes) -> None:
+        """Save if the stored revision is still ``expected``; publish ``routes``."""
+
+    def lease(self) -> AbstractAsyncContextManager[None]:
+        """Hold the write lease: one controller writes at a time."""
+
+    def changes(self) -> AsyncIterator[int]:
+        """Revisions other controllers saved (a local store has none)."""
 
     async def audit(self, entry: dict[str, Any]) -> None: ...
 
@@ -42,6 +61,7 @@ class FileStore:
         self.path = directory / "state.json"
         self.audit_path = directory / "audit.log"
         self.description = f"file {self.path}"
+        self.shared = False
         directory.mkdir(parents=True, exist_ok=True)
 
     async def load(self) -> ControllerState | None:
@@ -56,9 +76,17 @@ class FileStore:
         except ValueError as exc:
             raise StoreError(f"{self.path} is not a valid state document: {exc}") from exc
 
-    async def save(self, state: ControllerState) -> None:
+    async def save(self, state: ControllerState, expected: int, routes: bytes) -> None:
         data = state.model_dump_json().encode()
         await asyncio.to_thread(_atomic_write, self.path, data)
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[None]:
+        yield  # one process owns the file; the controller's own lock serialises writes
+
+    async def changes(self) -> AsyncIterator[int]:
+        await asyncio.Event().wait()  # nobody else writes this file
+        yield 0
 
     async def audit(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()

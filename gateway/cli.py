@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--routes", type=Path, metavar="FILE", help="route table file (YAML or JSON)")
     p.add_argument("--controller", metavar="URL",
                    help="follow the controller's route-table stream instead of a file")  # fmt: skip
+    p.add_argument("--redis", metavar="URL",
+                   help="follow the route tables controllers publish in Redis")  # fmt: skip
     p.add_argument("--controller-token", metavar="TOKEN", default=os.environ.get("MERLIN_DP_TOKEN"),
                    help="read-only API token (default: $MERLIN_DP_TOKEN)")  # fmt: skip
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             routes_file=args.routes,
             controller_url=args.controller,
             controller_token=args.controller_token,
+            redis_url=args.redis,
             workers=args.workers,
             shutdown_seconds=args.shutdown_seconds,
             proxy=ProxyLimits(max_body_bytes=args.max_body_bytes),

@@ -19,6 +19,7 @@ class GatewayConfig:
     routes_file: Path | None = None
     controller_url: str | None = None
     controller_token: str | None = None
+    redis_url: str | None = None
     workers: int = 1
     reload_seconds: float = 1.0
     keepalive_seconds: float = 75.0

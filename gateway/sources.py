@@ -9,6 +9,7 @@ at once on SIGHUP).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -163,3 +164,66 @@ class ControllerRouteSource:
 
 class _Refused(Exception):
     pass
+
+
+class RedisRouteSource:
+    """Follows the route tables controllers publish in Redis.
+
+    Subscribes to the ``<prefix>:routes`` channel first, then reads the latest table from
+    the ``<prefix>:routes`` key, so no revision falls between the two; reconnects with
+    back-off and keeps serving the last good table meanwhile.
+    """
+
+    def __init__(self, url: str, prefix: str = "merlin-dp", max_backoff: float = 5.0) -> None:
+        self.url = url
+        self.key = f"{prefix}:routes"
+        self.max_backoff = max_backoff
+        self.description = f"redis {url} ({self.key})"
+        self.connected = False
+        self.last_error: str | None = None
+        self.revision = -1
+
+    def poke(self) -> None:
+        return None
+
+    async def run(self, apply: Apply, reject: Reject) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        backoff = 0.05
+        while True:
+            client = aioredis.from_url(self.url, socket_connect_timeout=2.0)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.key)
+                latest = await client.get(self.key)
+                self.connected, self.last_error, backoff = True, None, 0.05
+                if latest is not None:
+                    self._take(latest, apply, reject)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._take(message["data"], apply, reject)
+                problem = "redis closed the subscription"
+            except (RedisError, OSError) as exc:
+                problem = str(exc) or type(exc).__name__
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await client.aclose()
+            if self.connected:
+                log.warning("lost redis (%s); serving revision %d", problem, self.revision)
+            self.connected, self.last_error = False, problem
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    def _take(self, raw: bytes | str, apply: Apply, reject: Reject) -> None:
+        try:
+            spec = RouteTableSpec.model_validate_json(raw)
+        except ValidationError as exc:
+            message = f"redis holds an invalid route table: {describe_validation_error(exc)}"
+            log.error("%s; still serving revision %d", message, self.revision)
+            reject(message)
+            return
+        if spec.revision > self.revision:
+            self.revision = spec.revision
+            apply(spec)

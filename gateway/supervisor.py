@@ -28,7 +28,12 @@ from aiohttp import web
 from gateway.admin import admin_app, start_admin
 from gateway.config import GatewayConfig
 from gateway.metrics import empty_snapshot
-from gateway.sources import ControllerRouteSource, FileRouteSource, RouteSource
+from gateway.sources import (
+    ControllerRouteSource,
+    FileRouteSource,
+    RedisRouteSource,
+    RouteSource,
+)
 from gateway.worker import GatewayWorker, Report
 
 log = logging.getLogger("gateway")
@@ -37,9 +42,12 @@ log = logging.getLogger("gateway")
 def make_source(config: GatewayConfig) -> RouteSource:
     if config.controller_url is not None:
         return ControllerRouteSource(config.controller_url, config.controller_token)
+    if config.redis_url is not None:
+        return RedisRouteSource(config.redis_url)
     if config.routes_file is None:
         raise SystemExit(
-            "merlin-dp gateway: no route source; pass --routes FILE or --controller URL"
+            "merlin-dp gateway: no route source; "
+            "pass --routes FILE, --controller URL or --redis URL"
         )
     return FileRouteSource(config.routes_file, config.reload_seconds)
 
