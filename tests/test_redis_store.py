@@ -99,7 +99,7 @@ async def test_controllers_share_state_and_refuse_stale_writers(two_controllers:
 
     async def a_sees_it() -> bool:
         status, got, _ = await a.call("GET", f"{BASE}/endpoint")
-        return status == 200 and got["revision"] == seen
+        return bool(status == 200 and got["revision"] == seen)
 
     await until(a_sees_it)
     # Both read revision `seen`; A's write lands, B's (If-Match `seen`) is stale.
