@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from controller import cli_controller, client_cli
+from controller import cli_controller, client_cli, up
 from gateway import cli as gateway_cli
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'merlin-dp <command> --help' for a command's options.",
     )
     sub = parser.add_subparsers(title="commands", metavar="<command>")
+    up.add_parsers(sub)
     gateway_cli.add_parser(sub)
     cli_controller.add_parser(sub)
     client_cli.add_parsers(sub)

@@ -1,0 +1,1 @@
+"""Model servers that ship with the project, each honouring the replica contract."""

@@ -1,0 +1,230 @@
+"""`merlin-dp up`: the embedded default, everything on one machine in one command.
+
+One process runs the controller (file store and local runtime, state under
+``--state-dir``), its API, and a gateway that follows it; replicas are its child
+processes. ``--demo`` trains the iris example in two versions (if not already there),
+deploys both with the sklearn server, routes 90/10, and prints where everything is.
+Ctrl-C (or SIGTERM) stops the gateway, the API and every replica.
+
+Also ``merlin-dp logs PROJECT/MODEL/VERSION``: a version's replica logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from controller.server import ControllerConfig, start_controller
+from gateway.admin import admin_app, start_admin
+from gateway.cli import split_address
+from gateway.config import GatewayConfig
+from gateway.sources import ControllerRouteSource
+from gateway.worker import GatewayWorker, Report
+
+log = logging.getLogger("merlin-dp")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_PROJECT, DEMO_MODEL = "demo", "iris"
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run everything on this machine: controller, gateway, replicas",
+        description=(
+            "Run the controller (state in --state-dir), its API, the local runtime and a "
+            "gateway following it, in one process tree. --demo deploys an iris classifier "
+            "in two versions behind one stable URL. Ctrl-C stops everything."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--state-dir", type=Path, default=Path(".merlin-dp"))
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="traffic")
+    p.add_argument("--admin", default="127.0.0.1:8081", metavar="HOST:PORT", help="gateway admin")
+    p.add_argument("--api", default="127.0.0.1:8090", metavar="HOST:PORT", help="controller API")
+    p.add_argument("--domain", default="localhost")
+    p.add_argument("--demo", action="store_true", help="deploy the iris demo (needs scikit-learn)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(run=run_up)
+
+    p = sub.add_parser("logs", help="show a version endpoint's replica logs")
+    p.add_argument("name", metavar="PROJECT/MODEL/VERSION")
+    p.add_argument("--state-dir", type=Path, default=Path(".merlin-dp"))
+    p.add_argument("-n", "--lines", type=int, default=50, help="lines from the end of each log")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing the newest log")
+    p.set_defaults(run=run_logs)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    import uvloop
+
+    try:
+        uvloop.run(_up(args))
+    except _Failed as exc:
+        print(f"merlin-dp up: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _Failed(Exception):
+    pass
+
+
+async def _up(args: argparse.Namespace) -> None:
+    api_host, api_port = split_address(args.api)
+    host, port = split_address(args.listen)
+    admin_host, admin_port = split_address(args.admin)
+    controller, api_runner, api_port = await start_controller(
+        ControllerConfig(
+            state_dir=args.state_dir,
+            host=api_host,
+            port=api_port,
+            domain=args.domain,
+            drain_seconds=1.0,
+        )
+    )
+    api_url = f"http://{api_host}:{api_port}"
+    config = GatewayConfig(host=host, port=port, admin_host=admin_host, admin_port=admin_port,
+                           domain=args.domain, controller_url=api_url)  # fmt: skip
+    worker = GatewayWorker(config, ControllerRouteSource(api_url))
+    admin_runner = None
+    try:
+        await worker.start()
+
+        async def reports() -> list[Report]:
+            return [worker.report()]
+
+        admin_runner, admin_port = await start_admin(admin_app(reports), admin_host, admin_port)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if args.demo:
+            demo = asyncio.ensure_future(_demo(api_url, args.state_dir))
+            await asyncio.wait([demo, asyncio.ensure_future(stop.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if demo.done():
+                demo.result()
+        gateway = f"{args.domain}:{worker.port}"
+        print(_banner(args, gateway, api_url, f"http://{admin_host}:{admin_port}"), flush=True)
+        await stop.wait()
+        print("merlin-dp: stopping (in-flight requests finish, replicas drain)", flush=True)
+    finally:
+        await worker.stop()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await api_runner.cleanup()
+        await controller.close()
+
+
+def _banner(args: argparse.Namespace, gateway: str, api: str, admin: str) -> str:
+    lines = ["", "merlin-dp is up."]
+    if args.demo:
+        url = f"http://{DEMO_MODEL}.{DEMO_PROJECT}.{gateway}/v1/predict"
+        lines += [
+            f"  Stable URL:  {url}   (iris version 1 at 90%, version 2 at 10%)",
+            f"  Try:         curl -si {url} -d '{{\"instances\": [[5.1, 3.5, 1.4, 0.2]]}}'",
+            f"  Status:      merlin-dp status {DEMO_PROJECT}/{DEMO_MODEL} --controller {api}",
+            f"  Move traffic: merlin-dp route {DEMO_PROJECT}/{DEMO_MODEL} --weights 1=50,2=50 "
+            f"--controller {api}",
+        ]
+    else:
+        lines.append(f"  Gateway:     http://<model>.<project>.{gateway}/v1/predict")
+        lines.append(
+            f"  Deploy:      merlin-dp deploy PROJECT/MODEL/1 --command '…' --controller {api}"
+        )
+    lines += [
+        f"  API:         {api}  (OpenAPI: {api}/openapi.json)",
+        f"  Metrics:     {admin}/metrics",
+        f"  State, logs: {args.state_dir}/",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def _demo(api: str, state_dir: Path) -> None:
+    models = state_dir / "examples" / "iris"
+    if not (models / "v2" / "model.joblib").exists():
+        print("merlin-dp: training the iris example (v1 logistic regression, v2 random forest)…",
+              flush=True)  # fmt: skip
+        try:
+            sys.path.insert(0, str(ROOT / "examples" / "iris"))
+            from train import train  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise _Failed(
+                f"--demo needs the examples/ directory of the source tree: {exc}"
+            ) from None
+        try:
+            await asyncio.to_thread(train, models)
+        except ImportError:
+            raise _Failed("--demo needs scikit-learn: pip install -e '.[sklearn]'") from None
+    base = f"{api}/v1/projects/{DEMO_PROJECT}/models/{DEMO_MODEL}"
+    async with aiohttp.ClientSession() as s:
+        for version in ("1", "2"):
+            async with s.get(f"{base}/versions/{version}/endpoint") as r:
+                current: dict[str, Any] = await r.json() if r.status == 200 else {}
+            if current.get("status") in ("pending", "running", "serving"):
+                continue
+            body = {"type": "sklearn", "model_dir": str((models / f"v{version}").resolve()),
+                    "ready_deadline_seconds": 60}  # fmt: skip
+            async with s.put(f"{base}/versions/{version}/endpoint", json=body) as r:
+                if r.status != 202:
+                    raise _Failed(f"deploying iris {version}: {r.status} {await r.text()}")
+        deadline = time.monotonic() + 90
+        for version in ("1", "2"):
+            while True:
+                async with s.get(f"{base}/versions/{version}/endpoint") as r:
+                    current = await r.json()
+                if current["status"] in ("running", "serving"):
+                    break
+                if current["status"] == "failed" or time.monotonic() > deadline:
+                    raise _Failed(f"iris {version} did not start: {current.get('message')}")
+                await asyncio.sleep(0.2)
+        async with s.get(f"{base}/endpoint") as r:
+            if r.status == 200:
+                return  # the demo's rule (or the user's) survives restarts as it was
+        rule = {"rule": {"destinations": [{"version": "1", "weight": 90},
+                                          {"version": "2", "weight": 10}]}}  # fmt: skip
+        async with s.put(f"{base}/endpoint", json=rule) as r:
+            if r.status not in (200, 201):
+                raise _Failed(f"routing the demo: {r.status} {await r.text()}")
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    parts = args.name.split("/")
+    if len(parts) != 3 or not all(parts):
+        print(f"merlin-dp logs: {args.name!r} is not PROJECT/MODEL/VERSION", file=sys.stderr)
+        return 2
+    pattern = "_".join(parts) + "-*.log"
+    files = sorted(
+        (args.state_dir / "runtime" / "logs").glob(pattern), key=lambda p: p.stat().st_mtime
+    )
+    if not files:
+        print(f"merlin-dp logs: no logs for {args.name} under {args.state_dir}", file=sys.stderr)
+        return 1
+    for path in files:
+        print(f"==> {path} <==")
+        print("\n".join(path.read_text(errors="replace").splitlines()[-args.lines :]))
+    if args.follow:
+        newest = files[-1]
+        with newest.open() as f:
+            f.seek(0, 2)
+            try:
+                while True:
+                    line = f.readline()
+                    if line:
+                        print(line, end="", flush=True)
+                    else:
+                        time.sleep(0.2)
+            except KeyboardInterrupt:
+                pass
+    return 0
