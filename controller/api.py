@@ -207,6 +207,8 @@ class Api:
         await resp.prepare(request)
         while True:
             newer = await self.c.feed.wait_newer(since, WATCH_HEARTBEAT_SECONDS)
+            if self.c.feed.closed:
+                return resp  # shutting down: the gateway reconnects to whoever comes next
             if newer is None:
                 await resp.write(b"\n")  # heartbeat: lets both ends notice a dead peer
                 continue
@@ -233,12 +235,8 @@ class Api:
                                 max_versions=self.c.max_versions, if_match=if_match),
             await self._audit(request, "deploy", key),
         )  # fmt: skip
-        rec = self.c.state.versions[key]
-        if self.c.runtime is not None:
-            from controller.service import deploy_spec
-
-            await self.c.runtime.deploy(deploy_spec(rec))
-        resp = self._version_view(rec)
+        await self.c.reconcile_runtime()
+        resp = self._version_view(self.c.state.versions[key])
         resp.set_status(202)
         return resp
 
@@ -259,8 +257,7 @@ class Api:
             lambda s: st.undeploy(s, project, model, version, if_match),
             await self._audit(request, "undeploy", key),
         )
-        if self.c.runtime is not None:
-            await self.c.runtime.undeploy(key)
+        await self.c.reconcile_runtime()
         return self._version_view(self.c.state.versions[key])
 
     async def put_endpoint(self, request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ class RouteFeed:
         self._table: RouteTableSpec | None = None
         self._json = b""
         self._changed = asyncio.Condition()
+        self.closed = False
 
     @property
     def revision(self) -> int:
@@ -32,12 +33,20 @@ class RouteFeed:
             self._changed.notify_all()
 
     async def wait_newer(self, since: int, wait_seconds: float) -> bytes | None:
-        """The newest table's JSON once its revision is above ``since``; None on timeout."""
+        """The newest table's JSON once its revision is above ``since``; None on timeout
+        or when the feed closes (check ``closed``)."""
         async with self._changed:
             try:
                 await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.revision > since), wait_seconds
+                    self._changed.wait_for(lambda: self.closed or self.revision > since),
+                    wait_seconds,
                 )
             except TimeoutError:
                 return None
-            return self._json
+            return None if self.closed else self._json
+
+    async def close(self) -> None:
+        """End every watch: the controller is stopping."""
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()

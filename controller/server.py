@@ -87,7 +87,13 @@ async def start_controller(config: ControllerConfig) -> tuple[Controller, web.Ap
         runtime.reap_orphans()
         controller.runtime = runtime
     await controller.start()
-    runner = web.AppRunner(make_app(controller, tokens), access_log=None)
+    # A watcher that went away cancels its handler; stopping waits for requests briefly.
+    runner = web.AppRunner(
+        make_app(controller, tokens),
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=5.0,
+    )
     await runner.setup()
     sock = bind_socket(config.host, config.port, reuse_port=False)
     await web.SockSite(runner, sock).start()
@@ -103,5 +109,6 @@ async def serve(config: ControllerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await controller.feed.close()
     await runner.cleanup()
     await controller.close()

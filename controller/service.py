@@ -44,6 +44,7 @@ class Controller:
         self.feed = RouteFeed()
         self._lock = asyncio.Lock()
         self._pending_events: set[asyncio.Task[None]] = set()
+        self._deployed: dict[str, int] = {}  # version key -> generation the runtime runs
 
     async def start(self) -> None:
         loaded = await self.store.load()
@@ -54,10 +55,22 @@ class Controller:
             self._spawn(self._follow_store())
         if self.runtime is not None:
             # Replicas don't survive the controller: start every deployed version again.
-            for rec in self.state.versions.values():
-                if rec.status in ("pending", "running", "serving"):
-                    await self.runtime.deploy(deploy_spec(rec))
+            await self.reconcile_runtime()
             self._spawn(self._resync())
+
+    async def reconcile_runtime(self) -> None:
+        """Make the runtime run what the state says, by generation: deploy what is new
+        or changed, undeploy what was terminated. Idempotent."""
+        if self.runtime is None:
+            return
+        for key, rec in list(self.state.versions.items()):
+            if rec.status in ("pending", "running", "serving"):
+                if self._deployed.get(key) != rec.generation:
+                    self._deployed[key] = rec.generation
+                    await self.runtime.deploy(deploy_spec(rec))
+            elif key in self._deployed:
+                del self._deployed[key]
+                await self.runtime.undeploy(key)
 
     async def change(self, transition: Transition, audit: dict[str, Any] | None) -> ControllerState:
         """Apply a transition to the latest state, durably, then publish it.
@@ -129,6 +142,7 @@ class Controller:
                 if loaded is not None and loaded.revision > self.state.revision:
                     self.state = loaded
                     await self.feed.publish(route_table(loaded))
+            await self.reconcile_runtime()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(self._logged(coro))

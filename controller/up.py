@@ -121,6 +121,7 @@ async def _up(args: argparse.Namespace) -> None:
         await worker.stop()
         if admin_runner is not None:
             await admin_runner.cleanup()
+        await controller.feed.close()
         await api_runner.cleanup()
         await controller.close()
 

@@ -22,6 +22,18 @@ Benchmarks are argparse subcommands:
   per-request log, and the rate achieved); shadow counters come from the mirror gateway's
   admin ``/metrics``. Ends with
   ``RESULT shadow mirror/plain=<ratio> p99_fixed_rate_ratio=<ratio>``.
+- ``convergence``: not a comparison and not pinned (it times propagation, not CPU): a
+  controller (local runtime) runs fraud/scorer versions 1 and 2 from
+  ``examples/custom_model.py`` with 100% to version 1, and ``--gateways`` (4) gateway
+  processes, one worker each, follow it; then ``--changes`` (50) changes alternate
+  ``endpoint:switch`` and ``endpoint:rollback``. The clock starts when a call returns 200
+  (its send time is kept too); every gateway is then probed concurrently, each from its
+  own thread over a kept-alive connection, with predict requests back to back until
+  ``X-Model-Version`` names the new version: that answer's arrival is the gateway's
+  convergence time, and the slowest gateway's is the change's. Feed modes (``--feed``):
+  the controller's route-table stream, and Redis (a private redis-server; controller
+  ``--store``, gateways ``--redis``). Ends with ``RESULT convergence gateways=<n>
+  p99_ms=<worst p99> controller_p99_ms=<ms> redis_p99_ms=<ms>``.
 
 Later ones (``grpc``, ``autoscale``) are meant to reuse the helpers below:
 
@@ -39,7 +51,12 @@ Later ones (``grpc``, ``autoscale``) are meant to reuse the helpers below:
   :func:`with_mirror`, :func:`canary_match_rule`, :func:`write_route_file`,
   :func:`start_gateway`;
 - gateway metrics: :func:`read_metrics`, :func:`parse_prometheus_text`,
-  :func:`read_shadow_counters`, :class:`ShadowCounters`.
+  :func:`read_shadow_counters`, :class:`ShadowCounters`;
+- control plane: :class:`KeepAliveClient`, :class:`ControllerClient`,
+  :func:`deploy_and_wait`, :func:`controller_argv`, :func:`follower_gateway_argv`,
+  :func:`redis_argv`, :func:`controller_replicas_stopped` (replicas live in their own
+  sessions), :func:`gateway_revision`, :func:`controller_revision`,
+  :class:`GatewayProber`.
 
 It is a benchmark, not a test: it reports numbers and asserts nothing about them. All
 traffic goes to 127.0.0.1, every run is bounded in time, and every process it starts is
@@ -1825,10 +1842,12 @@ class ProcessId:
     start_ticks: str
 
     def alive(self) -> bool:
+        """Running (not a zombie) and still the same process."""
         try:
-            return _stat_fields(self.pid)[19] == self.start_ticks
-        except (OSError, IndexError):
+            fields = _stat_fields(self.pid)
+        except OSError:
             return False
+        return len(fields) > 19 and fields[0] != "Z" and fields[19] == self.start_ticks
 
 
 def descendants(pid: int) -> list[ProcessId]:
@@ -1871,13 +1890,17 @@ def stop_leftovers(processes: Sequence[ProcessId], *, grace_seconds: float = 5.0
 
 
 @contextlib.contextmanager
-def controller_replicas_stopped(procs: ProcessSet) -> Iterator[None]:
-    """Inside managed_processes: on the way out, remember the controllers' replicas
-    (children in their own sessions, which stopping the controller's group doesn't reach)
-    and, once the block's processes are stopped, stop whichever the controllers left."""
+def controller_replicas_stopped(procs: ProcessSet) -> Iterator[list[ProcessId]]:
+    """Inside managed_processes: stop the replicas the controllers leave running.
+
+    A controller's replicas run in their own sessions, so stopping the controller's group
+    doesn't reach them; the controller stops them itself on SIGTERM. Yields a list to add
+    replicas to as they start (a controller that dies leaves orphans no longer found
+    under it); on the way out the controllers' current children are added, the block's
+    processes are stopped, and then whichever replicas still run are stopped."""
     replicas: list[ProcessId] = []
     try:
-        yield
+        yield replicas
     finally:
         for proc in procs.processes:
             if proc.name == "controller" and not proc.exited():
@@ -1885,7 +1908,7 @@ def controller_replicas_stopped(procs: ProcessSet) -> Iterator[None]:
         try:
             procs.stop_all()
         finally:
-            stop_leftovers(replicas)
+            stop_leftovers(list(dict.fromkeys(replicas)))
 
 
 def gateway_revision(admin_port: int) -> int | None:
@@ -2115,7 +2138,7 @@ def run_feed_mode(mode: str, settings: ConvergenceSettings, workdir: Path) -> Fe
     moddir.mkdir()
     control: ControllerClient | None = None
     probers: list[GatewayProber] = []
-    with managed_processes() as procs, controller_replicas_stopped(procs):
+    with managed_processes() as procs, controller_replicas_stopped(procs) as replicas:
         try:
             ports = free_ports(2 + 2 * settings.gateways)
             controller_port, redis_port = ports[:2]
@@ -2135,7 +2158,10 @@ def run_feed_mode(mode: str, settings: ConvergenceSettings, workdir: Path) -> Fe
             )  # fmt: skip
             wait_for_http_ok(LOOPBACK, controller_port, "/healthz", proc=controller)
             control = ControllerClient(controller_port, CONVERGENCE_PROJECT, CONVERGENCE_MODEL)
-            deploy_and_wait(control, CONVERGENCE_VERSIONS, controller=controller)
+            try:
+                deploy_and_wait(control, CONVERGENCE_VERSIONS, controller=controller)
+            finally:
+                replicas += descendants(controller.pid)
             first = weighted_rule({CONVERGENCE_VERSIONS[0]: 100})
             control.expect("PUT", "/endpoint", {"rule": first}, (200, 201))
             gateways: list[tuple[PinnedProcess, int, int]] = []
@@ -2294,7 +2320,7 @@ def convergence_warnings(run: FeedRun) -> list[str]:
     errors = sum(sum(c.errors) for c in run.changes)
     if errors:
         warnings.append(
-            f"feed {run.mode}: {errors} probes failed (non-200 or a failed exchange) though "
+            f"feed {run.mode}: {errors} probe(s) failed (non-200 or a failed exchange) though "
             "both versions stay running"
         )
     every = run.every_ms()
@@ -2471,7 +2497,7 @@ def add_convergence_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
         help="time from an accepted change until every gateway serves it",
         description=(
             "Start a controller (local runtime) running versions 1 and 2 of fraud/scorer "
-            "with 100%% to version 1, and gateway processes following it; then alternate "
+            "with 100% to version 1, and gateway processes following it; then alternate "
             "endpoint:switch and endpoint:rollback, and after each 200 probe every gateway "
             "with predict requests until X-Model-Version names the new version. Feeds: the "
             "controller's route-table stream, and Redis (controller --store, gateways "

@@ -12,4 +12,5 @@ python3 -m ruff format --check .
 echo "== mypy"
 python3 -m mypy
 echo "== pytest"
-python3 -m pytest -q "$@"
+# CI has 15 minutes; the suite takes about 4. Never let it hang past that.
+timeout --signal=TERM --kill-after=30 780 python3 -m pytest -q "$@"

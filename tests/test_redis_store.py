@@ -111,6 +111,23 @@ async def test_controllers_share_state_and_refuse_stale_writers(two_controllers:
     assert (ok, stale) == (200, 412), body
 
 
+async def test_the_controller_with_the_runtime_runs_what_another_accepted(
+    two_controllers: Any,
+) -> None:
+    a, b = two_controllers
+    status, body, _ = await b.call("PUT", f"{BASE}/versions/1/endpoint", deployment())
+    assert status == 202, body
+    # B has no runtime; A follows the shared state, starts the replica, reports it running.
+    body = await b.wait_status("1", "running")
+    assert body["replicas"]
+    assert (await b.call("DELETE", f"{BASE}/versions/1/endpoint"))[0] == 200
+
+    async def stopped() -> bool:
+        return not a.controller.runtime.replicas("fraud/scorer/1")
+
+    await until(stopped)
+
+
 async def test_concurrent_writers_lose_no_update(two_controllers: Any) -> None:
     a, b = two_controllers
     for v in ("1", "2"):

@@ -99,6 +99,7 @@ class LocalRuntime:
         self.on_event = on_event
         self.timings = timings or LocalTimings()
         self._versions: dict[str, _Version] = {}
+        self._retiring: set[_Version] = set()  # undeployed or replaced, still stopping
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -145,10 +146,12 @@ class LocalRuntime:
             await self._retire(version)
 
     def replicas(self, key: str) -> list[ReplicaInfo]:
-        version = self._versions.get(key)
-        if version is None:
-            return []
-        return [r.info() for r in version.replicas.values()]
+        """Every replica with a live process, including those still draining away."""
+        versions = [v for v in self._retiring if v.spec.key == key]
+        current = self._versions.get(key)
+        if current is not None:
+            versions.append(current)
+        return [r.info() for v in versions for r in v.replicas.values()]
 
     def logs(self, key: str) -> list[str]:
         prefix = key.replace("/", "_") + "-"
@@ -156,11 +159,18 @@ class LocalRuntime:
         return [str(p) for p in files]
 
     async def close(self) -> None:
-        versions = list(self._versions.values())
-        self._versions.clear()
-        await asyncio.gather(*(self._retire(v, drain=False) for v in versions))
         for task in list(self._background):
             task.cancel()
+        versions = [*self._versions.values(), *self._retiring]
+        self._versions.clear()
+        await asyncio.gather(*(self._retire(v, drain=False) for v in versions))
+        # A stop interrupted half-way (its task cancelled) must not leave a process behind.
+        for version in versions:
+            for replica in version.replicas.values():
+                if replica.process is not None and replica.process.returncode is None:
+                    _signal(replica.process, signal.SIGKILL)
+                    await replica.process.wait()
+                (self.pids_dir / f"{replica.id}.json").unlink(missing_ok=True)
         if self._session is not None:
             await self._session.close()
 
@@ -339,9 +349,14 @@ class LocalRuntime:
             and version.deadline_task is not asyncio.current_task()
         ):
             version.deadline_task.cancel()
-        await asyncio.gather(
-            *(self._stop_replica(version, r, drain) for r in list(version.replicas.values()))
-        )
+        self._retiring.add(version)
+        try:
+            await asyncio.gather(
+                *(self._stop_replica(version, r, drain) for r in list(version.replicas.values()))
+            )
+        finally:
+            if not version.replicas:
+                self._retiring.discard(version)
 
     async def _stop_replica(self, version: _Version, replica: _Replica, drain: bool) -> None:
         if replica.stopping:
