@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from gateway.aio import raise_if_cancelling
 from gateway.routes import RouteTableSpec
 
 
@@ -42,6 +43,7 @@ class RouteFeed:
                     wait_seconds,
                 )
             except TimeoutError:
+                raise_if_cancelling()
                 return None
             return None if self.closed else self._json
 

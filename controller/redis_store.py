@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from controller.models import ControllerState
 from controller.store import StaleState, StoreError
+from gateway.aio import close_quietly, raise_if_cancelling
 
 SAVE = """
 local current = redis.call('GET', KEYS[2]) or '0'
@@ -118,11 +119,11 @@ class RedisStore:
                     if message.get("type") == "message":
                         yield int(json.loads(message["data"])["revision"])
             except (RedisError, OSError, ValueError, KeyError):
+                raise_if_cancelling()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await close_quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
 
     async def audit(self, entry: dict[str, Any]) -> None:
         try:
@@ -139,4 +140,4 @@ class RedisStore:
         return [json.loads(item) for item in reversed(raw)]
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await close_quietly(self.redis.aclose())

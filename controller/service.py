@@ -21,6 +21,7 @@ from controller.models import ControllerState, VersionEndpoint
 from controller.runtime import DeploySpec, Runtime, RuntimeEvent
 from controller.state import route_table, runtime_update, version_key
 from controller.store import Store, StoreError
+from gateway.aio import cancel_and_wait
 
 log = logging.getLogger("controller")
 
@@ -159,8 +160,7 @@ class Controller:
             log.exception("controller background task failed")
 
     async def close(self) -> None:
-        for task in list(self._pending_events):
-            task.cancel()
+        await cancel_and_wait(list(self._pending_events))
         if self.runtime is not None:
             await self.runtime.close()
         await self.store.close()

@@ -9,7 +9,6 @@ at once on SIGHUP).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Protocol
 import aiohttp
 from pydantic import ValidationError
 
+from gateway.aio import close_quietly, raise_if_cancelling
 from gateway.routes import (
     RouteFileError,
     RouteTableSpec,
@@ -83,7 +83,7 @@ class FileRouteSource:
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
             except TimeoutError:
-                pass
+                raise_if_cancelling()
 
 
 class ControllerRouteSource:
@@ -119,6 +119,7 @@ class ControllerRouteSource:
                     await self._follow(session, apply, reject)
                     problem = "the controller closed the stream"
                 except (aiohttp.ClientError, TimeoutError, OSError, _Refused) as exc:
+                    raise_if_cancelling()
                     problem = str(exc) or type(exc).__name__
                 if self.connected:
                     backoff = 0.05
@@ -131,7 +132,7 @@ class ControllerRouteSource:
                     async with asyncio.timeout(backoff):
                         await self._wake.wait()
                 except TimeoutError:
-                    pass
+                    raise_if_cancelling()
                 backoff = min(backoff * 2, self.max_backoff)
 
     async def _follow(self, session: aiohttp.ClientSession, apply: Apply, reject: Reject) -> None:
@@ -205,11 +206,11 @@ class RedisRouteSource:
                         self._take(message["data"], apply, reject)
                 problem = "redis closed the subscription"
             except (RedisError, OSError) as exc:
+                raise_if_cancelling()
                 problem = str(exc) or type(exc).__name__
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                    await client.aclose()
+                await close_quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                await close_quietly(client.aclose())
             if self.connected:
                 log.warning("lost redis (%s); serving revision %d", problem, self.revision)
             self.connected, self.last_error = False, problem

@@ -26,6 +26,7 @@ import uvloop
 from aiohttp import web
 
 from gateway.admin import admin_app, start_admin
+from gateway.aio import raise_if_cancelling
 from gateway.config import GatewayConfig
 from gateway.metrics import empty_snapshot
 from gateway.sources import (
@@ -172,6 +173,7 @@ class _Workers:
                 report: Report = await resp.json()
                 return report
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise_if_cancelling()
             return {
                 "ready": False,
                 "revision": -1,

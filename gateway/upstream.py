@@ -22,6 +22,8 @@ from typing import cast
 
 import httptools
 
+from gateway.aio import raise_if_cancelling
+
 # Response body bytes buffered from an upstream before we stop reading from it; the
 # client side drains it. This bounds the gateway's memory per streamed response.
 READ_HIGH_WATER = 256 * 1024
@@ -126,6 +128,7 @@ class Upstream:
                     lambda: UpstreamConnection(self, loop), self.host, self.port
                 )
         except TimeoutError:
+            raise_if_cancelling()
             raise UpstreamError("connect", f"connect to {self.address} timed out") from None
         except OSError as exc:
             raise UpstreamError(

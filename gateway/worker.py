@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.aio import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.http_server import GatewayHttpServer
 from gateway.metrics import GatewayMetrics
@@ -98,7 +99,7 @@ class GatewayWorker:
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (up to the grace), close pools."""
         if self._source_task is not None:
-            self._source_task.cancel()
+            await cancel_and_wait([self._source_task])
         if self._runner is not None:
             await self._runner.cleanup()
         await self.proxy.shadowing.close()

@@ -43,6 +43,7 @@ from controller.runtime import (
     ReplicaState,
     RuntimeEvent,
 )
+from gateway.aio import cancel_and_wait, raise_if_cancelling
 
 log = logging.getLogger("controller.runtime")
 
@@ -159,8 +160,7 @@ class LocalRuntime:
         return [str(p) for p in files]
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        await cancel_and_wait(list(self._background))
         versions = [*self._versions.values(), *self._retiring]
         self._versions.clear()
         await asyncio.gather(*(self._retire(v, drain=False) for v in versions))
@@ -322,6 +322,7 @@ class LocalRuntime:
                 await resp.read()
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
+            raise_if_cancelling()
             return False
 
     async def _deadline(self, version: _Version) -> None:
@@ -373,12 +374,13 @@ class LocalRuntime:
             try:
                 await asyncio.wait_for(proc.wait(), self.timings.stop_grace_seconds)
             except TimeoutError:
+                raise_if_cancelling()
                 _signal(proc, signal.SIGKILL)
                 await proc.wait()
         if replica.task is not None and replica.task is not asyncio.current_task():
             replica.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await replica.task
+            # wait() doesn't raise the task's own CancelledError, and lets ours through.
+            await asyncio.wait([replica.task])
         replica.state = "stopped"
         version.replicas.pop(replica.id, None)
         (self.pids_dir / f"{replica.id}.json").unlink(missing_ok=True)
