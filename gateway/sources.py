@@ -86,7 +86,28 @@ class FileRouteSource:
                 raise_if_cancelling()
 
 
-class ControllerRouteSource:
+class _TableFeed:
+    """What the streamed sources share: take a whole table as JSON, keep the newest."""
+
+    description: str
+    revision: int
+
+    def _take(self, raw: bytes | str, apply: Apply, reject: Reject) -> None:
+        try:
+            spec = RouteTableSpec.model_validate_json(raw)
+        except ValidationError as exc:
+            message = (
+                f"{self.description} sent an invalid route table: " + describe_validation_error(exc)
+            )
+            log.error("%s; still serving revision %d", message, self.revision)
+            reject(message)
+            return
+        if spec.revision > self.revision:
+            self.revision = spec.revision
+            apply(spec)
+
+
+class ControllerRouteSource(_TableFeed):
     """Follows the controller's watch stream (``GET /v1/routes?watch=1&since=R``).
 
     Each line is a whole route table; blank lines are heartbeats. After a disconnect it
@@ -150,24 +171,12 @@ class ControllerRouteSource:
                     if line.strip():
                         self._take(line, apply, reject)
 
-    def _take(self, line: bytes, apply: Apply, reject: Reject) -> None:
-        try:
-            spec = RouteTableSpec.model_validate_json(line)
-        except ValidationError as exc:
-            message = f"controller sent an invalid route table: {describe_validation_error(exc)}"
-            log.error("%s; still serving revision %d", message, self.revision)
-            reject(message)
-            return
-        if spec.revision > self.revision:
-            self.revision = spec.revision
-            apply(spec)
-
 
 class _Refused(Exception):
     pass
 
 
-class RedisRouteSource:
+class RedisRouteSource(_TableFeed):
     """Follows the route tables controllers publish in Redis.
 
     Subscribes to the ``<prefix>:routes`` channel first, then reads the latest table from
@@ -216,15 +225,3 @@ class RedisRouteSource:
             self.connected, self.last_error = False, problem
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
-
-    def _take(self, raw: bytes | str, apply: Apply, reject: Reject) -> None:
-        try:
-            spec = RouteTableSpec.model_validate_json(raw)
-        except ValidationError as exc:
-            message = f"redis holds an invalid route table: {describe_validation_error(exc)}"
-            log.error("%s; still serving revision %d", message, self.revision)
-            reject(message)
-            return
-        if spec.revision > self.revision:
-            self.revision = spec.revision
-            apply(spec)
