@@ -9,6 +9,7 @@ which revision, from where, and the last table that was rejected.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -25,19 +26,37 @@ def admin_app(reports: WorkerReports) -> web.Application:
             body=render(snapshot), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
 
+    async def signals(request: web.Request) -> web.Response:
+        """Per-version, per-second arrivals and mean concurrency, summed over workers."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            return web.json_response({"error": "since must be a whole second"}, status=400)
+        merged: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+        for report in await reports():
+            for r in report.get("signals", []):
+                if r["second"] <= since:
+                    continue
+                key = (r["project"], r["model"], r["version"], r["second"])
+                into = merged.setdefault(key, {**r, "requests": 0, "concurrency": 0.0})
+                into["requests"] += r["requests"]
+                into["concurrency"] += r["concurrency"]
+        return web.json_response({"signals": sorted(merged.values(), key=lambda r: r["second"])})
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         workers = await reports()
         ready = bool(workers) and all(w["ready"] for w in workers)
-        detail = [{k: v for k, v in w.items() if k != "metrics"} for w in workers]
+        detail = [{k: v for k, v in w.items() if k not in ("metrics", "signals")} for w in workers]
         return web.json_response({"ready": ready, "workers": detail}, status=200 if ready else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/signals", signals)
     return app
 
 

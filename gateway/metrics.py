@@ -54,13 +54,14 @@ class CodeStats:
 class VersionStats:
     """Per version endpoint: in-flight requests and latency by (chosen_by, code)."""
 
-    __slots__ = ("by_choice", "in_flight", "model", "project", "version")
+    __slots__ = ("arrivals", "by_choice", "in_flight", "model", "project", "version")
 
     def __init__(self, project: str, model: str, version: str) -> None:
         self.project = project
         self.model = model
         self.version = version
         self.in_flight = 0
+        self.arrivals = 0  # requests started, for the autoscaler's per-second rate
         self.by_choice: tuple[dict[int, CodeStats], ...] = tuple({} for _ in CHOSEN_BY)
 
     def record(self, chosen: int, code: int, seconds: float) -> None:
@@ -107,6 +108,9 @@ class GatewayMetrics:
         if stats is None:
             stats = self._versions[key] = VersionStats(project, model, version)
         return stats
+
+    def versions(self) -> Iterable[VersionStats]:
+        return self._versions.values()
 
     def shadow(self, project: str, model: str, version: str) -> ShadowStats:
         key = (project, model, version)

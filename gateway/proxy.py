@@ -141,6 +141,7 @@ class Proxy:
             path = version.predict_path if query < 0 else version.predict_path + path[query:]
         stats = version.stats
         stats.in_flight += 1
+        stats.arrivals += 1
         try:
             if mirror is None or mirror.version is version or random() >= mirror.fraction:
                 resp = await self._forward(request, version, policy, path)

@@ -25,6 +25,7 @@ from gateway.http_server import GatewayHttpServer
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routes import RouteTableSpec
+from gateway.signals import SignalRecorder
 from gateway.sources import RouteSource
 from gateway.table import compile_table
 from gateway.upstream import UpstreamRegistry
@@ -42,6 +43,7 @@ class GatewayWorker:
         self.registry = UpstreamRegistry(loop, config.pool)
         self.metrics = GatewayMetrics(self.registry.stats)
         self.proxy = Proxy(self.metrics, self.registry.stats, config.proxy)
+        self.signals = SignalRecorder(self.metrics.versions)
         self.ready = False
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -95,9 +97,11 @@ class GatewayWorker:
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
         self._source_task = asyncio.create_task(self.source.run(self.apply, self.reject))
+        self.signals.start()
 
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (up to the grace), close pools."""
+        self.signals.stop()
         if self._source_task is not None:
             await cancel_and_wait([self._source_task])
         if self._runner is not None:
@@ -116,6 +120,7 @@ class GatewayWorker:
             "last_error_at": self.last_error_at,
             "applied_at": self.applied_at,
             "metrics": self.metrics.snapshot(source_connected=self.source.connected),
+            "signals": list(self.signals.history),
         }
 
 

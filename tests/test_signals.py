@@ -1,0 +1,67 @@
+"""Per-second autoscaling signals from the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from gateway.admin import admin_app, start_admin
+from gateway.metrics import VersionStats
+from gateway.signals import SignalRecorder
+from tests.conftest import model_endpoint, start_replicas, version
+
+
+def test_recorder_closes_each_second_with_mean_concurrency_and_arrivals() -> None:
+    now = [100.0]
+    vs = VersionStats("fraud", "scorer", "1")
+    rec = SignalRecorder(lambda: [vs], clock=lambda: now[0])
+    # Second 100: in flight 2 for half the samples, 4 for the other half; 7 arrivals.
+    vs.arrivals = 7
+    for i in range(20):
+        vs.in_flight = 2 if i < 10 else 4
+        rec.sample()
+        now[0] += 0.05
+    vs.in_flight = 0
+    now[0] = 101.0
+    rec.sample()  # crosses into second 101: closes 100
+    assert rec.since(0) == [{"project": "fraud", "model": "scorer", "version": "1",
+                             "second": 100, "requests": 7, "concurrency": 3.0}]  # fmt: skip
+    # An idle second leaves no record; arrivals are counted per second, not in total.
+    now[0] = 102.0
+    rec.sample()
+    vs.arrivals = 10
+    now[0] = 103.0
+    rec.sample()
+    assert [r["requests"] for r in rec.since(100)] == [3]
+
+
+async def test_gateway_serves_signals_on_its_admin_port(
+    gateway_factory: Any, replicas: Any
+) -> None:
+    (r1,) = await start_replicas(replicas, "v1")
+    gw = await gateway_factory({
+        "version_endpoints": [version("fraud", "scorer", "1", [r1.address])],
+        "model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100})],
+    })  # fmt: skip
+
+    async def reports() -> list[Any]:
+        return [gw.worker.report()]
+
+    runner, port = await start_admin(admin_app(reports), "127.0.0.1", 0)
+    try:
+
+        async def slow() -> None:
+            async with gw.request("GET", "scorer.fraud.localhost", "/sleep?s=1.2") as r:
+                await r.read()
+
+        await asyncio.gather(*(slow() for _ in range(4)))
+        await asyncio.sleep(1.1)
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/signals") as r:
+            signals = (await r.json())["signals"]
+    finally:
+        await runner.cleanup()
+    assert sum(x["requests"] for x in signals) == 4
+    # Four requests held for 1.2 s: some full second saw about four in flight.
+    assert max(x["concurrency"] for x in signals) > 3.0
