@@ -1,9 +1,10 @@
 """`merlin-dp up`: the embedded default, everything on one machine in one command.
 
 One process runs the controller (file store and local runtime, state under
-``--state-dir``), its API, and a gateway that follows it; replicas are its child
-processes. ``--demo`` trains the iris example in two versions (if not already there),
-deploys both with the sklearn server, routes 90/10, and prints where everything is.
+``--state-dir``), its API, a gateway that follows it, and the autoscaler reading that
+gateway's signals; replicas are its child processes. ``--demo`` trains the iris example
+in two versions (if not already there), deploys both with the sklearn server, routes
+90/10, and prints where everything is.
 Ctrl-C (or SIGTERM) stops the gateway, the API and every replica.
 
 Also ``merlin-dp logs PROJECT/MODEL/VERSION``: a version's replica logs.
@@ -22,8 +23,11 @@ from typing import Any
 
 import aiohttp
 
+from autoscaler.collector import GatewaySignals
+from autoscaler.scaler import Autoscaler
 from controller.server import ControllerConfig, start_controller
 from gateway.admin import admin_app, start_admin
+from gateway.aio import cancel_and_wait
 from gateway.cli import split_address
 from gateway.config import GatewayConfig
 from gateway.sources import ControllerRouteSource
@@ -96,6 +100,7 @@ async def _up(args: argparse.Namespace) -> None:
                            domain=args.domain, controller_url=api_url)  # fmt: skip
     worker = GatewayWorker(config, ControllerRouteSource(api_url))
     admin_runner = None
+    scaling: asyncio.Future[None] | None = None
     try:
         await worker.start()
 
@@ -103,6 +108,13 @@ async def _up(args: argparse.Namespace) -> None:
             return [worker.report()]
 
         admin_runner, admin_port = await start_admin(admin_app(reports), admin_host, admin_port)
+        assert controller.runtime is not None
+        autoscaler = Autoscaler(
+            lambda: controller.state.versions,
+            controller.runtime,
+            GatewaySignals([f"http://{admin_host}:{admin_port}"]),
+        )
+        scaling = asyncio.ensure_future(autoscaler.run())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,6 +130,9 @@ async def _up(args: argparse.Namespace) -> None:
         await stop.wait()
         print("merlin-dp: stopping (in-flight requests finish, replicas drain)", flush=True)
     finally:
+        if scaling is not None:
+            await cancel_and_wait([scaling])
+            await autoscaler.signals.close()
         await worker.stop()
         if admin_runner is not None:
             await admin_runner.cleanup()
