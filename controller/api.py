@@ -11,7 +11,9 @@ newline-delimited JSON stream of whole route tables for gateways), ``/v1/audit``
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +37,7 @@ from controller.service import Controller
 from controller.store import StoreError
 from gateway.rule import NAME_PATTERN, VERSION_PATTERN
 
+log = logging.getLogger("controller.api")
 Model = TypeVar("Model", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,6 +68,11 @@ def make_app(controller: Controller, tokens: Tokens) -> web.Application:
             if exc.status >= 400:
                 return error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
             raise
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+            return error(500, "internal_error", "internal controller error")
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -130,8 +138,8 @@ class Api:
         if not raw.strip() and allow_empty:
             return model()
         try:
-            data = json.loads(raw)
-        except ValueError as exc:
+            data = json.loads(raw, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
             raise st.ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
         try:
             return model.model_validate(data)
@@ -150,7 +158,7 @@ class Api:
         if value is None:
             return None
         value = value.strip().strip('"').removeprefix("W/").strip('"')
-        if not value.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", value):
             raise st.ApiError(400, "bad_if_match", 'If-Match must be a revision number, e.g. "12"')
         return int(value)
 
@@ -212,8 +220,8 @@ class Api:
             if newer is None:
                 await resp.write(b"\n")  # heartbeat: lets both ends notice a dead peer
                 continue
-            await resp.write(newer + b"\n")
-            since = self.c.feed.revision
+            since, data = newer  # the revision actually sent, not whatever is newest now
+            await resp.write(data + b"\n")
 
     async def list_versions(self, request: web.Request) -> web.Response:
         project, model, _ = self._names(request, "read")
@@ -230,13 +238,13 @@ class Api:
         spec = await self._body(request, VersionEndpointSpec)
         if_match = self._if_match(request)
         key = st.version_key(project, model, version)
-        await self.c.change(
+        new = await self.c.change(
             lambda s: st.deploy(s, project, model, version, spec,
                                 max_versions=self.c.max_versions, if_match=if_match),
             await self._audit(request, "deploy", key),
         )  # fmt: skip
         await self.c.reconcile_runtime()
-        resp = self._version_view(self.c.state.versions[key])
+        resp = self._version_view(new.versions[key])
         resp.set_status(202)
         return resp
 
@@ -253,12 +261,12 @@ class Api:
         assert version is not None
         key = st.version_key(project, model, version)
         if_match = self._if_match(request)
-        await self.c.change(
+        new = await self.c.change(
             lambda s: st.undeploy(s, project, model, version, if_match),
             await self._audit(request, "undeploy", key),
         )
         await self.c.reconcile_runtime()
-        return self._version_view(self.c.state.versions[key])
+        return self._version_view(new.versions[key])
 
     async def put_endpoint(self, request: web.Request) -> web.Response:
         project, model, _ = self._names(request, "write")
@@ -266,12 +274,12 @@ class Api:
         if_match = self._if_match(request)
         key = st.model_key(project, model)
         existed = key in self.c.state.endpoints
-        await self.c.change(
+        new = await self.c.change(
             lambda s: st.set_endpoint(s, project, model, body, by=self._who(request),
                                       now=time.time(), if_match=if_match),
             await self._audit(request, "set_endpoint", key) | {"rule": body.rule.model_dump()},
         )  # fmt: skip
-        return self._endpoint_view(self.c.state.endpoints[key], 200 if existed else 201)
+        return self._endpoint_view(new.endpoints[key], 200 if existed else 201)
 
     async def get_endpoint(self, request: web.Request) -> web.Response:
         project, model, _ = self._names(request, "read")
@@ -284,11 +292,11 @@ class Api:
         project, model, _ = self._names(request, "write")
         key = st.model_key(project, model)
         if_match = self._if_match(request)
-        await self.c.change(
+        new = await self.c.change(
             lambda s: st.delete_endpoint(s, project, model, if_match),
             await self._audit(request, "delete_endpoint", key),
         )
-        return web.json_response({"deleted": key, "revision": self.c.state.revision})
+        return web.json_response({"deleted": key, "revision": new.revision})
 
     async def history(self, request: web.Request) -> web.Response:
         project, model, _ = self._names(request, "read")
@@ -300,24 +308,28 @@ class Api:
         body = await self._body(request, SwitchBody, allow_empty=True)
         if_match = self._if_match(request)
         key = st.model_key(project, model)
-        await self.c.change(
+        new = await self.c.change(
             lambda s: st.switch(s, project, model, body.to_version, by=self._who(request),
                                 now=time.time(), if_match=if_match),
             await self._audit(request, "switch", key),
         )  # fmt: skip
-        return self._endpoint_view(self.c.state.endpoints[key])
+        return self._endpoint_view(new.endpoints[key])
 
     async def rollback(self, request: web.Request) -> web.Response:
         project, model, _ = self._names(request, "write")
         body = await self._body(request, RollbackBody, allow_empty=True)
         if_match = self._if_match(request)
         key = st.model_key(project, model)
-        await self.c.change(
+        new = await self.c.change(
             lambda s: st.rollback(s, project, model, body.to_revision, by=self._who(request),
                                   now=time.time(), if_match=if_match),
             await self._audit(request, "rollback", key),
         )  # fmt: skip
-        return self._endpoint_view(self.c.state.endpoints[key])
+        return self._endpoint_view(new.endpoints[key])
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 class _Invalid(st.ApiError):

@@ -33,9 +33,9 @@ class RouteFeed:
             self._json = table.model_dump_json().encode()
             self._changed.notify_all()
 
-    async def wait_newer(self, since: int, wait_seconds: float) -> bytes | None:
-        """The newest table's JSON once its revision is above ``since``; None on timeout
-        or when the feed closes (check ``closed``)."""
+    async def wait_newer(self, since: int, wait_seconds: float) -> tuple[int, bytes] | None:
+        """The newest table (revision, JSON) once its revision is above ``since``; None
+        on timeout or when the feed closes (check ``closed``)."""
         async with self._changed:
             try:
                 await asyncio.wait_for(
@@ -45,7 +45,7 @@ class RouteFeed:
             except TimeoutError:
                 raise_if_cancelling()
                 return None
-            return None if self.closed else self._json
+            return None if self.closed else (self.revision, self._json)
 
     async def close(self) -> None:
         """End every watch: the controller is stopping."""

@@ -90,7 +90,7 @@ class VersionEndpointSpec(StrictModel):
 class StateModel(StrictModel):
     """Persisted records: changed only on a deep copy inside a state transition."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class VersionEndpoint(StateModel):

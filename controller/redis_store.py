@@ -115,6 +115,10 @@ class RedisStore:
             try:
                 await pubsub.subscribe(self.key("routes"))
                 delay = 0.1
+                # Whatever was saved while we were not subscribed: read it now.
+                stored = await self.redis.get(self.key("revision"))
+                if stored is not None:
+                    yield int(stored)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         yield int(json.loads(message["data"])["revision"])

@@ -77,8 +77,14 @@ class Controller:
         """Apply a transition to the latest state, durably, then publish it.
 
         Raises ApiError (refused: nothing changed) or StoreError (store unavailable:
-        nothing changed either).
+        nothing changed either). The change runs as its own task: a caller that is
+        cancelled (a client gone) can't stop it between saving and publishing.
         """
+        return await asyncio.shield(asyncio.ensure_future(self._change(transition, audit)))
+
+    async def _change(
+        self, transition: Transition, audit: dict[str, Any] | None
+    ) -> ControllerState:
         async with self._lock, self.store.lease():
             current = self.state
             if self.store.shared:
@@ -119,12 +125,16 @@ class Controller:
             await self.change(transition, audit)
         except StoreError as exc:
             log.error("runtime change to %s not saved (resync will retry): %s", key, exc)
+        except Exception:
+            log.exception("runtime change to %s failed", key)
 
     async def _resync(self, every: float = 5.0) -> None:
         """The runtime's view wins: re-apply it now and then, so an update lost to a
         store outage is made good once the store is back."""
         while True:
             await asyncio.sleep(every)
+            # A deploy whose request was cancelled after its save is started here.
+            await self.reconcile_runtime()
             for key, rec in list(self.state.versions.items()):
                 if rec.status in ("pending", "running", "serving"):
                     await self._sync_version(key)

@@ -305,8 +305,10 @@ def _check_routable(
 
 
 def _settle_serving(state: ControllerState, project: str, model: str) -> None:
+    # Any version the rule names is serving (weight 0 too): it can't be undeployed from
+    # under the rule.
     endpoint = state.endpoints.get(model_key(project, model))
-    routed = set(endpoint.rule.routed_versions()) if endpoint else set()
+    routed = {name for _, name in endpoint.rule.named_versions()} if endpoint else set()
     for rec in state.versions.values():
         if rec.project != project or rec.model != model or rec.status not in ROUTABLE:
             continue
@@ -322,8 +324,10 @@ def route_table(state: ControllerState) -> RouteTableSpec:
             project=v.project, model=v.model, version=v.version,
             protocol=v.spec.protocol, replicas=v.replicas,
         )
+        # A failed version stays in the table with no replicas (503 for its traffic) so a
+        # rule naming it stays valid until someone routes away.
         for v in state.versions.values()
-        if v.status in DEPLOYED
+        if v.status in (*DEPLOYED, "failed")
     ]  # fmt: skip
     endpoints = [
         ModelEndpointSpec(project=e.project, model=e.model, protocol=e.protocol, rule=e.rule)

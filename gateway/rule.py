@@ -26,7 +26,7 @@ Protocol = Literal["HTTP_JSON", "UPI_V1"]
 class StrictModel(BaseModel):
     """Base for edge models: unknown fields are errors, not silently dropped."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Destination(StrictModel):

@@ -316,3 +316,46 @@ async def test_switch_to_a_version_without_ready_replicas_is_refused(ctl: Api) -
     assert status == 409 and "pending" in body["error"]["message"]
     _, now, _ = await ctl.call("GET", f"{BASE}/endpoint")
     assert now["rule"]["destinations"] == [{"version": "1", "weight": 100}]
+
+
+async def test_review_regressions_never_500(ctl: Api) -> None:
+    for v in ("1", "2"):
+        await ctl.call("PUT", f"{BASE}/versions/{v}/endpoint", deployment())
+    for v in ("1", "2"):
+        await ctl.wait_status(v, "running")
+    rule = {
+        "rule": {"destinations": [{"version": "1", "weight": 100}, {"version": "2", "weight": 0}]}
+    }
+    assert (await ctl.call("PUT", f"{BASE}/endpoint", rule))[0] == 201
+    # A version the rule names with weight 0 is serving: undeploy is refused, not a 500.
+    status, body, _ = await ctl.call("DELETE", f"{BASE}/versions/2/endpoint")
+    assert status == 409, body
+    # Odd inputs are 4xx with a JSON body.
+    status, body, _ = await ctl.call("PUT", f"{BASE}/endpoint", rule, **{"If-Match": "\u00b2"})
+    assert status == 400, body
+    status, body, _ = await ctl.call("PUT", f"{BASE}/endpoint", "[" * 200_000)
+    assert status == 400 and body["error"]["code"] == "bad_json"
+    status, body, _ = await ctl.call(
+        "PUT", f"{BASE}/versions/1/endpoint",
+        '{"type": "custom", "command": ["x"], "autoscaling_policy": {"target_value": Infinity}}',
+    )  # fmt: skip
+    assert status == 400, body
+
+
+async def test_a_serving_version_that_fails_is_recorded_failed(ctl: Api) -> None:
+    await ctl.call("PUT", f"{BASE}/versions/1/endpoint", deployment())
+    await ctl.wait_status("1", "running")
+    await ctl.call(
+        "PUT", f"{BASE}/endpoint", {"rule": {"destinations": [{"version": "1", "weight": 100}]}}
+    )
+    crash = [sys.executable, "-c", "import sys; print('bad weights'); sys.exit(4)"]
+    broken = deployment(command=crash, ready_deadline_seconds=1)
+    status, body, _ = await ctl.call("PUT", f"{BASE}/versions/1/endpoint", broken)
+    assert status == 202, body
+    # The old replica keeps serving while the new generation tries; then it fails, says why.
+    body = await ctl.wait_status("1", "failed")
+    assert "exit code 4" in body["message"]
+    status, routes, _ = await ctl.call("GET", "/v1/routes")
+    assert (
+        status == 200 and routes["model_endpoints"][0]["rule"]["destinations"][0]["version"] == "1"
+    )

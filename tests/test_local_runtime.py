@@ -134,8 +134,8 @@ async def test_undeploy_leaves_no_process(runtime: tuple[LocalRuntime, Recorder]
     await rt.deploy(spec(replicas=2))
     await until(lambda: len(ready(rt)) == 2)
     pids = [r.pid for r in rt.replicas("fraud/scorer/1")]
-    await rt.undeploy("fraud/scorer/1")
-    assert rt.replicas("fraud/scorer/1") == []
+    await rt.undeploy("fraud/scorer/1")  # returns at once; the drain is the runtime's
+    await until(lambda: rt.replicas("fraud/scorer/1") == [])
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()
 
@@ -152,3 +152,26 @@ async def test_orphans_from_a_crashed_run_are_reaped(tmp_path: Path) -> None:
     await asyncio.sleep(0.2)
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     await first.close()
+
+
+async def test_redeploy_keeps_the_old_replicas_until_the_new_ones_are_ready(
+    runtime: tuple[LocalRuntime, Recorder],
+) -> None:
+    rt, _ = runtime
+    await rt.deploy(spec())
+    await until(lambda: len(ready(rt)) == 1)
+    old = ready(rt)[0]
+    slow = (sys.executable, "-c", "import time, runpy, sys; time.sleep(1.5); "
+            f"sys.argv = ['m']; runpy.run_path({EXAMPLE[1]!r}, run_name='__main__')")  # fmt: skip
+    await rt.deploy(spec(command=slow))
+    seen_gap = False
+    for _ in range(100):
+        now_ready = ready(rt)
+        seen_gap = seen_gap or not now_ready
+        if now_ready and old not in now_ready:
+            break
+        await asyncio.sleep(0.05)
+    assert not seen_gap  # a ready replica at every moment
+    assert ready(rt) and old not in ready(rt)
+    ids = [r.id for r in rt.replicas("fraud/scorer/1")]
+    assert len(set(ids)) == len(ids)

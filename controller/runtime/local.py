@@ -65,6 +65,7 @@ class LocalTimings:
 class _Replica:
     id: str
     log_path: Path
+    index: int = 0  # unique in this runtime: ids, logs and pid records never collide
     port: int = 0
     state: ReplicaState = "starting"
     process: asyncio.subprocess.Process | None = None
@@ -81,7 +82,6 @@ class _Replica:
 class _Version:
     spec: DeploySpec
     replicas: dict[str, _Replica] = field(default_factory=dict)
-    next_index: int = 0
     ever_ready: bool = False
     failed: bool = False
     deadline_task: asyncio.Task[None] | None = None
@@ -101,6 +101,7 @@ class LocalRuntime:
         self.timings = timings or LocalTimings()
         self._versions: dict[str, _Version] = {}
         self._retiring: set[_Version] = set()  # undeployed or replaced, still stopping
+        self._next_index = int(time.time() * 1000) % 1_000_000  # fresh per run
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -119,8 +120,10 @@ class LocalRuntime:
             self._add_replica(version)
         version.deadline_task = asyncio.create_task(self._deadline(version))
         if old is not None:
-            # Redeploy: the new replicas start first; the old ones drain once replaced.
-            self._spawn(self._retire(old))
+            # Redeploy: the old replicas keep serving until the new generation is ready
+            # (or has failed), then drain.
+            self._retiring.add(old)
+            self._spawn(self._replace(old, version))
 
     async def scale(self, key: str, replicas: int) -> None:
         version = self._versions.get(key)
@@ -133,18 +136,27 @@ class LocalRuntime:
         elif replicas < len(live):
             # Stop the least useful first: starting ones, then the newest ready ones.
             order = {"starting": 0, "unready": 1, "ready": 2}
-            victims = sorted(
-                live, key=lambda r: (order.get(r.state, 0), -int(r.id.rsplit("-", 1)[1]))
-            )
+            victims = sorted(live, key=lambda r: (order.get(r.state, 0), -r.index))
             for replica in victims[: len(live) - replicas]:
                 self._spawn(self._stop_replica(version, replica, drain=True))
         self._emit(key, "scaled", f"desired {replicas} replicas")
         version.spec = replace(version.spec, replicas=replicas)
 
     async def undeploy(self, key: str) -> None:
+        """Start draining and stopping; returns at once. The stop is the runtime's own
+        task, so a caller that goes away can't leave a replica half-stopped."""
         version = self._versions.pop(key, None)
         if version is not None:
-            await self._retire(version)
+            self._retiring.add(version)
+            self._spawn(self._retire(version))
+
+    async def _replace(self, old: _Version, new: _Version) -> None:
+        while not new.failed and self._versions.get(new.spec.key) is new:
+            ready = sum(1 for r in new.replicas.values() if r.state == "ready")
+            if ready >= max(1, new.spec.replicas):
+                break
+            await asyncio.sleep(self.timings.probe_interval)
+        await self._retire(old)
 
     def replicas(self, key: str) -> list[ReplicaInfo]:
         """Every replica with a live process, including those still draining away."""
@@ -200,11 +212,11 @@ class LocalRuntime:
 
     def _add_replica(self, version: _Version) -> _Replica:
         spec = version.spec
-        index = version.next_index
-        version.next_index += 1
+        self._next_index += 1
+        index = self._next_index
         rid = f"{spec.full_name}-{index}"
         log_path = self.logs_dir / f"{spec.key.replace('/', '_')}-{index}.log"
-        replica = _Replica(rid, log_path)
+        replica = _Replica(rid, log_path, index)
         version.replicas[rid] = replica
         replica.task = asyncio.create_task(self._supervise(version, replica))
         return replica
@@ -334,7 +346,7 @@ class LocalRuntime:
         ):
             return
         version.failed = True
-        newest = max(version.replicas.values(), key=lambda r: r.id, default=None)
+        newest = max(version.replicas.values(), key=lambda r: r.index, default=None)
         tail = _tail(newest.log_path) if newest is not None else ""
         reason = version.last_exit or "the readiness check never passed"
         message = (
