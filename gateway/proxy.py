@@ -29,6 +29,7 @@ from gateway.balancer import choose
 from gateway.errors import error_response
 from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
 from gateway.relay import (
+    PLAIN_CONNECTION,
     PROTECTED,
     RESPONSE_SKIP,
     RelayedResponse,
@@ -362,7 +363,7 @@ class Proxy:
             if lname == b"x-request-id":
                 request_id = value
             append(name + b": " + value + b"\r\n")
-        if connection is not None:
+        if connection is not None and connection.lower() not in PLAIN_CONNECTION:
             lines = drop_connection_tokens(lines, connection)
             append = lines.append
         peer = (request.remote or "unknown").encode()

@@ -34,6 +34,10 @@ PROTECTED = frozenset(
 )
 
 
+# What nearly every peer sends: nothing to drop, so no need to look.
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
 def drop_connection_tokens(lines: list[bytes], connection: bytes) -> list[bytes]:
     """Remove header lines the peer named in Connection (they are hop-by-hop too).
 
@@ -107,7 +111,7 @@ def relay(
         if lname == b"content-length":
             has_length = True
         append(name + b": " + value + b"\r\n")
-    if connection is not None:
+    if connection is not None and connection.lower() not in PLAIN_CONNECTION:
         parts = drop_connection_tokens(parts, connection)
         append = parts.append
     append(extra)
