@@ -72,8 +72,8 @@ class Autoscaler:
             rps, conc = self.signals.buckets((rec.project, rec.model, rec.version))
             series = rps if config.metrics_type == "rps" else conc
             observed = Signals(
-                stable=series.average(now, 60.0),
-                panic=series.average(now, 6.0),
+                stable=series.average(now, config.stable_window),
+                panic=series.average(now, config.panic_window),
                 ready=ready,
                 starting=starting,
                 draining=draining,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -200,10 +199,6 @@ def deploy_spec(rec: VersionEndpoint) -> DeploySpec:
         memory_request=spec.resource_request.memory_request,
         ready_deadline_s=spec.ready_deadline_seconds,
     )
-
-
-def describe_command(rec: VersionEndpoint) -> str:
-    return shlex.join(deploy_spec(rec).command)
 
 
 __all__ = ["Controller", "deploy_spec", "version_key"]

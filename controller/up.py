@@ -25,6 +25,7 @@ import aiohttp
 
 from autoscaler.collector import GatewaySignals
 from autoscaler.scaler import Autoscaler
+from controller.runtime.local import log_files
 from controller.server import ControllerConfig, start_controller
 from gateway.admin import admin_app, start_admin
 from gateway.aio import cancel_and_wait
@@ -220,10 +221,7 @@ def run_logs(args: argparse.Namespace) -> int:
     if len(parts) != 3 or not all(parts):
         print(f"merlin-dp logs: {args.name!r} is not PROJECT/MODEL/VERSION", file=sys.stderr)
         return 2
-    pattern = "_".join(parts) + "-*.log"
-    files = sorted(
-        (args.state_dir / "runtime" / "logs").glob(pattern), key=lambda p: p.stat().st_mtime
-    )
+    files = log_files(args.state_dir / "runtime" / "logs", args.name)
     if not files:
         print(f"merlin-dp logs: no logs for {args.name} under {args.state_dir}", file=sys.stderr)
         return 1

@@ -30,9 +30,9 @@ from gateway.errors import error_response
 from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
 from gateway.relay import (
     PLAIN_CONNECTION,
-    PROTECTED,
     RESPONSE_SKIP,
     RelayedResponse,
+    connection_tokens,
     drop_connection_tokens,
     relay,
 )
@@ -546,7 +546,7 @@ def _response_headers(
     raw: list[tuple[bytes, bytes]], version_header: str, request_id: bytes
 ) -> list[tuple[str, str]]:
     named = b",".join(v for n, v in raw if n.lower() == b"connection")
-    drop = {t.strip().lower() for t in named.split(b",")} - PROTECTED if named else set()
+    drop = connection_tokens(named) if named else set()
     out = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in raw

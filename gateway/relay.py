@@ -38,12 +38,17 @@ PROTECTED = frozenset(
 PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
+def connection_tokens(connection: bytes) -> set[bytes]:
+    """Field names a Connection header makes hop-by-hop, minus the ones we protect."""
+    return {t.strip().lower() for t in connection.split(b",")} - PROTECTED
+
+
 def drop_connection_tokens(lines: list[bytes], connection: bytes) -> list[bytes]:
     """Remove header lines the peer named in Connection (they are hop-by-hop too).
 
     ``lines[0]`` is the start line and stays.
     """
-    tokens = {t.strip().lower() for t in connection.split(b",")} - PROTECTED
+    tokens = connection_tokens(connection)
     if not tokens:
         return lines
     return [

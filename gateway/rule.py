@@ -126,14 +126,6 @@ class Rule(StrictModel):
             raise ValueError(f"destinations: weights must sum to 100, got {total}")
         return self
 
-    def routed_versions(self) -> list[str]:
-        """Versions that can receive traffic under this rule (weights, matches, mirror)."""
-        names = [d.version for d in self.destinations if d.weight > 0]
-        names += [m.version for m in self.match if m.version not in names]
-        if self.mirror is not None and self.mirror.version not in names:
-            names.append(self.mirror.version)
-        return names
-
     def named_versions(self) -> list[tuple[str, str]]:
         """Every (field path, version) the rule names, for cross-checks."""
         named = [(f"destinations.{i}", d.version) for i, d in enumerate(self.destinations)]

@@ -167,9 +167,7 @@ class LocalRuntime:
         return [r.info() for v in versions for r in v.replicas.values()]
 
     def logs(self, key: str) -> list[str]:
-        prefix = key.replace("/", "_") + "-"
-        files = sorted(self.logs_dir.glob(prefix + "*.log"), key=lambda p: p.stat().st_mtime)
-        return [str(p) for p in files]
+        return [str(p) for p in log_files(self.logs_dir, key)]
 
     async def close(self) -> None:
         await cancel_and_wait(list(self._background))
@@ -403,6 +401,12 @@ class LocalRuntime:
             self.on_event(RuntimeEvent(key, kind, message, replica))
         except Exception:
             log.exception("runtime event handler failed")
+
+
+def log_files(logs_dir: Path, key: str) -> list[Path]:
+    """A version endpoint's replica logs, oldest first (``merlin-dp logs`` reads these)."""
+    files = logs_dir.glob(key.replace("/", "_") + "-*.log")
+    return sorted(files, key=lambda p: p.stat().st_mtime)
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
