@@ -30,6 +30,7 @@ class GatewaySignals:
         self.concurrency: dict[Key, SecondBuckets] = {}
         self._since: dict[str, int] = {}
         self.failures: dict[str, int] = {}
+        self.last_seen: dict[str, float] = {}  # when each gateway last answered
         self._session: aiohttp.ClientSession | None = None
 
     def buckets(self, key: Key) -> tuple[SecondBuckets, SecondBuckets]:
@@ -54,6 +55,7 @@ class GatewaySignals:
                 log.debug("gateway %s gave no signals: %s", url, exc)
                 continue
             answered += 1
+            self.last_seen[url] = now
             for rec in records:
                 rps, conc = self.buckets((rec["project"], rec["model"], rec["version"]))
                 rps.add(rec["second"], rec["requests"], now)

@@ -63,6 +63,11 @@ class Signals:
     starting: int = 0
     draining: int = 0
     complete: bool = True  # every ready replica reported (HPA: else no scale-down)
+    # Requests a gateway holds for this version because nothing is ready (activation).
+    waiting: int = 0
+    # Any traffic at all over the panic window (for utilization metrics, whose stable and
+    # panic values are not request counts): drives scale-to-zero for every metric.
+    traffic: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +91,15 @@ def decide(config: PolicyConfig, signals: Signals, state: PolicyState, now: floa
         decision = _kpa(config, signals, state, now)
     else:
         decision = _hpa(config, signals, state, now)
+        decision = _hpa_to_zero(config, signals, state, now, decision)
     desired = max(config.min_replica, min(config.max_replica, decision.desired))
+    if signals.waiting and signals.ready + signals.starting == 0:
+        # Activation: requests are held at zero; start enough to take them now (the
+        # windows add headroom once they see the traffic).
+        wanted = 1
+        if config.metrics_type == "concurrency":
+            wanted = math.ceil(signals.waiting / config.target_value)
+        desired = max(desired, min(config.max_replica, max(1, wanted)))
     if signals.starting and desired < signals.ready + signals.starting:
         # Never take away a replica that is still starting: requests may be waiting on it.
         desired = max(desired, min(config.max_replica, signals.ready + signals.starting))
@@ -95,7 +108,7 @@ def decide(config: PolicyConfig, signals: Signals, state: PolicyState, now: floa
 
 def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> Decision:
     per_replica = config.target_value * config.target_utilization
-    active = s.stable > 0 or s.panic > 0
+    active = s.stable > 0 or s.panic > 0 or s.waiting > 0
     last_active = now if active else state.last_active
     capacity = s.ready + s.starting  # what is up or on its way; draining is leaving
     want_stable = math.ceil(s.stable / per_replica) if per_replica > 0 else 0
@@ -137,6 +150,19 @@ def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> De
             reason = "idle: within grace"
     next_state = PolicyState(desired, None, 0, last_active, recent)
     return Decision(desired, next_state, reason)
+
+
+def _hpa_to_zero(
+    config: PolicyConfig, s: Signals, state: PolicyState, now: float, decision: Decision
+) -> Decision:
+    """Utilization can't see idleness (an idle replica still uses memory); request
+    traffic can. With ``min_replica: 0``, no traffic for the grace period means zero."""
+    active = s.traffic > 0 or s.waiting > 0
+    last_active = now if active or state.last_active is None else state.last_active
+    next_state = replace(decision.state, last_active=last_active)
+    if config.min_replica == 0 and not active and now - last_active >= config.scale_to_zero_grace:
+        return Decision(0, next_state, "idle: to zero")
+    return Decision(decision.desired, next_state, decision.reason)
 
 
 def _hpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> Decision:

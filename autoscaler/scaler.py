@@ -5,33 +5,44 @@ Every ``interval`` it polls the gateways, and for every running version endpoint
 asks :func:`~autoscaler.policy.decide`, and scales the runtime when the answer differs
 from what runs. The clock is injected; the policy state per version lives here.
 
-Not yet: CPU/memory scraping for the utilization metrics (they hold at the current
-count), and scale to zero — it waits for activation in the gateway, so the loop never
-goes below one replica for now.
+A gateway holding requests for a version at zero pokes (:meth:`Autoscaler.poke`, through
+the controller's ``POST /v1/activations``); the poke wakes the loop at once instead of
+waiting for the next tick, and the held requests count as demand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from autoscaler.collector import GatewaySignals
+from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
+from autoscaler.resources import ReplicaResources, Resource
 from controller.models import VersionEndpoint
 from controller.runtime import Runtime
 
 log = logging.getLogger("autoscaler")
 
 
-def policy_config(rec: VersionEndpoint) -> PolicyConfig:
+# A poke counts as demand for this long: gateways repeat theirs every second while
+# requests wait, so a stale one means they stopped waiting.
+POKE_FRESH_SECONDS = 3.0
+
+
+def policy_config(rec: VersionEndpoint, base: PolicyConfig | None = None) -> PolicyConfig:
+    """The version's policy: its own metric, target and bounds over the shared timings."""
     spec = rec.spec
-    return PolicyConfig(
+    return replace(
+        base or PolicyConfig(),
         metrics_type=spec.autoscaling_policy.metrics_type,
         target_value=spec.autoscaling_policy.target_value,
-        # Scale to zero needs activation in the gateway; until then keep one replica.
-        min_replica=max(1, spec.resource_request.min_replica),
+        min_replica=spec.resource_request.min_replica,
         max_replica=spec.resource_request.max_replica,
     )
 
@@ -44,49 +55,105 @@ class Autoscaler:
         signals: GatewaySignals,
         clock: Callable[[], float] = time.time,
         interval: float = 1.0,
+        timings: PolicyConfig | None = None,
     ) -> None:
         self.versions = versions
         self.runtime = runtime
         self.signals = signals
         self.clock = clock
         self.interval = interval
+        self.timings = timings or PolicyConfig()
         self.states: dict[str, PolicyState] = {}
         self.last_reason: dict[str, str] = {}
+        self._pokes: dict[str, tuple[int, float]] = {}  # key -> (waiting, when)
+        self.resources = ReplicaResources()
+        self.metrics = AutoscalerMetrics()
+        self._wake = asyncio.Event()
+
+    def poke(self, key: str, waiting: int) -> None:
+        """Requests wait at zero for ``key``: decide now, not at the next tick."""
+        self._pokes[key] = (waiting, self.clock())
+        self._wake.set()
 
     async def run(self) -> None:
         while True:
+            self._wake.clear()
             await self.tick()
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
 
     async def tick(self) -> None:
         now = self.clock()
         answered = await self.signals.poll(now)
-        for key, rec in list(self.versions().items()):
-            if rec.status not in ("running", "serving"):
-                continue
-            config = policy_config(rec)
-            replicas = self.runtime.replicas(key)
-            ready = sum(1 for r in replicas if r.state == "ready")
-            starting = sum(1 for r in replicas if r.state in ("starting", "unready"))
-            draining = sum(1 for r in replicas if r.state == "draining")
-            rps, conc = self.signals.buckets((rec.project, rec.model, rec.version))
-            series = rps if config.metrics_type == "rps" else conc
-            observed = Signals(
-                stable=series.average(now, config.stable_window),
-                panic=series.average(now, config.panic_window),
-                ready=ready,
-                starting=starting,
-                draining=draining,
-                complete=answered == len(self.signals.admin_urls),
+        everyone = answered == len(self.signals.admin_urls)
+        running = {k: r for k, r in self.versions().items() if r.status in ("running", "serving")}
+        for key, rec in running.items():
+            await self._decide(key, rec, now, answered, everyone)
+        self.resources.retain(running)
+        self.metrics.retain(running)
+        for url in self.signals.admin_urls:
+            seen = self.signals.last_seen.get(url)
+            self.metrics.set_gateway(
+                url, self.signals.failures.get(url, 0), None if seen is None else now - seen
             )
-            state = self.states.get(key) or PolicyState(desired=ready + starting)
-            if not observed.complete and answered == 0:
-                continue  # nobody reported: hold (the HPA's rule for missing data)
-            decision = decide(config, observed, state, now)
-            self.states[key] = decision.state
-            self.last_reason[key] = decision.reason
-            live = ready + starting
-            if decision.desired != live:
-                log.info("scaling %s from %d to %d (%s)", key, live, decision.desired,
-                         decision.reason)  # fmt: skip
-                await self.runtime.scale(key, decision.desired)
+
+    async def _decide(
+        self, key: str, rec: VersionEndpoint, now: float, answered: int, everyone: bool
+    ) -> None:
+        config = policy_config(rec, self.timings)
+        replicas = self.runtime.replicas(key)
+        ready = sum(1 for r in replicas if r.state == "ready")
+        starting = sum(1 for r in replicas if r.state in ("starting", "unready"))
+        draining = sum(1 for r in replicas if r.state == "draining")
+        rps, conc = self.signals.buckets((rec.project, rec.model, rec.version))
+        waiting, poked_at = self._pokes.get(key, (0, -math.inf))
+        if now - poked_at > POKE_FRESH_SECONDS:
+            waiting = 0
+            self._pokes.pop(key, None)
+        utilization: float | None = None
+        complete = everyone
+        if config.metrics_type in ("cpu_utilization", "memory_utilization"):
+            resource: Resource = "cpu" if config.metrics_type == "cpu_utilization" else "memory"
+            request = rec.spec.resource_request
+            used = await self.resources.scrape(
+                key, replicas, request.cpu_request, request.memory_request, now
+            )
+            self.metrics.observe_utilization(key, used)
+            utilization = used.value(resource)
+            complete = complete and used.complete(resource)
+            series = rps  # request traffic still decides idleness (scale to zero)
+        else:
+            series = rps if config.metrics_type == "rps" else conc
+        observed = Signals(
+            stable=series.average(now, config.stable_window),
+            panic=series.average(now, config.panic_window),
+            utilization=utilization,
+            ready=ready,
+            starting=starting,
+            draining=draining,
+            complete=complete,
+            waiting=waiting,
+            traffic=rps.average(now, config.panic_window),
+        )
+        # A version first seen counts as just active: it gets its grace before zero.
+        state = self.states.get(key) or PolicyState(desired=ready + starting, last_active=now)
+        if answered == 0 and not waiting:
+            return  # no gateway reported: hold (the HPA's rule for missing data)
+        decision = decide(config, observed, state, now)
+        self.states[key] = decision.state
+        self.last_reason[key] = decision.reason
+        value = utilization if config.metrics_type.endswith("_utilization") else observed.stable
+        self.metrics.observe_decision(key, desired=decision.desired, ready=ready,
+                                      reason=decision.reason, metric=config.metrics_type,
+                                      value=value)  # fmt: skip
+        live = ready + starting
+        if decision.desired != live:
+            if live == 0 and waiting:
+                self.metrics.activation(key)
+            log.info("scaling %s from %d to %d (%s)", key, live, decision.desired,
+                     decision.reason)  # fmt: skip
+            await self.runtime.scale(key, decision.desired)
+
+    async def close(self) -> None:
+        await self.signals.close()
+        await self.resources.close()

@@ -4,9 +4,11 @@ Routes under ``/v1/projects/{project}/models/{model}``: version endpoints
 (``versions/{version}/endpoint``), the model endpoint (``endpoint``, ``endpoint:switch``,
 ``endpoint:rollback``, ``endpoint/history``), plus ``/v1/routes`` (with ``watch=1`` a
 newline-delimited JSON stream of whole route tables for gateways), ``/v1/audit``,
-``/openapi.json``, ``/healthz``. Errors are ``{"error": {"code", "message", "fields"}}``:
-400 malformed JSON, 401/403 auth, 404 unknown, 409 forbidden by the current state,
-412 stale ``If-Match``, 413 body too large, 422 invalid body (with field paths).
+``/openapi.json``, ``/healthz``, ``POST /v1/activations`` (a gateway's poke for a version
+at zero) and ``/metrics`` (the attached autoscaler's). Errors are
+``{"error": {"code", "message", "fields"}}``: 400 malformed JSON, 401/403 auth, 404
+unknown, 409 forbidden by the current state, 412 stale ``If-Match``, 413 body too large,
+422 invalid body (with field paths), 503 store or autoscaler unavailable.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from controller import state as st
 from controller.auth import Access, Principal, Tokens
 from controller.models import (
+    ActivationBody,
     ModelEndpoint,
     ModelEndpointBody,
     RollbackBody,
@@ -91,6 +94,8 @@ def make_app(controller: Controller, tokens: Tokens) -> web.Application:
     app.router.add_get("/openapi.json", api.openapi)
     app.router.add_get("/v1/routes", api.routes)
     app.router.add_get("/v1/audit", api.audit)
+    app.router.add_post("/v1/activations", api.activate)
+    app.router.add_get("/metrics", api.metrics)
     app.router.add_get(base + "/versions", api.list_versions)
     app.router.add_put(base + "/versions/{version}/endpoint", api.deploy)
     app.router.add_get(base + "/versions/{version}/endpoint", api.get_version)
@@ -222,6 +227,30 @@ class Api:
                 continue
             since, data = newer  # the revision actually sent, not whatever is newest now
             await resp.write(data + b"\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The attached autoscaler's metrics (decisions, signals, missing data)."""
+        principal = request[PRINCIPAL]
+        if not principal.may("read", None):
+            raise st.ApiError(403, "forbidden", "metrics need read access to all projects")
+        text = self.c.metrics_text() if self.c.metrics_text is not None else ""
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+    async def activate(self, request: web.Request) -> web.Response:
+        """A gateway's poke: requests wait for a version at zero; start it now."""
+        body = await self._body(request, ActivationBody)
+        principal = request[PRINCIPAL]
+        if not principal.may("read", body.project):
+            raise st.ApiError(403, "forbidden", f"{principal.name} may not read {body.project}")
+        key = st.version_key(body.project, body.model, body.version)
+        rec = self.c.state.versions.get(key)
+        if rec is None or rec.status not in st.DEPLOYED:
+            raise st.not_found(f"version endpoint {key}")
+        if self.c.activations is None:
+            raise st.ApiError(503, "no_autoscaler", "no autoscaler is attached to this controller")
+        self.c.activations(key, body.waiting)
+        return web.json_response({"accepted": key, "waiting": body.waiting}, status=202)
 
     async def list_versions(self, request: web.Request) -> web.Response:
         project, model, _ = self._names(request, "read")

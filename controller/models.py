@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from gateway.rule import Protocol, Rule, StrictModel, VersionId
+from gateway.rule import Name, Protocol, Rule, StrictModel, VersionId
 
 MetricsType = Literal["cpu_utilization", "memory_utilization", "rps", "concurrency"]
 VersionStatus = Literal["pending", "running", "serving", "failed", "terminated"]
@@ -134,6 +134,15 @@ class SwitchBody(StrictModel):
     to_version: VersionId | None = Field(
         default=None, description="Defaults to the one other running version."
     )
+
+
+class ActivationBody(StrictModel):
+    """A gateway holds requests for a version endpoint that has no replica (scaled to zero)."""
+
+    project: Name
+    model: Name
+    version: VersionId
+    waiting: int = Field(default=1, ge=0, le=1_000_000, description="Requests held now.")
 
 
 class RollbackBody(StrictModel):

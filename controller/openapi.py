@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from controller.models import (
+    ActivationBody,
     ErrorResponse,
     ModelEndpoint,
     ModelEndpointBody,
@@ -27,7 +28,7 @@ from gateway.rule import NAME_PATTERN, VERSION_PATTERN
 
 REF = "#/components/schemas/{model}"
 MODELS: list[type[BaseModel]] = [
-    ErrorResponse, ModelEndpoint, ModelEndpointBody, RollbackBody, SwitchBody,
+    ActivationBody, ErrorResponse, ModelEndpoint, ModelEndpointBody, RollbackBody, SwitchBody,
     VersionEndpoint, VersionEndpointSpec, RouteTableSpec,
 ]  # fmt: skip
 
@@ -47,6 +48,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         403: "Token not allowed here", 404: "Unknown project, model or version",
         409: "Refused by the current state", 412: "Stale If-Match revision",
         413: "Body too large", 422: "Invalid body, with field paths",
+        503: "No autoscaler attached",
     }  # fmt: skip
     return {str(c): {"description": text[c], **_json(ErrorResponse)} for c in codes}
 
@@ -116,6 +118,16 @@ def openapi_document() -> dict[str, Any]:
         base + "/endpoint:rollback": {"parameters": params, "post": _op(
             "Return to the previous (or a named) rule", endpoint_ok,
             (400, 404, 409, 412, 413, 422), RollbackBody, body_required=False, if_match=True)},
+        "/v1/activations": {"post": _op(
+            "A gateway holds requests for a version at zero: start it now",
+            {"202": {"description": "Handed to the autoscaler", **_json({"type": "object"})}},
+            (400, 404, 413, 422, 503), ActivationBody)},
+        "/metrics": {"get": {
+            "summary": "The attached autoscaler's metrics (Prometheus text)",
+            "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors(401, 403)},
+        }},
     }  # fmt: skip
     return {
         "openapi": "3.1.0",

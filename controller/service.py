@@ -45,6 +45,10 @@ class Controller:
         self._lock = asyncio.Lock()
         self._pending_events: set[asyncio.Task[None]] = set()
         self._deployed: dict[str, int] = {}  # version key -> generation the runtime runs
+        # Gateways' pokes for versions at zero go here: (version key, requests waiting).
+        self.activations: Callable[[str, int], None] | None = None
+        # Prometheus text of an attached autoscaler, served at GET /metrics.
+        self.metrics_text: Callable[[], str] | None = None
 
     async def start(self) -> None:
         loaded = await self.store.load()

@@ -115,6 +115,8 @@ async def _up(args: argparse.Namespace) -> None:
             controller.runtime,
             GatewaySignals([f"http://{admin_host}:{admin_port}"]),
         )
+        controller.activations = autoscaler.poke
+        controller.metrics_text = autoscaler.metrics.render
         scaling = asyncio.ensure_future(autoscaler.run())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -133,7 +135,7 @@ async def _up(args: argparse.Namespace) -> None:
     finally:
         if scaling is not None:
             await cancel_and_wait([scaling])
-            await autoscaler.signals.close()
+            await autoscaler.close()
         await worker.stop()
         if admin_runner is not None:
             await admin_runner.cleanup()

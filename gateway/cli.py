@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from gateway.activation import ActivationLimits
 from gateway.config import GatewayConfig
 from gateway.proxy import ProxyLimits
 from gateway.upstream import PoolLimits
@@ -43,6 +44,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="request bodies over this are refused with 413")  # fmt: skip
     p.add_argument("--idle-upstream-seconds", type=float, default=PoolLimits().idle_seconds,
                    help="close pooled replica connections idle this long")  # fmt: skip
+    p.add_argument("--activate-url", metavar="URL",
+                   help="where to tell the autoscaler requests wait for a version at zero "
+                   "(default: --controller)")  # fmt: skip
+    p.add_argument("--activation-timeout", type=float, default=ActivationLimits().timeout,
+                   help="seconds a request may wait for a version to start from zero")  # fmt: skip
+    p.add_argument("--activation-queue", type=int, default=ActivationLimits().max_waiting,
+                   help="requests per version and worker that may wait at zero")  # fmt: skip
     p.add_argument("--shutdown-seconds", type=float, default=10.0,
                    help="grace for in-flight requests on SIGTERM")  # fmt: skip
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -76,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
             shutdown_seconds=args.shutdown_seconds,
             proxy=ProxyLimits(max_body_bytes=args.max_body_bytes),
             pool=PoolLimits(idle_seconds=args.idle_upstream_seconds),
+            activate_url=args.activate_url,
+            activation=ActivationLimits(
+                max_waiting=args.activation_queue, timeout=args.activation_timeout
+            ),
         )
     except ValueError as exc:
         raise SystemExit(f"merlin-dp gateway: {exc}") from None

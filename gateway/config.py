@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.activation import ActivationLimits
 from gateway.proxy import ProxyLimits
 from gateway.upstream import PoolLimits
 
@@ -20,6 +21,8 @@ class GatewayConfig:
     controller_url: str | None = None
     controller_token: str | None = None
     redis_url: str | None = None
+    # Where to poke the autoscaler when requests wait at zero (default: the controller).
+    activate_url: str | None = None
     workers: int = 1
     reload_seconds: float = 1.0
     keepalive_seconds: float = 75.0
@@ -29,11 +32,14 @@ class GatewayConfig:
     max_header_bytes: int = 8190
     proxy: ProxyLimits = field(default_factory=ProxyLimits)
     pool: PoolLimits = field(default_factory=PoolLimits)
+    activation: ActivationLimits = field(default_factory=ActivationLimits)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if not 0 < self.proxy.buffer_body_bytes <= 1024 * 1024:
             raise ValueError("buffer_body_bytes must be between 1 byte and 1 MiB")
+        if self.activation.max_waiting < 0 or self.activation.timeout <= 0:
+            raise ValueError("activation queue must not be negative and its timeout positive")
         if self.proxy.max_body_bytes < 0:
             raise ValueError("max_body_bytes must not be negative")

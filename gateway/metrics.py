@@ -37,18 +37,23 @@ CHOSEN_STICKY = 3
 Snapshot = dict[str, Any]
 
 
-class CodeStats:
-    __slots__ = ("buckets", "count", "total")
+# Waiting for a replica to start from zero: from a fast local process to a slow image pull.
+COLD_START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
-    def __init__(self) -> None:
+
+class CodeStats:
+    __slots__ = ("bounds", "buckets", "count", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
         self.count = 0
         self.total = 0.0
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.buckets = [0] * (len(bounds) + 1)
 
     def observe(self, seconds: float) -> None:
         self.count += 1
         self.total += seconds
-        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.buckets[bisect_left(self.bounds, seconds)] += 1
 
 
 class VersionStats:
@@ -91,6 +96,24 @@ class ShadowStats:
         self.results[key] = self.results.get(key, 0) + 1
 
 
+class ActivationStats:
+    """Per version endpoint: requests held while it started from zero, and how long."""
+
+    __slots__ = ("cold_start", "held", "model", "overflow", "poke_errors", "pokes",
+                 "project", "timed_out", "version")  # fmt: skip
+
+    def __init__(self, project: str, model: str, version: str) -> None:
+        self.project = project
+        self.model = model
+        self.version = version
+        self.held = 0
+        self.overflow = 0  # refused: the queue was full
+        self.timed_out = 0  # refused: no replica before the deadline (or version removed)
+        self.pokes = 0
+        self.poke_errors = 0
+        self.cold_start = CodeStats(COLD_START_BUCKETS)
+
+
 class GatewayMetrics:
     """Every counter of one gateway worker."""
 
@@ -98,6 +121,7 @@ class GatewayMetrics:
         self.upstream = upstream
         self._versions: dict[tuple[str, str, str], VersionStats] = {}
         self._shadows: dict[tuple[str, str, str], ShadowStats] = {}
+        self._activations: dict[tuple[str, str, str], ActivationStats] = {}
         self.unrouted: dict[int, int] = {}  # requests answered before a version was chosen
         self.table_revision = -1
         self.table_errors = 0
@@ -117,6 +141,13 @@ class GatewayMetrics:
         stats = self._shadows.get(key)
         if stats is None:
             stats = self._shadows[key] = ShadowStats(project, model, version)
+        return stats
+
+    def activation(self, project: str, model: str, version: str) -> ActivationStats:
+        key = (project, model, version)
+        stats = self._activations.get(key)
+        if stats is None:
+            stats = self._activations[key] = ActivationStats(project, model, version)
         return stats
 
     def count_unrouted(self, code: int) -> None:
@@ -159,10 +190,27 @@ class GatewayMetrics:
             }
             for sh in self._shadows.values()
         ]
+        activations = [
+            {
+                "project": a.project,
+                "model": a.model,
+                "version": a.version,
+                "held": a.held,
+                "overflow": a.overflow,
+                "timed_out": a.timed_out,
+                "pokes": a.pokes,
+                "poke_errors": a.poke_errors,
+                "count": a.cold_start.count,
+                "sum": a.cold_start.total,
+                "buckets": list(a.cold_start.buckets),
+            }
+            for a in self._activations.values()
+        ]
         up = self.upstream
         return {
             "versions": versions,
             "shadows": shadows,
+            "activations": activations,
             "unrouted": {str(k): v for k, v in self.unrouted.items()},
             "upstream": {
                 "connects": up.connects,
@@ -261,11 +309,7 @@ class _SnapshotCollector(Collector):
             for s in v["series"]:
                 values = [*vlabels, s["chosen_by"], str(s["code"])]
                 requests.add_metric(values, s["count"])
-                cumulative, acc = [], 0
-                for bound, n in zip(bounds, s["buckets"], strict=True):
-                    acc += n
-                    cumulative.append((bound, acc))
-                duration.add_metric(values, cumulative, s["sum"])
+                duration.add_metric(values, _cumulative(bounds, s["buckets"]), s["sum"])
         unrouted = CounterMetricFamily(
             "gateway_unrouted_requests",
             "Requests answered before a version endpoint was chosen (unknown host, bad input).",
@@ -283,6 +327,7 @@ class _SnapshotCollector(Collector):
         yield duration
         yield in_flight
         yield from _shadow_families(snap.get("shadows", []), bounds)
+        yield from _activation_families(snap.get("activations", []))
         yield unrouted
         yield errors
         yield CounterMetricFamily(
@@ -339,15 +384,52 @@ def _shadow_families(shadows: list[dict[str, Any]], bounds: list[str]) -> Iterat
         compared.add_metric(base, sh["compared"])
         for kind in ("status", "body"):
             mismatch.add_metric([*base, kind], sh["mismatch"].get(kind, 0))
-        cumulative, acc = [], 0
-        for bound, n in zip(bounds, sh["buckets"], strict=True):
-            acc += n
-            cumulative.append((bound, acc))
-        duration.add_metric(base, cumulative, sh["sum"])
+        duration.add_metric(base, _cumulative(bounds, sh["buckets"]), sh["sum"])
     yield requests
     yield compared
     yield mismatch
     yield duration
+
+
+def _activation_families(activations: list[dict[str, Any]]) -> Iterator[Metric]:
+    labels = ["project", "model", "version"]
+    held = CounterMetricFamily(
+        "gateway_activation_requests",
+        "Requests that arrived while their version endpoint had no replica, by outcome "
+        "(held: waited for one; overflow, timed_out: answered 503).",
+        labels=[*labels, "result"],
+    )
+    pokes = CounterMetricFamily(
+        "gateway_activation_pokes",
+        "Calls telling the autoscaler requests wait at zero, by result.",
+        labels=[*labels, "result"],
+    )
+    cold = HistogramMetricFamily(
+        "gateway_cold_start_seconds",
+        "How long requests waited for their version endpoint to start from zero.",
+        labels=labels,
+    )
+    bounds = [*(repr(b) for b in COLD_START_BUCKETS), "+Inf"]
+    for a in activations:
+        base = [a["project"], a["model"], a["version"]]
+        for result in ("held", "overflow", "timed_out"):
+            held.add_metric([*base, result], a[result])
+        pokes.add_metric([*base, "ok"], a["pokes"])
+        pokes.add_metric([*base, "error"], a["poke_errors"])
+        cold.add_metric(base, _cumulative(bounds, a["buckets"]), a["sum"])
+    yield held
+    yield pokes
+    yield cold
+
+
+def _cumulative(bounds: list[str], buckets: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts to the cumulative (le, count) pairs Prometheus histograms use."""
+    out: list[tuple[str, float]] = []
+    acc = 0
+    for bound, n in zip(bounds, buckets, strict=True):
+        acc += n
+        out.append((bound, acc))
+    return out
 
 
 def render(snapshot: Snapshot) -> bytes:

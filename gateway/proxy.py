@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_request import BaseRequest
 
+from gateway.activation import ActivationRefused, Activator
 from gateway.balancer import choose
 from gateway.errors import error_response
 from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
@@ -103,6 +104,7 @@ class Proxy:
         self.request_ids = RequestIds()
         self.loop = asyncio.get_running_loop()
         self.shadowing = Shadowing(metrics, shadow_limits)
+        self.activator: Activator | None = None
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         start = perf_counter()
@@ -275,6 +277,13 @@ class Proxy:
                 body = None
         head, request_id = prebuilt or self._request_head(request, path, chunked)
         upstreams = version.upstreams
+        if not upstreams and version.scale_to_zero and self.activator is not None:
+            try:
+                version = await self.activator.activate(version)
+            except ActivationRefused as exc:
+                version_header = {"X-Model-Version": version.version_header}
+                return error_response(503, str(exc), retry_after=1, headers=version_header)
+            upstreams = version.upstreams
         if not upstreams:
             return error_response(
                 503,

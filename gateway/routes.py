@@ -29,6 +29,11 @@ class VersionEndpointSpec(StrictModel):
     replicas: list[str] = Field(
         default_factory=list, description="Ready replicas as host:port; empty means none ready."
     )
+    scale_to_zero: bool = Field(
+        default=False,
+        description="The version may be scaled to zero: with no replicas, gateways hold its "
+        "requests while one starts instead of answering 503.",
+    )
 
     @field_validator("replicas")
     @classmethod

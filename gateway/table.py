@@ -36,6 +36,9 @@ class RoutePolicy:
 DIRECT_POLICY = RoutePolicy()
 
 
+VersionKey = tuple[str, str, str]  # (project, model, version)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class VersionTarget:
     """A version endpoint: where a request for one version goes."""
@@ -50,6 +53,9 @@ class VersionTarget:
     predict_paths: frozenset[str]  # paths rewritten to predict_path
     version_header: str
     relay_headers: bytes  # our response header lines for this version, pre-encoded
+    key: VersionKey
+    # No replicas means "scaled to zero, hold requests while one starts", not "down".
+    scale_to_zero: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -136,6 +142,7 @@ class RouteTable:
     by_host: dict[str, Target] = field(default_factory=dict)
     by_path: dict[str, Target] = field(default_factory=dict)  # "<project>/<name>"
     versions: tuple[VersionTarget, ...] = ()
+    by_key: dict[VersionKey, VersionTarget] = field(default_factory=dict)
 
     def upstreams(self) -> list[Upstream]:
         return [u for v in self.versions for u in v.upstreams]
@@ -168,6 +175,8 @@ def compile_table(
             predict_paths=frozenset({"/v1/predict"}),
             version_header=ve.version,
             relay_headers=b"X-Model-Version: " + ve.version.encode() + b"\r\n",
+            key=(ve.project, ve.model, ve.version),
+            scale_to_zero=ve.scale_to_zero,
         )
         versions[(ve.project, ve.model, ve.version)] = vt
         by_host[f"{name}.{ve.project}.{domain}"] = vt
@@ -222,4 +231,5 @@ def compile_table(
         by_host=by_host,
         by_path=by_path,
         versions=tuple(versions.values()),
+        by_key=versions,
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.activation import Activator, HttpPoke
 from gateway.aio import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.http_server import GatewayHttpServer
@@ -43,6 +44,10 @@ class GatewayWorker:
         self.registry = UpstreamRegistry(loop, config.pool)
         self.metrics = GatewayMetrics(self.registry.stats)
         self.proxy = Proxy(self.metrics, self.registry.stats, config.proxy)
+        activate_url = config.activate_url or config.controller_url
+        self.poke = HttpPoke(activate_url, config.controller_token) if activate_url else None
+        self.activator = Activator(self.metrics, config.activation, self.poke)
+        self.proxy.activator = self.activator
         self.signals = SignalRecorder(self.metrics.versions)
         self.ready = False
         self.last_error: str | None = None
@@ -57,6 +62,7 @@ class GatewayWorker:
     def apply(self, spec: RouteTableSpec) -> None:
         table = compile_table(spec, self.config.domain, self.registry, self.metrics.version)
         self.proxy.table = table
+        self.activator.table_swapped(table)
         self.registry.retain(table.upstreams())
         self.metrics.table_revision = table.revision
         self.ready = True
@@ -107,6 +113,9 @@ class GatewayWorker:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.proxy.shadowing.close()
+        await self.activator.close()
+        if self.poke is not None:
+            await self.poke.close()
         self.registry.close()
 
     def report(self) -> Report:

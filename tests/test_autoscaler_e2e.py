@@ -83,7 +83,7 @@ async def test_load_ramp_raises_replicas(tmp_path: Path) -> None:
     finally:
         stop.set()
         await cancel_and_wait([scaling])
-        await scaler.signals.close()
+        await scaler.close()
         await admin.cleanup()
         await worker.stop()
         await api.session.close()

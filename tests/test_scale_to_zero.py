@@ -1,0 +1,182 @@
+"""Scale to zero end to end: the controller, a following gateway, the autoscaler and real
+replica processes. Idling takes a version to zero, the first request at zero succeeds
+(held by the gateway while the autoscaler, poked, starts a replica), and scaling down
+under load fails no request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from autoscaler.collector import GatewaySignals
+from autoscaler.policy import PolicyConfig
+from autoscaler.scaler import Autoscaler
+from controller.server import ControllerConfig, start_controller
+from controller.service import Controller
+from gateway.admin import admin_app, start_admin
+from gateway.aio import cancel_and_wait
+from gateway.config import GatewayConfig
+from gateway.sources import ControllerRouteSource
+from gateway.worker import GatewayWorker, Report
+from tests.test_autoscaler_e2e import SLEEPY
+from tests.test_controller_api import BASE, Api
+
+KEY = "fraud/scorer/1"
+HOST = "scorer.fraud.localhost"
+# Knative's timings scaled down so a test sees a whole cycle in seconds.
+FAST = PolicyConfig(stable_window=4.0, panic_window=1.0, scale_down_delay=2.0,
+                    scale_to_zero_grace=2.0)  # fmt: skip
+
+
+@dataclass
+class Stack:
+    api: Api
+    controller: Controller
+    worker: GatewayWorker
+    scaler: Autoscaler
+
+    def ready(self) -> list[str]:
+        return self.controller.state.versions[KEY].replicas
+
+    def live(self) -> int:
+        assert self.controller.runtime is not None
+        return len(self.controller.runtime.replicas(KEY))
+
+    async def until(self, what: str, check: Any, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"{what}: {self.scaler.last_reason}"
+            await asyncio.sleep(0.1)
+
+    async def deploy(self, min_replica: int, max_replica: int) -> None:
+        spec = {
+            "type": "custom",
+            "command": SLEEPY,
+            "resource_request": {"min_replica": min_replica, "max_replica": max_replica},
+            "autoscaling_policy": {"metrics_type": "concurrency", "target_value": 1},
+        }
+        assert (await self.api.call("PUT", f"{BASE}/versions/1/endpoint", spec))[0] == 202
+        await self.api.wait_status("1", "running")
+        rule = {"rule": {"destinations": [{"version": "1", "weight": 100}]}}
+        assert (await self.api.call("PUT", f"{BASE}/endpoint", rule))[0] == 201
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    controller, runner, port = await start_controller(
+        ControllerConfig(state_dir=tmp_path / "state", port=0, drain_seconds=0.5)
+    )
+    api = Api(f"http://127.0.0.1:{port}")
+    worker = GatewayWorker(GatewayConfig(port=0, controller_url=api.url),
+                           ControllerRouteSource(api.url))  # fmt: skip
+    await worker.start()
+
+    async def reports() -> list[Report]:
+        return [worker.report()]
+
+    admin, admin_port = await start_admin(admin_app(reports), "127.0.0.1", 0)
+    assert controller.runtime is not None
+    scaler = Autoscaler(
+        lambda: controller.state.versions,
+        controller.runtime,
+        GatewaySignals([f"http://127.0.0.1:{admin_port}"]),
+        interval=0.25,
+        timings=FAST,
+    )
+    controller.activations = scaler.poke
+    controller.metrics_text = scaler.metrics.render
+    scaling = asyncio.ensure_future(scaler.run())
+    try:
+        yield Stack(api, controller, worker, scaler)
+    finally:
+        await cancel_and_wait([scaling])
+        await scaler.close()
+        await admin.cleanup()
+        await worker.stop()
+        await api.session.close()
+        await runner.cleanup()
+        await controller.close()
+
+
+async def test_idle_goes_to_zero_and_the_first_request_at_zero_succeeds(stack: Stack) -> None:
+    await stack.deploy(min_replica=0, max_replica=2)
+    async with aiohttp.ClientSession() as s:
+        status, _ = await _get(s, stack, "/sleep?s=0.01")
+        assert status == 200
+        # No traffic for the grace period: zero replicas, none running at all.
+        await stack.until("scaled to zero", lambda: stack.live() == 0 and not stack.ready())
+        view = (await stack.api.call("GET", f"{BASE}/versions/1/endpoint"))[1]
+        assert view["status"] == "serving" and view["replicas"] == []
+        # The first request at zero is held, not refused, and answered by a new replica.
+        status, body = await _get(s, stack, "/sleep?s=0.01")
+        assert status == 200, body
+        assert len(stack.ready()) >= 1
+        cold = stack.worker.metrics.activation("fraud", "scorer", "1").cold_start
+        assert cold.count == 1 and cold.total > 0
+    # The autoscaler's side is visible on the controller's /metrics.
+    async with stack.api.session.get(stack.api.url + "/metrics") as resp:
+        families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+    [started] = families["merlin_autoscaler_activations"].samples
+    assert started.labels["version"] == "1" and started.value == 1.0
+    reasons = {s.labels["reason"] for s in families["merlin_autoscaler_decisions"].samples}
+    assert "idle: to zero" in reasons
+
+
+async def test_scale_down_under_load_fails_no_request(stack: Stack) -> None:
+    await stack.deploy(min_replica=1, max_replica=4)
+    failures: list[tuple[int, str]] = []
+    served = 0
+    quiet = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def client(s: aiohttp.ClientSession, steady: bool) -> None:
+        nonlocal served
+        while not stop.is_set() and (steady or not quiet.is_set()):
+            status, body = await _get(s, stack, "/sleep?s=0.2")
+            served += 1
+            if status != 200:
+                failures.append((status, body))
+
+    async with aiohttp.ClientSession() as s:
+        steady = asyncio.ensure_future(client(s, True))
+        burst = [asyncio.ensure_future(client(s, False)) for _ in range(5)]
+        await stack.until("scaled up", lambda: len(stack.ready()) >= 3)
+        quiet.set()  # the burst ends; one client keeps going while replicas drain away
+        await asyncio.gather(*burst)
+        # One client at concurrency ~1 needs ceil(1 / 0.7) = 2 replicas.
+        await stack.until("scaled down", lambda: stack.live() <= 2, timeout=40)
+        stop.set()
+        await steady
+    assert served > 20
+    assert failures == []
+
+
+async def test_activation_api_refuses_what_it_cannot_hand_on(stack: Stack) -> None:
+    await stack.deploy(min_replica=0, max_replica=1)
+    api = stack.api
+    ok = {"project": "fraud", "model": "scorer", "version": "1", "waiting": 3}
+    status, body, _ = await api.call("POST", "/v1/activations", ok)
+    assert status == 202 and body == {"accepted": KEY, "waiting": 3}
+    status, body, _ = await api.call("POST", "/v1/activations", {**ok, "version": "9"})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body, _ = await api.call("POST", "/v1/activations", {**ok, "waiting": -1})
+    assert status == 422 and body["error"]["fields"][0]["path"] == "waiting"
+    status, body, _ = await api.call("POST", "/v1/activations", b"{not json")
+    assert status == 400
+    stack.controller.activations = None
+    status, body, _ = await api.call("POST", "/v1/activations", ok)
+    assert status == 503 and body["error"]["code"] == "no_autoscaler"
+
+
+async def _get(s: aiohttp.ClientSession, stack: Stack, path: str) -> tuple[int, str]:
+    async with s.get(f"http://127.0.0.1:{stack.worker.port}{path}",
+                     headers={"Host": HOST}) as r:  # fmt: skip
+        return r.status, await r.text()
