@@ -12,12 +12,13 @@ waiting for the next tick, and the held requests count as demand.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from autoscaler.collector import GatewaySignals
@@ -26,6 +27,8 @@ from autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
 from autoscaler.resources import ReplicaResources, Resource
 from controller.models import VersionEndpoint
 from controller.runtime import Runtime
+from controller.service import Controller
+from gateway.aio import cancel_and_wait
 
 log = logging.getLogger("autoscaler")
 
@@ -69,6 +72,7 @@ class Autoscaler:
         self.resources = ReplicaResources()
         self.metrics = AutoscalerMetrics()
         self._wake = asyncio.Event()
+        self._task: asyncio.Future[None] | None = None
 
     def poke(self, key: str, waiting: int) -> None:
         """Requests wait at zero for ``key``: decide now, not at the next tick."""
@@ -154,6 +158,62 @@ class Autoscaler:
                      decision.reason)  # fmt: skip
             await self.runtime.scale(key, decision.desired)
 
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self.run())
+
     async def close(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
         await self.signals.close()
         await self.resources.close()
+
+
+def add_timing_arguments(p: argparse.ArgumentParser) -> None:
+    """The cluster-wide timings users tune (Knative's config-autoscaler has the same)."""
+    d = PolicyConfig()
+    g = p.add_argument_group("autoscaling timings (for every version endpoint)")
+    g.add_argument("--stable-window", type=float, default=d.stable_window, metavar="SECONDS",
+                   help="requests are averaged over this window to size replicas")  # fmt: skip
+    g.add_argument("--scale-down-delay", type=float, default=d.scale_down_delay,
+                   metavar="SECONDS",
+                   help="the peak of this window holds before scaling down")  # fmt: skip
+    g.add_argument("--scale-to-zero-grace", type=float, default=d.scale_to_zero_grace,
+                   metavar="SECONDS",
+                   help="idle this long before a min_replica 0 version goes to zero")  # fmt: skip
+
+
+def timings_from(args: argparse.Namespace) -> PolicyConfig:
+    for name in ("stable_window", "scale_down_delay", "scale_to_zero_grace"):
+        if not 0 <= getattr(args, name) <= 3600:
+            raise SystemExit(f"merlin-dp: --{name.replace('_', '-')} must be 0-3600 seconds")
+    if args.stable_window < 1:
+        raise SystemExit("merlin-dp: --stable-window must be at least 1 second")
+    return replace(
+        PolicyConfig(),
+        stable_window=args.stable_window,
+        panic_window=max(1.0, args.stable_window / 10),  # Knative: 10% of the stable window
+        scale_down_delay=args.scale_down_delay,
+        scale_to_zero_grace=args.scale_to_zero_grace,
+    )
+
+
+def attach_autoscaler(
+    controller: Controller,
+    gateway_admin_urls: Sequence[str],
+    timings: PolicyConfig | None = None,
+    interval: float = 1.0,
+) -> Autoscaler:
+    """Run an autoscaler beside a controller: it scales the controller's runtime, takes
+    the gateways' pokes (``POST /v1/activations``) and serves its metrics (``/metrics``)."""
+    assert controller.runtime is not None, "the autoscaler actuates a runtime"
+    scaler = Autoscaler(
+        lambda: controller.state.versions,
+        controller.runtime,
+        GatewaySignals(gateway_admin_urls),
+        interval=interval,
+        timings=timings,
+    )
+    controller.activations = scaler.poke
+    controller.metrics_text = scaler.metrics.render
+    scaler.start()
+    return scaler

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from autoscaler.scaler import add_timing_arguments, timings_from
 from gateway.cli import split_address
 
 
@@ -30,6 +31,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--domain", default="localhost")
     p.add_argument("--runtime", choices=["local", "none"], default="local",
                    help="where replicas run; 'none' only records state")  # fmt: skip
+    p.add_argument("--gateway-admin", action="append", default=[], metavar="URL",
+                   help="a gateway's admin URL (repeat for each gateway): run the autoscaler "
+                   "on their request signals; gateways poke it at /v1/activations")  # fmt: skip
+    add_timing_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run)
 
@@ -43,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     config = ControllerConfig(
         state_dir=args.state_dir, host=host, port=port, tokens_file=args.tokens,
         max_versions=args.max_versions, domain=args.domain, runtime=args.runtime,
-        store=args.store,
+        store=args.store, gateway_admin_urls=tuple(args.gateway_admin),
+        autoscaler_timings=timings_from(args),
     )  # fmt: skip
+    if args.gateway_admin and args.runtime == "none":
+        raise SystemExit("merlin-dp controller: --gateway-admin needs a runtime to scale")
     uvloop.run(serve(config))
     return 0

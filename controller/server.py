@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
+from autoscaler.policy import PolicyConfig
 from controller.api import make_app
 from controller.auth import Tokens
 from controller.redis_store import RedisStore
@@ -35,6 +36,10 @@ class ControllerConfig:
     runtime: str = "local"  # local | none
     store: str = ""  # "" (a file under state_dir) or redis://host:port/db
     drain_seconds: float = 2.0
+    # Gateways' admin URLs to read request signals from: runs the autoscaler beside the
+    # controller (needs a runtime). Empty: no autoscaling.
+    gateway_admin_urls: tuple[str, ...] = ()
+    autoscaler_timings: PolicyConfig | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -103,12 +108,21 @@ async def start_controller(config: ControllerConfig) -> tuple[Controller, web.Ap
 
 
 async def serve(config: ControllerConfig) -> None:
+    from autoscaler.scaler import attach_autoscaler
+
     controller, runner, _ = await start_controller(config)
+    scaler = None
+    if config.gateway_admin_urls and controller.runtime is not None:
+        scaler = attach_autoscaler(
+            controller, config.gateway_admin_urls, timings=config.autoscaler_timings
+        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if scaler is not None:
+        await scaler.close()
     await controller.feed.close()
     await runner.cleanup()
     await controller.close()

@@ -23,12 +23,10 @@ from typing import Any
 
 import aiohttp
 
-from autoscaler.collector import GatewaySignals
-from autoscaler.scaler import Autoscaler
+from autoscaler.scaler import Autoscaler, add_timing_arguments, attach_autoscaler, timings_from
 from controller.runtime.local import log_files
 from controller.server import ControllerConfig, start_controller
 from gateway.admin import admin_app, start_admin
-from gateway.aio import cancel_and_wait
 from gateway.cli import split_address
 from gateway.config import GatewayConfig
 from gateway.sources import ControllerRouteSource
@@ -57,6 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--api", default="127.0.0.1:8090", metavar="HOST:PORT", help="controller API")
     p.add_argument("--domain", default="localhost")
     p.add_argument("--demo", action="store_true", help="deploy the iris demo (needs scikit-learn)")
+    add_timing_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run_up)
 
@@ -101,7 +100,7 @@ async def _up(args: argparse.Namespace) -> None:
                            domain=args.domain, controller_url=api_url)  # fmt: skip
     worker = GatewayWorker(config, ControllerRouteSource(api_url))
     admin_runner = None
-    scaling: asyncio.Future[None] | None = None
+    autoscaler: Autoscaler | None = None
     try:
         await worker.start()
 
@@ -109,15 +108,9 @@ async def _up(args: argparse.Namespace) -> None:
             return [worker.report()]
 
         admin_runner, admin_port = await start_admin(admin_app(reports), admin_host, admin_port)
-        assert controller.runtime is not None
-        autoscaler = Autoscaler(
-            lambda: controller.state.versions,
-            controller.runtime,
-            GatewaySignals([f"http://{admin_host}:{admin_port}"]),
+        autoscaler = attach_autoscaler(
+            controller, [f"http://{admin_host}:{admin_port}"], timings=timings_from(args)
         )
-        controller.activations = autoscaler.poke
-        controller.metrics_text = autoscaler.metrics.render
-        scaling = asyncio.ensure_future(autoscaler.run())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -133,8 +126,7 @@ async def _up(args: argparse.Namespace) -> None:
         await stop.wait()
         print("merlin-dp: stopping (in-flight requests finish, replicas drain)", flush=True)
     finally:
-        if scaling is not None:
-            await cancel_and_wait([scaling])
+        if autoscaler is not None:
             await autoscaler.close()
         await worker.stop()
         if admin_runner is not None:

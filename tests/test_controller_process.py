@@ -207,3 +207,58 @@ def test_kill_9_mid_change_leaves_a_whole_state(tmp_path: Path) -> None:
             assert v["spec"]["command"][0] == "serve"  # each record whole and valid
     finally:
         restarted.stop()
+
+
+async def test_processes_scale_to_zero_and_activate(tmp_path: Path) -> None:
+    """`merlin-dp controller --gateway-admin` runs the autoscaler; a two-worker gateway
+    process holds the first request at zero and every worker pokes the controller."""
+    port, gw_port, admin = free_port(), free_port(), free_port()
+    ctl = Proc(
+        [sys.executable, "-m", "controller.cli", "controller", "--state-dir",
+         str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}",
+         "--gateway-admin", f"http://127.0.0.1:{admin}", "--stable-window", "3",
+         "--scale-down-delay", "1", "--scale-to-zero-grace", "1"],
+        port, tmp_path / "controller.log",
+    )  # fmt: skip
+    wait_port(port)
+    gateway = Proc(
+        [sys.executable, "-m", "controller.cli", "gateway", "--controller",
+         f"http://127.0.0.1:{port}", "--listen", f"127.0.0.1:{gw_port}",
+         "--admin", f"127.0.0.1:{admin}", "--workers", "2"],
+        gw_port, tmp_path / "gateway.log",
+    )  # fmt: skip
+    wait_port(gw_port)
+    base = f"http://127.0.0.1:{port}/v1/projects/fraud/models/scorer"
+    try:
+        out = cli(port, "deploy", "fraud/scorer/1", "--command", EXAMPLE, "--min-replica", "0",
+                  "--wait", "30")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert cli(port, "route", "fraud/scorer", "--weights", "1=100").returncode == 0
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):  # idle: the autoscaler takes it to zero
+                async with s.get(f"{base}/versions/1/endpoint") as r:
+                    v1 = await r.json()
+                if v1["status"] == "serving" and not v1["replicas"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert v1["replicas"] == [], v1
+
+            # Several requests at zero, spread over both workers: all answered.
+            async def predict() -> int:
+                async with s.post(f"http://127.0.0.1:{gw_port}/v1/predict",
+                                  json={"instances": [[1]]},
+                                  headers={"Host": "scorer.fraud.localhost"}) as r:  # fmt: skip
+                    await r.read()
+                    return r.status
+
+            assert await asyncio.gather(*(predict() for _ in range(8))) == [200] * 8
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = await r.text()
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                scaler_text = await r.text()
+        cold = [ln for ln in text.splitlines() if ln.startswith("gateway_cold_start_seconds_count")]
+        assert cold and sum(float(ln.rsplit(" ", 1)[1]) for ln in cold) >= 1
+        assert "merlin_autoscaler_activations_total" in scaler_text
+    finally:
+        gateway.stop()
+        ctl.stop()

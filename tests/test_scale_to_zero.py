@@ -16,13 +16,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from autoscaler.collector import GatewaySignals
 from autoscaler.policy import PolicyConfig
-from autoscaler.scaler import Autoscaler
+from autoscaler.scaler import Autoscaler, attach_autoscaler
 from controller.server import ControllerConfig, start_controller
 from controller.service import Controller
 from gateway.admin import admin_app, start_admin
-from gateway.aio import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.sources import ControllerRouteSource
 from gateway.worker import GatewayWorker, Report
@@ -83,21 +81,12 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         return [worker.report()]
 
     admin, admin_port = await start_admin(admin_app(reports), "127.0.0.1", 0)
-    assert controller.runtime is not None
-    scaler = Autoscaler(
-        lambda: controller.state.versions,
-        controller.runtime,
-        GatewaySignals([f"http://127.0.0.1:{admin_port}"]),
-        interval=0.25,
-        timings=FAST,
+    scaler = attach_autoscaler(
+        controller, [f"http://127.0.0.1:{admin_port}"], timings=FAST, interval=0.25
     )
-    controller.activations = scaler.poke
-    controller.metrics_text = scaler.metrics.render
-    scaling = asyncio.ensure_future(scaler.run())
     try:
         yield Stack(api, controller, worker, scaler)
     finally:
-        await cancel_and_wait([scaling])
         await scaler.close()
         await admin.cleanup()
         await worker.stop()
