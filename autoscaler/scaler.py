@@ -18,10 +18,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 
-from autoscaler.collector import GatewaySignals
+from autoscaler.collector import SignalSource
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
 from autoscaler.resources import ReplicaResources, Resource
@@ -55,7 +55,7 @@ class Autoscaler:
         self,
         versions: Callable[[], dict[str, VersionEndpoint]],
         runtime: Runtime,
-        signals: GatewaySignals,
+        signals: SignalSource,
         clock: Callable[[], float] = time.time,
         interval: float = 1.0,
         timings: PolicyConfig | None = None,
@@ -88,14 +88,14 @@ class Autoscaler:
 
     async def tick(self) -> None:
         now = self.clock()
-        answered = await self.signals.poll(now)
-        everyone = answered == len(self.signals.admin_urls)
+        answered, expected = await self.signals.poll(now)
+        everyone = answered >= expected
         running = {k: r for k, r in self.versions().items() if r.status in ("running", "serving")}
         for key, rec in running.items():
             await self._decide(key, rec, now, answered, everyone)
         self.resources.retain(running)
         self.metrics.retain(running)
-        for url in self.signals.admin_urls:
+        for url in self.signals.sources:
             seen = self.signals.last_seen.get(url)
             self.metrics.set_gateway(
                 url, self.signals.failures.get(url, 0), None if seen is None else now - seen
@@ -199,7 +199,7 @@ def timings_from(args: argparse.Namespace) -> PolicyConfig:
 
 def attach_autoscaler(
     controller: Controller,
-    gateway_admin_urls: Sequence[str],
+    signals: SignalSource,
     timings: PolicyConfig | None = None,
     interval: float = 1.0,
 ) -> Autoscaler:
@@ -209,7 +209,7 @@ def attach_autoscaler(
     scaler = Autoscaler(
         lambda: controller.state.versions,
         controller.runtime,
-        GatewaySignals(gateway_admin_urls),
+        signals,
         interval=interval,
         timings=timings,
     )

@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--gateway-admin", action="append", default=[], metavar="URL",
                    help="a gateway's admin URL (repeat for each gateway): run the autoscaler "
                    "on their request signals; gateways poke it at /v1/activations")  # fmt: skip
+    p.add_argument("--redis-signals", action="store_true",
+                   help="run the autoscaler on the signals gateways started with --redis push "
+                   "to the --store Redis (no gateway list needed)")  # fmt: skip
     add_timing_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run)
@@ -49,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, host=host, port=port, tokens_file=args.tokens,
         max_versions=args.max_versions, domain=args.domain, runtime=args.runtime,
         store=args.store, gateway_admin_urls=tuple(args.gateway_admin),
-        autoscaler_timings=timings_from(args),
+        autoscaler_timings=timings_from(args), redis_signals=args.redis_signals,
     )  # fmt: skip
-    if args.gateway_admin and args.runtime == "none":
-        raise SystemExit("merlin-dp controller: --gateway-admin needs a runtime to scale")
+    if (args.gateway_admin or args.redis_signals) and args.runtime == "none":
+        raise SystemExit("merlin-dp controller: the autoscaler needs a runtime to scale")
+    if args.redis_signals and not args.store.startswith("redis"):
+        raise SystemExit("merlin-dp controller: --redis-signals needs --store redis://...")
+    if args.redis_signals and args.gateway_admin:
+        raise SystemExit("merlin-dp controller: --gateway-admin or --redis-signals, not both")
     uvloop.run(serve(config))
     return 0

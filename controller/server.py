@@ -39,6 +39,8 @@ class ControllerConfig:
     # Gateways' admin URLs to read request signals from: runs the autoscaler beside the
     # controller (needs a runtime). Empty: no autoscaling.
     gateway_admin_urls: tuple[str, ...] = ()
+    # Or read the signals gateways push to the Redis store (needs store=redis://...).
+    redis_signals: bool = False
     autoscaler_timings: PolicyConfig | None = None
 
 
@@ -108,14 +110,18 @@ async def start_controller(config: ControllerConfig) -> tuple[Controller, web.Ap
 
 
 async def serve(config: ControllerConfig) -> None:
+    from autoscaler.collector import GatewaySignals, RedisSignals, SignalSource
     from autoscaler.scaler import attach_autoscaler
 
     controller, runner, _ = await start_controller(config)
     scaler = None
-    if config.gateway_admin_urls and controller.runtime is not None:
-        scaler = attach_autoscaler(
-            controller, config.gateway_admin_urls, timings=config.autoscaler_timings
-        )
+    signals: SignalSource | None = None
+    if config.gateway_admin_urls:
+        signals = GatewaySignals(config.gateway_admin_urls)
+    elif config.redis_signals:
+        signals = RedisSignals(config.store)
+    if signals is not None and controller.runtime is not None:
+        scaler = attach_autoscaler(controller, signals, timings=config.autoscaler_timings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

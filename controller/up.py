@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from autoscaler.collector import GatewaySignals
 from autoscaler.scaler import Autoscaler, add_timing_arguments, attach_autoscaler, timings_from
 from controller.runtime.local import log_files
 from controller.server import ControllerConfig, start_controller
@@ -109,7 +110,9 @@ async def _up(args: argparse.Namespace) -> None:
 
         admin_runner, admin_port = await start_admin(admin_app(reports), admin_host, admin_port)
         autoscaler = attach_autoscaler(
-            controller, [f"http://{admin_host}:{admin_port}"], timings=timings_from(args)
+            controller,
+            GatewaySignals([f"http://{admin_host}:{admin_port}"]),
+            timings=timings_from(args),
         )
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()

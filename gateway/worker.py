@@ -26,6 +26,7 @@ from gateway.http_server import GatewayHttpServer
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routes import RouteTableSpec
+from gateway.signal_push import RedisSignalPusher
 from gateway.signals import SignalRecorder
 from gateway.sources import RouteSource
 from gateway.table import compile_table
@@ -49,6 +50,11 @@ class GatewayWorker:
         self.activator = Activator(self.metrics, config.activation, self.poke)
         self.proxy.activator = self.activator
         self.signals = SignalRecorder(self.metrics.versions)
+        # With Redis, signals are pushed too: an autoscaler needn't know every gateway.
+        self.pusher = (
+            RedisSignalPusher(config.redis_url, self.signals) if config.redis_url else None
+        )
+        self._push_task: asyncio.Task[None] | None = None
         self.ready = False
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -104,10 +110,14 @@ class GatewayWorker:
         await web.SockSite(self._runner, sock).start()
         self._source_task = asyncio.create_task(self.source.run(self.apply, self.reject))
         self.signals.start()
+        if self.pusher is not None:
+            self._push_task = asyncio.create_task(self.pusher.run())
 
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (up to the grace), close pools."""
         self.signals.stop()
+        if self._push_task is not None:
+            await cancel_and_wait([self._push_task])
         if self._source_task is not None:
             await cancel_and_wait([self._source_task])
         if self._runner is not None:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.conftest import ROOT, Proc, free_port, wait_port
+from tests.conftest import ROOT, Proc, RedisServer, free_port, wait_port
 
 EXAMPLE = f"{sys.executable} {ROOT / 'examples' / 'custom_model.py'}"
 
@@ -209,22 +210,30 @@ def test_kill_9_mid_change_leaves_a_whole_state(tmp_path: Path) -> None:
         restarted.stop()
 
 
-async def test_processes_scale_to_zero_and_activate(tmp_path: Path) -> None:
-    """`merlin-dp controller --gateway-admin` runs the autoscaler; a two-worker gateway
-    process holds the first request at zero and every worker pokes the controller."""
+@pytest.mark.parametrize("signals", ["admin", "redis"])
+async def test_processes_scale_to_zero_and_activate(tmp_path: Path, signals: str) -> None:
+    """`merlin-dp controller` runs the autoscaler on signals pulled from the gateway's admin
+    port (`--gateway-admin`) or pushed through Redis (`--redis-signals`); a two-worker
+    gateway process holds the first request at zero and every worker pokes the controller."""
     port, gw_port, admin = free_port(), free_port(), free_port()
+    if signals == "admin":
+        source = ["--gateway-admin", f"http://127.0.0.1:{admin}"]
+        follow = ["--controller", f"http://127.0.0.1:{port}"]
+    else:
+        redis = RedisServer(tmp_path)
+        redis.start()
+        source = ["--store", redis.url, "--redis-signals"]
+        follow = ["--redis", redis.url, "--activate-url", f"http://127.0.0.1:{port}"]
     ctl = Proc(
         [sys.executable, "-m", "controller.cli", "controller", "--state-dir",
-         str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}",
-         "--gateway-admin", f"http://127.0.0.1:{admin}", "--stable-window", "3",
-         "--scale-down-delay", "1", "--scale-to-zero-grace", "1"],
+         str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}", *source,
+         "--stable-window", "3", "--scale-down-delay", "1", "--scale-to-zero-grace", "1"],
         port, tmp_path / "controller.log",
     )  # fmt: skip
     wait_port(port)
     gateway = Proc(
-        [sys.executable, "-m", "controller.cli", "gateway", "--controller",
-         f"http://127.0.0.1:{port}", "--listen", f"127.0.0.1:{gw_port}",
-         "--admin", f"127.0.0.1:{admin}", "--workers", "2"],
+        [sys.executable, "-m", "controller.cli", "gateway", *follow, "--listen",
+         f"127.0.0.1:{gw_port}", "--admin", f"127.0.0.1:{admin}", "--workers", "2"],
         gw_port, tmp_path / "gateway.log",
     )  # fmt: skip
     wait_port(gw_port)
@@ -262,3 +271,5 @@ async def test_processes_scale_to_zero_and_activate(tmp_path: Path) -> None:
     finally:
         gateway.stop()
         ctl.stop()
+        if signals == "redis":
+            redis.kill()

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from autoscaler.collector import GatewaySignals
 from autoscaler.policy import PolicyConfig
 from autoscaler.scaler import Autoscaler, attach_autoscaler
 from controller.server import ControllerConfig, start_controller
@@ -82,7 +83,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 
     admin, admin_port = await start_admin(admin_app(reports), "127.0.0.1", 0)
     scaler = attach_autoscaler(
-        controller, [f"http://127.0.0.1:{admin_port}"], timings=FAST, interval=0.25
+        controller, GatewaySignals([f"http://127.0.0.1:{admin_port}"]), timings=FAST, interval=0.25
     )
     try:
         yield Stack(api, controller, worker, scaler)
