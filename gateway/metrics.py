@@ -11,8 +11,8 @@ is correct whether one process or N serve the traffic port.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -35,6 +35,7 @@ CHOSEN_MATCH = 2
 CHOSEN_STICKY = 3
 
 Snapshot = dict[str, Any]
+PerVersion = TypeVar("PerVersion")
 
 
 # Waiting for a replica to start from zero: from a fast local process to a slow image pull.
@@ -127,28 +128,16 @@ class GatewayMetrics:
         self.table_errors = 0
 
     def version(self, project: str, model: str, version: str) -> VersionStats:
-        key = (project, model, version)
-        stats = self._versions.get(key)
-        if stats is None:
-            stats = self._versions[key] = VersionStats(project, model, version)
-        return stats
+        return _per_version(self._versions, VersionStats, project, model, version)
 
     def versions(self) -> Iterable[VersionStats]:
         return self._versions.values()
 
     def shadow(self, project: str, model: str, version: str) -> ShadowStats:
-        key = (project, model, version)
-        stats = self._shadows.get(key)
-        if stats is None:
-            stats = self._shadows[key] = ShadowStats(project, model, version)
-        return stats
+        return _per_version(self._shadows, ShadowStats, project, model, version)
 
     def activation(self, project: str, model: str, version: str) -> ActivationStats:
-        key = (project, model, version)
-        stats = self._activations.get(key)
-        if stats is None:
-            stats = self._activations[key] = ActivationStats(project, model, version)
-        return stats
+        return _per_version(self._activations, ActivationStats, project, model, version)
 
     def count_unrouted(self, code: int) -> None:
         self.unrouted[code] = self.unrouted.get(code, 0) + 1
@@ -224,6 +213,21 @@ class GatewayMetrics:
                 "source_connected": int(source_connected),
             },
         }
+
+
+def _per_version(
+    store: dict[tuple[str, str, str], PerVersion],
+    make: Callable[[str, str, str], PerVersion],
+    project: str,
+    model: str,
+    version: str,
+) -> PerVersion:
+    """The counters of one version endpoint, made on first use (they outlive tables)."""
+    key = (project, model, version)
+    stats = store.get(key)
+    if stats is None:
+        stats = store[key] = make(project, model, version)
+    return stats
 
 
 def empty_snapshot() -> Snapshot:

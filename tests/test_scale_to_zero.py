@@ -1,11 +1,12 @@
-"""Scale to zero end to end: the controller, a following gateway, the autoscaler and real
-replica processes. Idling takes a version to zero, the first request at zero succeeds
-(held by the gateway while the autoscaler, poked, starts a replica), and scaling down
-under load fails no request."""
+"""The autoscaler end to end: the controller, a following gateway, the autoscaler and
+real replica processes. A load ramp raises replicas and the added ones serve, idling
+takes a version to zero, the first request at zero succeeds (held by the gateway while
+the autoscaler, poked, starts a replica), and scaling down under load fails no request."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,9 +26,15 @@ from gateway.admin import admin_app, start_admin
 from gateway.config import GatewayConfig
 from gateway.sources import ControllerRouteSource
 from gateway.worker import GatewayWorker, Report
-from tests.test_autoscaler_e2e import SLEEPY
+from tests.conftest import ROOT
 from tests.test_controller_api import BASE, Api
 
+# The test replica, started under the contract: its port comes from CARAML_HTTP_PORT.
+SLEEPY = [
+    sys.executable, "-c",
+    "import os, sys; sys.argv = ['x', '--port', os.environ['CARAML_HTTP_PORT']];"
+    f"sys.path.insert(0, {str(ROOT)!r}); from tests.upstream_app import main; main()",
+]  # fmt: skip
 KEY = "fraud/scorer/1"
 HOST = "scorer.fraud.localhost"
 # Knative's timings scaled down so a test sees a whole cycle in seconds.
@@ -94,6 +101,27 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         await api.session.close()
         await runner.cleanup()
         await controller.close()
+
+
+async def test_load_ramp_raises_replicas_and_they_serve(stack: Stack) -> None:
+    await stack.deploy(min_replica=1, max_replica=4)
+    failures: list[int] = []
+    stop = asyncio.Event()
+
+    async def client(s: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            status, _ = await _get(s, stack, "/sleep?s=0.3")
+            if status != 200:
+                failures.append(status)
+
+    async with aiohttp.ClientSession() as s:
+        clients = [asyncio.ensure_future(client(s)) for _ in range(6)]
+        await stack.until("scaled up to 4", lambda: len(stack.ready()) == 4)
+        stop.set()
+        await asyncio.gather(*clients)
+    assert failures == []
+    # The added replicas took traffic: the gateway's table has all four.
+    assert len(stack.worker.proxy.table.versions[0].upstreams) == 4
 
 
 async def test_idle_goes_to_zero_and_the_first_request_at_zero_succeeds(stack: Stack) -> None:
