@@ -39,7 +39,16 @@ KEY = "fraud/scorer/1"
 HOST = "scorer.fraud.localhost"
 # Knative's timings scaled down so a test sees a whole cycle in seconds.
 FAST = PolicyConfig(stable_window=4.0, panic_window=1.0, scale_down_delay=2.0,
-                    scale_to_zero_grace=2.0)  # fmt: skip
+                    scale_to_zero_grace=2.0, stabilization_window=3.0)  # fmt: skip
+# A pyfunc model that spends CPU on every request: n squares summed.
+BURN_MODEL = """
+class Burn:
+    def load(self):
+        pass
+
+    def predict(self, payload):
+        return {"sum": sum(i * i for i in range(int(payload["n"])))}
+"""
 
 
 @dataclass
@@ -62,12 +71,13 @@ class Stack:
             assert time.monotonic() < deadline, f"{what}: {self.scaler.last_reason}"
             await asyncio.sleep(0.1)
 
-    async def deploy(self, min_replica: int, max_replica: int) -> None:
+    async def deploy(self, min_replica: int, max_replica: int, **spec: Any) -> None:
         spec = {
             "type": "custom",
             "command": SLEEPY,
             "resource_request": {"min_replica": min_replica, "max_replica": max_replica},
             "autoscaling_policy": {"metrics_type": "concurrency", "target_value": 1},
+            **spec,
         }
         assert (await self.api.call("PUT", f"{BASE}/versions/1/endpoint", spec))[0] == 202
         await self.api.wait_status("1", "running")
@@ -122,6 +132,46 @@ async def test_load_ramp_raises_replicas_and_they_serve(stack: Stack) -> None:
     assert failures == []
     # The added replicas took traffic: the gateway's table has all four.
     assert len(stack.worker.proxy.table.versions[0].upstreams) == 4
+
+
+async def test_cpu_utilization_scales_on_what_replicas_report(stack: Stack, tmp_path: Path) -> None:
+    """The HPA path: CPU scraped from each replica's /metrics, as percent of cpu_request."""
+    (tmp_path / "burn.py").write_text(BURN_MODEL)
+    await stack.deploy(
+        min_replica=1,
+        max_replica=3,
+        type="pyfunc",
+        command=[],
+        model_dir=str(tmp_path),
+        pyfunc_class="burn:Burn",
+        resource_request={"min_replica": 1, "max_replica": 3, "cpu_request": "200m"},
+        autoscaling_policy={"metrics_type": "cpu_utilization", "target_value": 50},
+    )
+    stop = asyncio.Event()
+    failures: list[int] = []
+
+    async def client(s: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            async with s.post(f"http://127.0.0.1:{stack.worker.port}/v1/predict",
+                              json={"n": 200_000}, headers={"Host": HOST}) as r:  # fmt: skip
+                await r.read()
+                if r.status != 200:
+                    failures.append(r.status)
+
+    async with aiohttp.ClientSession() as s:
+        clients = [asyncio.ensure_future(client(s)) for _ in range(2)]
+        # One busy replica uses far more than 50% of 200m: the HPA ratio asks for more.
+        await stack.until("scaled up on CPU", lambda: len(stack.ready()) == 3)
+        stop.set()
+        await asyncio.gather(*clients)
+    assert failures == []
+    async with stack.api.session.get(stack.api.url + "/metrics") as resp:
+        families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+    cpu = [s.value for s in families["merlin_autoscaler_signal_value"].samples
+           if s.labels["metric"] == "cpu_utilization"]  # fmt: skip
+    assert cpu and cpu[0] >= 0
+    # Idle replicas report little CPU: after the stabilization window, back to one.
+    await stack.until("scaled down on CPU", lambda: stack.live() == 1, timeout=40)
 
 
 async def test_idle_goes_to_zero_and_the_first_request_at_zero_succeeds(stack: Stack) -> None:
