@@ -44,6 +44,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="request bodies over this are refused with 413")  # fmt: skip
     p.add_argument("--idle-upstream-seconds", type=float, default=PoolLimits().idle_seconds,
                    help="close pooled replica connections idle this long")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request head must arrive whole this soon after its first byte "
+                   "(else 408: slowloris)")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=10_000,
+                   help="open client connections per worker; more are answered 503")  # fmt: skip
     p.add_argument("--activate-url", metavar="URL",
                    help="where to tell the autoscaler requests wait for a version at zero "
                    "(default: --controller)")  # fmt: skip
@@ -85,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             proxy=ProxyLimits(max_body_bytes=args.max_body_bytes),
             pool=PoolLimits(idle_seconds=args.idle_upstream_seconds),
             activate_url=args.activate_url,
+            header_timeout_seconds=args.header_timeout,
+            max_connections=args.max_connections,
             activation=ActivationLimits(
                 max_waiting=args.activation_queue, timeout=args.activation_timeout
             ),

@@ -26,6 +26,10 @@ class GatewayConfig:
     workers: int = 1
     reload_seconds: float = 1.0
     keepalive_seconds: float = 75.0
+    # A request head must be whole this long after its first byte (slowloris): else 408.
+    header_timeout_seconds: float = 10.0
+    # Open client connections per worker; past it new ones get 503 and are closed.
+    max_connections: int = 10_000
     # Grace for in-flight requests when the gateway stops.
     shutdown_seconds: float = 10.0
     max_line_bytes: int = 8190
@@ -39,6 +43,8 @@ class GatewayConfig:
             raise ValueError("workers must be at least 1")
         if not 0 < self.proxy.buffer_body_bytes <= 1024 * 1024:
             raise ValueError("buffer_body_bytes must be between 1 byte and 1 MiB")
+        if self.header_timeout_seconds <= 0 or self.max_connections < 1:
+            raise ValueError("header timeout must be positive and max connections at least 1")
         if self.activation.max_waiting < 0 or self.activation.timeout <= 0:
             raise ValueError("activation queue must not be negative and its timeout positive")
         if self.proxy.max_body_bytes < 0:

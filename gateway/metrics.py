@@ -115,6 +115,17 @@ class ActivationStats:
         self.cold_start = CodeStats(COLD_START_BUCKETS)
 
 
+class ConnectionStats:
+    """Client connections of one worker: open now, and those cut for abuse."""
+
+    __slots__ = ("head_timeouts", "open", "refused")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.refused = 0  # over --max-connections: answered 503 and closed
+        self.head_timeouts = 0  # request head not whole within --header-timeout: 408
+
+
 class GatewayMetrics:
     """Every counter of one gateway worker."""
 
@@ -123,6 +134,7 @@ class GatewayMetrics:
         self._versions: dict[tuple[str, str, str], VersionStats] = {}
         self._shadows: dict[tuple[str, str, str], ShadowStats] = {}
         self._activations: dict[tuple[str, str, str], ActivationStats] = {}
+        self.connections = ConnectionStats()
         self.unrouted: dict[int, int] = {}  # requests answered before a version was chosen
         self.table_revision = -1
         self.table_errors = 0
@@ -206,6 +218,11 @@ class GatewayMetrics:
                 "ejections": up.ejections,
                 "retries": up.retries,
                 "errors": dict(up.errors),
+            },
+            "connections": {
+                "open": self.connections.open,
+                "refused": self.connections.refused,
+                "head_timeouts": self.connections.head_timeouts,
             },
             "table": {
                 "revision": self.table_revision,
@@ -334,6 +351,20 @@ class _SnapshotCollector(Collector):
         yield from _activation_families(snap.get("activations", []))
         yield unrouted
         yield errors
+        conns = snap.get("connections", {})
+        yield GaugeMetricFamily(
+            "gateway_client_connections", "Client connections open now.",
+            value=conns.get("open", 0),
+        )  # fmt: skip
+        cut = CounterMetricFamily(
+            "gateway_client_connections_cut",
+            "Client connections answered and closed for abuse, by reason "
+            "(max_connections: 503; head_timeout: 408, the request head came too slowly).",
+            labels=["reason"],
+        )
+        cut.add_metric(["max_connections"], conns.get("refused", 0))
+        cut.add_metric(["head_timeout"], conns.get("head_timeouts", 0))
+        yield cut
         yield CounterMetricFamily(
             "gateway_retries", "Requests retried on another replica.", value=up["retries"]
         )

@@ -102,6 +102,9 @@ class GatewayWorker:
             # A client that leaves cancels its handler, which aborts the replica exchange
             # instead of keeping the replica busy for nobody.
             handler_cancellation=True,
+            stats=self.metrics.connections,
+            header_timeout=cfg.header_timeout_seconds,
+            max_connections=cfg.max_connections,
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_seconds)
         await self._runner.setup()
