@@ -15,6 +15,29 @@ faults fixed:
 - draining replicas are not capacity (they leave once drained, #11596), and no replica
   is scaled away while another is still starting (kserve/kserve#1247).
 
+When the gateway reports arrival rates and the service time (``Signals.rate_*``,
+``service_time``, ``queued``, ``startup_time``), demand is sized by Little's law instead
+of the raw metric, because a concurrency that counts queued requests runs away on a
+burst (every queued request asks for 1/0.7 of a replica):
+
+- replicas = ceil(arrival rate x service time / (target x target utilization)) (for
+  ``rps``, arrival rate / (target x utilization));
+- the arrival rate is the stable window's unless a shorter window differs from it by more
+  than ``evidence`` Poisson standard deviations: the panic window overrules it both ways
+  (a rise, or traffic that stopped: idleness shows in seconds, not after a minute), the
+  last second overrules both on a step up. Scale-down needs the count to hold for two
+  standard deviations more traffic (hysteresis: steady load near a boundary does not
+  flap);
+- a backlog gets replicas of its own, sized to drain the backlog expected when they land
+  within max(``drain_time``, ``drain_startups`` x start-up time), and kept only while
+  requests still queue;
+- panic (the short windows in charge) does not hold capacity for a whole stable window
+  after the burst: the rate limit, the delay window and the hysteresis above keep
+  scale-down smooth, and the burst's replicas stop costing soon after it ends.
+
+Without those signals the metric is used as measured, and the panic window counts when it
+asks for ``panic_threshold`` times the capacity.
+
 ``cpu_utilization`` and ``memory_utilization`` follow the HPA: desired = ceil(ready x
 utilization / target) outside a ±10% tolerance, unready replicas set aside, no scale-down
 on missing data, and a scale-down stabilization window (the highest recommendation of the
@@ -45,8 +68,17 @@ class PolicyConfig:
     panic_threshold: float = 2.0  # [200%]
     max_scale_up_rate: float = 1000.0  # [1000]
     max_scale_down_rate: float = 2.0  # [2]
-    scale_down_delay: float = 30.0  # [0 s]; ours holds capacity to avoid flapping
+    scale_down_delay: float = 5.0  # [0 s]; ours holds the peak briefly (was 30 s: the
+    # Little's-law sizing's hysteresis now prevents flapping, and 30 s of a burst's
+    # replicas cost more than the burst; see loadtests/autoscale_sim.py)
     scale_to_zero_grace: float = 30.0  # [30 s]
+    # Ours, for sizing by Little's law (no Knative counterpart):
+    recent_window: float = 1.0  # the last second's arrivals show a step at once
+    evidence: float = 3.0  # Poisson standard deviations before a short window overrules
+    # A backlog gets replicas to drain it within the longer of these once they land (a
+    # long start-up piles up a backlog too big to drain at once for a sane price):
+    drain_time: float = 1.5  # seconds
+    drain_startups: float = 0.25  # start-up times
     # HPA (Kubernetes defaults in brackets)
     tolerance: float = 0.1  # [0.1]
     stabilization_window: float = 300.0  # [300 s] for scale-down
@@ -68,6 +100,18 @@ class Signals:
     # Any traffic at all over the panic window (for utilization metrics, whose stable and
     # panic values are not request counts): drives scale-to-zero for every metric.
     traffic: float = 0.0
+    # Little's law inputs for rps and concurrency (0 = not measured): arrivals per second
+    # over the stable, panic and recent windows; the mean seconds a replica spends on one
+    # request, queueing excluded (over the stable window; the last estimate while too few
+    # requests completed); requests the gateways hold that no replica has taken yet (the
+    # backlog: at zero, the same requests as ``waiting``); how long replicas recently took
+    # from being asked for to ready.
+    rate_stable: float = 0.0
+    rate_panic: float = 0.0
+    rate_recent: float = 0.0
+    service_time: float = 0.0
+    queued: int = 0
+    startup_time: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +141,8 @@ def decide(config: PolicyConfig, signals: Signals, state: PolicyState, now: floa
         # Activation: requests are held at zero; start enough to take them now (the
         # windows add headroom once they see the traffic).
         wanted = 1
-        if config.metrics_type == "concurrency":
+        if config.metrics_type == "concurrency" and signals.service_time <= 0:
+            # (With Little's law the held requests are a backlog _kpa already sized.)
             wanted = math.ceil(signals.waiting / config.target_value)
         desired = max(desired, min(config.max_replica, max(1, wanted)))
     if signals.starting and desired < signals.ready + signals.starting:
@@ -108,38 +153,49 @@ def decide(config: PolicyConfig, signals: Signals, state: PolicyState, now: floa
 
 def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> Decision:
     per_replica = config.target_value * config.target_utilization
-    active = s.stable > 0 or s.panic > 0 or s.waiting > 0
-    last_active = now if active else state.last_active
+    if per_replica <= 0:
+        return Decision(state.desired, state, "no target")
     capacity = s.ready + s.starting  # what is up or on its way; draining is leaving
-    want_stable = math.ceil(s.stable / per_replica) if per_replica > 0 else 0
-    want_panic = math.ceil(s.panic / per_replica) if per_replica > 0 else 0
+    queued = s.queued  # the backlog (``waiting`` alone only starts activation, below)
+    little = _little(config, s)
+    if little is None:
+        # The metric as measured (a concurrency that counts the backlog, too).
+        want_stable = math.ceil(round(s.stable / per_replica, 9))
+        want_panic = math.ceil(round(s.panic / per_replica, 9))
+        over = want_panic > 0 and want_panic >= config.panic_threshold * capacity
+        want, extra = (max(want_stable, want_panic) if over else want_stable), 0
+        active = s.stable > 0 or s.panic > 0 or queued > 0 or s.waiting > 0
+    else:
+        unit, r_stable, r_panic = little
+        rate, how, sigma = _arrival_rate(config, r_stable, r_panic, s.rate_recent)
+        want = math.ceil(round(rate * unit / per_replica, 9))
+        if want < state.desired:
+            # Hysteresis: fewer replicas only if two standard deviations more traffic
+            # would not need them either (steady load near a boundary does not flap).
+            high = rate + 2 * sigma
+            want = min(state.desired, math.ceil(round(high * unit / per_replica, 9)))
+        want_panic = math.ceil(round(r_panic * unit / per_replica, 9))
+        over = how != "stable" and want > capacity
+        over = over or (want_panic > 0 and want_panic >= config.panic_threshold * capacity)
+        extra = _drain_replicas(config, s, rate, unit, want, queued)
+        active = r_panic > 0 or s.panic > 0 or queued > 0 or s.waiting > 0
+    last_active = now if active else state.last_active
     up_limit = max(1, math.ceil(config.max_scale_up_rate * max(capacity, 1)))
-    want_stable = min(want_stable, up_limit)
-    want_panic = min(want_panic, up_limit)
+    panic_since = now if over else None
 
-    over = capacity > 0 and want_panic / capacity >= config.panic_threshold
-    over = over or (capacity == 0 and want_panic > 0)
-    panic_since = state.panic_since
-    if over:
-        panic_since = now
-    elif panic_since is not None and now - panic_since >= config.stable_window:
-        panic_since = None
-
-    if panic_since is not None:
-        # In panic: never scale down; grow to the panic view of demand.
-        peak = max(state.panic_peak, want_panic, want_stable, state.desired)
-        return Decision(peak, replace(state, panic_since=panic_since, panic_peak=peak,
-                                      last_active=last_active), "panic")  # fmt: skip
-
-    wanted = want_stable
+    # Scale-down delay: the rate part holds its peak over the window; the backlog part
+    # leaves as soon as the backlog is gone.
     recent = tuple((t, w) for t, w in state.recent if now - t < config.scale_down_delay)
-    recent = (*recent, (now, wanted))
-    held = max(w for _, w in recent)  # scale-down delay: the peak of the last window
+    recent = (*recent, (now, want))
+    held = max(w for _, w in recent)
+    wanted = min(up_limit, held + extra)
     # At most a factor max_scale_down_rate per decision (ceil: rounding can't exceed it).
     down_floor = math.ceil(state.desired / config.max_scale_down_rate) if state.desired else 0
-    desired = max(held, down_floor) if held < state.desired else held
-    reason = "stable"
-    if held == 0:
+    desired = max(wanted, down_floor) if wanted < state.desired else wanted
+    if little is not None and queued > 0 and wanted < state.desired:
+        desired = state.desired  # a backlog is still draining: keep what drains it
+    reason = "panic" if over else ("backlog" if extra else "stable")
+    if wanted == 0:
         # No demand in the whole delay window: zero once the grace is over (not subject to
         # the rate limit), else keep one warm.
         idle_for = now - last_active if last_active is not None else math.inf
@@ -148,8 +204,63 @@ def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> De
         else:
             desired = max(down_floor, 1) if state.desired > 0 else 0
             reason = "idle: within grace"
-    next_state = PolicyState(desired, None, 0, last_active, recent)
+    next_state = PolicyState(desired, panic_since, 0, last_active, recent)
     return Decision(desired, next_state, reason)
+
+
+def _little(config: PolicyConfig, s: Signals) -> tuple[float, float, float] | None:
+    """(metric units per request/s, stable and panic arrival rates), or None when the
+    arrival rate or the service time is not measured: then the metric is used as is."""
+    if config.metrics_type == "rps":
+        return 1.0, s.stable, s.panic
+    if s.service_time > 0:
+        return s.service_time, s.rate_stable, s.rate_panic
+    return None
+
+
+def _arrival_rate(
+    config: PolicyConfig, stable: float, panic: float, recent: float
+) -> tuple[float, str, float]:
+    """The arrival rate to size for, which window says so, and its standard deviation.
+
+    The stable window, unless a shorter one differs from it by more than ``evidence``
+    standard deviations of a Poisson count: the panic window overrules it both ways (a
+    rise, or traffic that has fallen away), and the last ``recent_window`` seconds
+    overrule both when they show a step up that the panic window starts to confirm.
+    """
+    z = config.evidence
+    top = max(stable, panic, 1.0 / config.panic_window)
+    sigma = math.sqrt(top / config.panic_window + top / config.stable_window)
+    rate, how = stable, "stable"
+    spread = math.sqrt(stable / config.stable_window)
+    if abs(panic - stable) > z * sigma:
+        rate, how = panic, "panic"
+        spread = math.sqrt(panic / config.panic_window)
+    if recent > 0 and config.recent_window > 0:
+        base = max(rate, 1.0 / config.recent_window)
+        jump = recent - base > z * math.sqrt(base / config.recent_window)
+        if jump and panic - stable > 0.75 * z * sigma:
+            rate, how = recent, "recent"
+            spread = math.sqrt(recent / config.recent_window)
+    return rate, how, spread
+
+
+def _drain_replicas(
+    config: PolicyConfig, s: Signals, rate: float, unit: float, want: int, queued: int
+) -> int:
+    """Replicas beyond ``want`` to clear, soon after they land, the backlog left when
+    replicas ordered now land: the backlog now, plus what piles up (or minus what the
+    ready replicas drain) until then; starting ones land half-way on average."""
+    if queued <= 0 and rate * unit <= s.ready * config.target_value:
+        return 0
+    per_replica = config.target_value / unit  # requests/s one replica serves flat out
+    lead = s.startup_time
+    shortfall = rate - per_replica * s.ready
+    backlog = queued + shortfall * lead - per_replica * s.starting * lead / 2
+    spare = want * per_replica - rate  # what the sized replicas drain beside the arrivals
+    drain = max(config.drain_time, config.drain_startups * lead, 1e-9)
+    need = backlog / drain - spare
+    return math.ceil(round(need / per_replica, 9)) if backlog > 0 and need > 0 else 0
 
 
 def _hpa_to_zero(

@@ -2553,6 +2553,31 @@ def add_convergence_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     parser.set_defaults(run=run_convergence)
 
 
+def run_autoscale(args: argparse.Namespace) -> int:
+    from loadtests.autoscale_sim import run_from_args
+
+    return run_from_args(args)
+
+
+def add_autoscale_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from loadtests.autoscale_sim import add_arguments
+
+    parser = sub.add_parser(
+        "autoscale",
+        help="simulated autoscaling: this project's policy vs KPA, HPA and an oracle",
+        description=(
+            "Simulate (deterministic, seeded) the project's autoscaling policy, Knative's "
+            "KPA (concurrency, concurrency with max-scale at twice the needed peak, rps), "
+            "the HPA on CPU and a clairvoyant oracle on steady, step, spike, diurnal and "
+            "on/off traces, start-up 5 s and 30 s, concurrency limits 1 and 4. Ends with: "
+            "RESULT autoscale cost_vs_oracle=<worst> slo_vs_best_kpa=<worst> "
+            "max_direction_changes_steady=<n>"
+        ),
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run_autoscale)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.bench",
@@ -2563,6 +2588,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_http_parser(sub)
     add_shadow_parser(sub)
     add_convergence_parser(sub)
+    add_autoscale_parser(sub)
     return parser
 
 
