@@ -36,6 +36,8 @@ log = logging.getLogger("autoscaler")
 # A poke counts as demand for this long: gateways repeat theirs every second while
 # requests wait, so a stale one means they stopped waiting.
 POKE_FRESH_SECONDS = 3.0
+# Requests in the stable window before their mean time counts as a service time.
+MIN_SERVICE_SAMPLE = 100
 
 
 def policy_config(rec: VersionEndpoint, base: PolicyConfig | None = None) -> PolicyConfig:
@@ -68,11 +70,14 @@ class Autoscaler:
         self.timings = timings or PolicyConfig()
         self.states: dict[str, PolicyState] = {}
         self.last_reason: dict[str, str] = {}
+        self.last_signals: dict[str, Signals] = {}
         self._pokes: dict[str, tuple[int, float]] = {}  # key -> (waiting, when)
         self.resources = ReplicaResources()
         self.metrics = AutoscalerMetrics()
         self._wake = asyncio.Event()
         self._task: asyncio.Future[None] | None = None
+        self._service: dict[str, float] = {}  # key -> last good seconds per request
+        self._startup: dict[str, float] = {}  # key -> seconds the last replica took to ready
 
     def poke(self, key: str, waiting: int) -> None:
         """Requests wait at zero for ``key``: decide now, not at the next tick."""
@@ -106,6 +111,9 @@ class Autoscaler:
     ) -> None:
         config = policy_config(rec, self.timings)
         replicas = self.runtime.replicas(key)
+        startups = [r.ready_after for r in replicas if r.ready_after is not None]
+        if startups:
+            self._startup[key] = startups[-1]
         ready = sum(1 for r in replicas if r.state == "ready")
         starting = sum(1 for r in replicas if r.state in ("starting", "unready"))
         draining = sum(1 for r in replicas if r.state == "draining")
@@ -128,6 +136,7 @@ class Autoscaler:
             series = rps  # request traffic still decides idleness (scale to zero)
         else:
             series = rps if config.metrics_type == "rps" else conc
+        rate_stable = rps.average(now, config.stable_window)
         observed = Signals(
             stable=series.average(now, config.stable_window),
             panic=series.average(now, config.panic_window),
@@ -138,12 +147,21 @@ class Autoscaler:
             complete=complete,
             waiting=waiting,
             traffic=rps.average(now, config.panic_window),
+            rate_stable=rate_stable,
+            rate_panic=rps.average(now, config.panic_window),
+            rate_recent=rps.average(now, config.recent_window),
+            service_time=self._service_time(
+                key, conc.average(now, config.stable_window), rate_stable, config.stable_window
+            ),
+            queued=waiting,  # the gateway queues only at zero; replicas queue their own
+            startup_time=self._startup.get(key, 0.0),
         )
         # A version first seen counts as just active: it gets its grace before zero.
         state = self.states.get(key) or PolicyState(desired=ready + starting, last_active=now)
         if answered == 0 and not waiting:
             return  # no gateway reported: hold (the HPA's rule for missing data)
         decision = decide(config, observed, state, now)
+        self.last_signals[key] = observed
         self.states[key] = decision.state
         self.last_reason[key] = decision.reason
         value = utilization if config.metrics_type.endswith("_utilization") else observed.stable
@@ -160,6 +178,14 @@ class Autoscaler:
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
+
+    def _service_time(self, key: str, concurrency: float, rate: float, window: float) -> float:
+        """Seconds per request by Little's law (mean in flight / arrival rate) over the
+        stable window; with fewer than ``MIN_SERVICE_SAMPLE`` requests in it, the last
+        good estimate holds (0 until there is one: the policy then sizes on the metric)."""
+        if rate * window >= MIN_SERVICE_SAMPLE and concurrency > 0:
+            self._service[key] = concurrency / rate
+        return self._service.get(key, 0.0)
 
     async def close(self) -> None:
         if self._task is not None:

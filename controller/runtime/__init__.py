@@ -52,6 +52,7 @@ class ReplicaInfo:
     state: ReplicaState
     pid: int | None = None
     restarts: int = 0
+    ready_after: float | None = None  # seconds from being asked for to first ready
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,10 +72,13 @@ class _Replica:
     restarts: int = 0
     task: asyncio.Task[None] | None = None
     stopping: bool = False
+    asked_at: float = field(default_factory=time.monotonic)  # when it was asked for
+    ready_after: float | None = None  # seconds from asked_at to first ready
 
     def info(self) -> ReplicaInfo:
         pid = self.process.pid if self.process is not None else None
-        return ReplicaInfo(self.id, f"127.0.0.1:{self.port}", self.state, pid, self.restarts)
+        return ReplicaInfo(self.id, f"127.0.0.1:{self.port}", self.state, pid, self.restarts,
+                           self.ready_after)  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -288,6 +291,8 @@ class LocalRuntime:
                 await asyncio.wait([exited], timeout=t.probe_interval)
             if not exited.done() and not replica.stopping:
                 replica.state = "ready"
+                if replica.ready_after is None:
+                    replica.ready_after = time.monotonic() - replica.asked_at
                 version.ever_ready = True
                 self._emit(spec.key, "replica_ready", replica.info().address, replica.id)
             misses = 0
