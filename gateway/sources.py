@@ -117,7 +117,7 @@ class ControllerRouteSource(_TableFeed):
 
     STALL_SECONDS = 45.0  # three missed heartbeats: the connection is dead
 
-    def __init__(self, url: str, token: str | None = None, max_backoff: float = 5.0) -> None:
+    def __init__(self, url: str, token: str | None = None, max_backoff: float = 1.0) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.max_backoff = max_backoff
@@ -184,7 +184,7 @@ class RedisRouteSource(_TableFeed):
     back-off and keeps serving the last good table meanwhile.
     """
 
-    def __init__(self, url: str, prefix: str = "merlin-dp", max_backoff: float = 5.0) -> None:
+    def __init__(self, url: str, prefix: str = "merlin-dp", max_backoff: float = 1.0) -> None:
         self.url = url
         self.key = f"{prefix}:routes"
         self.max_backoff = max_backoff

@@ -140,18 +140,38 @@ async def test_undeploy_leaves_no_process(runtime: tuple[LocalRuntime, Recorder]
         assert not Path(f"/proc/{pid}").exists()
 
 
-async def test_orphans_from_a_crashed_run_are_reaped(tmp_path: Path) -> None:
+async def test_orphans_from_a_crashed_run_serve_until_the_new_replicas_are_ready(
+    tmp_path: Path,
+) -> None:
     rec = Recorder()
     first = LocalRuntime(tmp_path / "state", rec, FAST)
     await first.deploy(spec())
     await until(lambda: len(ready(first)) == 1)
-    pid = first.replicas("fraud/scorer/1")[0].pid
+    [orphan] = first.replicas("fraud/scorer/1")
     # The supervisor "crashes": nothing stops the replica.
     second = LocalRuntime(tmp_path / "state", rec, FAST)
-    assert second.reap_orphans() == 1
-    await asyncio.sleep(0.2)
-    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-    await first.close()
+    try:
+        assert second.reap_orphans() == 1
+        # Gateways still route to it: it stays a ready replica of its version, alive...
+        assert [(r.address, r.state) for r in second.replicas("fraud/scorer/1")] == [
+            (orphan.address, "ready")
+        ]
+        await asyncio.sleep(0.3)
+        assert _alive(orphan.pid)
+        # ...until this run's own replica is ready; then it leaves the view, and dies.
+        await second.deploy(spec())
+        await until(lambda: ready(second) not in ([], [orphan.address]))
+        await until(lambda: orphan.address not in ready(second))
+        await until(lambda: not _alive(orphan.pid))
+        assert any(e.message == "an earlier run's replicas hand over" for e in rec.events)
+    finally:
+        await second.close()
+        await first.close()
+
+
+def _alive(pid: int | None) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
 
 
 async def test_redeploy_keeps_the_old_replicas_until_the_new_ones_are_ready(

@@ -81,6 +81,21 @@ class _Replica:
                            self.ready_after)  # fmt: skip
 
 
+# How long after start-up a version with orphans but nothing deployed counts as dropped.
+ORPHAN_SETTLE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class _Orphan:
+    """A replica an earlier run of the controller left alive (from its pid record)."""
+
+    pid: int
+    cmdline: str
+    key: str
+    replica: str
+    address: str
+
+
 @dataclass(eq=False)
 class _Version:
     spec: DeploySpec
@@ -107,6 +122,8 @@ class LocalRuntime:
         self._next_index = int(time.time() * 1000) % 1_000_000  # fresh per run
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # An earlier run's replicas, serving until this run's are ready (reap_orphans).
+        self._orphans: dict[str, list[ReplicaInfo]] = {}
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -167,7 +184,9 @@ class LocalRuntime:
         current = self._versions.get(key)
         if current is not None:
             versions.append(current)
-        return [r.info() for v in versions for r in v.replicas.values()]
+        return [r.info() for v in versions for r in v.replicas.values()] + self._orphans.get(
+            key, []
+        )
 
     def logs(self, key: str) -> list[str]:
         return [str(p) for p in log_files(self.logs_dir, key)]
@@ -190,24 +209,63 @@ class LocalRuntime:
     # --- orphans --------------------------------------------------------------------
 
     def reap_orphans(self) -> int:
-        """Kill replicas recorded by an earlier run that are still alive."""
-        killed = 0
+        """Hand over from replicas an earlier run left alive (the controller was killed).
+
+        Gateways still route to them with the last table they got, so they are not killed
+        at once: they stay in this runtime's view as ready replicas of their version
+        until every version this run deploys has its own replicas ready (or failed, or a
+        minute passed); then they leave the view (gateways drop them from their tables),
+        and after ``drain_seconds`` get SIGTERM, and SIGKILL after the stop grace.
+        Returns how many there were.
+        """
+        orphans: list[_Orphan] = []
         for record in self.pids_dir.glob("*.json"):
             try:
                 data = json.loads(record.read_text())
-                pid = int(data["pid"])
-                recorded = data["cmdline"]
+                orphan = _Orphan(int(data["pid"]), data["cmdline"], data.get("key", ""),
+                                 data.get("replica", ""), data.get("address", ""))  # fmt: skip
             except (OSError, ValueError, KeyError):
                 record.unlink(missing_ok=True)
                 continue
-            if _cmdline(pid) == recorded:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-                    killed += 1
+            if _cmdline(orphan.pid) == orphan.cmdline:
+                orphans.append(orphan)
             record.unlink(missing_ok=True)
-        if killed:
-            log.warning("killed %d replica(s) left running by an earlier run", killed)
-        return killed
+        if orphans:
+            log.warning("%d replica(s) left running by an earlier run serve until the new "
+                        "ones are ready, then stop", len(orphans))  # fmt: skip
+            for o in orphans:
+                if o.key and o.address:
+                    info = ReplicaInfo(o.replica, o.address, "ready", o.pid)
+                    self._orphans.setdefault(o.key, []).append(info)
+            self._spawn(self._hand_over(orphans))
+        return len(orphans)
+
+    async def _hand_over(self, orphans: list[_Orphan], limit: float = 60.0) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
+            if all(self._taken_over(key, time.monotonic() - started) for key in self._orphans):
+                break
+            await asyncio.sleep(self.timings.probe_interval)
+        keys = list(self._orphans)
+        self._orphans.clear()
+        for key in keys:  # out of the view: gateways drop them, then they stop
+            self._emit(key, "replica_unready", "an earlier run's replicas hand over")
+        await asyncio.sleep(self.timings.drain_seconds)
+        _signal_orphans(orphans, signal.SIGTERM)
+        deadline = time.monotonic() + self.timings.stop_grace_seconds
+        while time.monotonic() < deadline and any(_cmdline(o.pid) == o.cmdline for o in orphans):
+            await asyncio.sleep(0.1)
+        _signal_orphans(orphans, signal.SIGKILL)
+        log.info("stopped %d replica(s) left running by an earlier run", len(orphans))
+
+    def _taken_over(self, key: str, waited: float) -> bool:
+        """This run serves ``key`` now (or never will: failed, or not deployed at all once
+        the controller had time to start what its state says)."""
+        version = self._versions.get(key)
+        if version is None:
+            return waited > ORPHAN_SETTLE_SECONDS
+        ready = sum(r.state == "ready" for r in version.replicas.values())
+        return version.failed or ready >= max(1, version.spec.replicas)
 
     # --- one replica ----------------------------------------------------------------
 
@@ -270,7 +328,8 @@ class LocalRuntime:
                 start_new_session=True,
             )
         pid = replica.process.pid
-        record = {"pid": pid, "cmdline": _cmdline(pid), "replica": replica.id}
+        record = {"pid": pid, "cmdline": _cmdline(pid), "replica": replica.id,
+                  "key": spec.key, "address": f"127.0.0.1:{replica.port}"}  # fmt: skip
         (self.pids_dir / f"{replica.id}.json").write_text(json.dumps(record))
         replica.state = "starting"
         self._emit(spec.key, "replica_started", f"pid {pid} on port {replica.port}", replica.id)
@@ -424,6 +483,15 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _signal_orphans(orphans: list[_Orphan], sig: int) -> None:
+    """Signal each orphan's process group, if the pid is still that replica (a zombie or
+    a reused pid has another command line)."""
+    for o in orphans:
+        if _cmdline(o.pid) == o.cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(o.pid, sig)
 
 
 def _cmdline(pid: int) -> str:
