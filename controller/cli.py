@@ -8,6 +8,7 @@ import sys
 
 from controller import cli_controller, client_cli, up
 from gateway import cli as gateway_cli
+from loadtests import loadtest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.add_parser(sub)
     cli_controller.add_parser(sub)
     client_cli.add_parsers(sub)
+    loadtest.add_parser(sub)
     return parser
 
 
