@@ -214,6 +214,7 @@ def start_pinned(
     cpus: str | None,
     log_path: Path,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> PinnedProcess:
     """Start `argv` pinned to `cpus` in a new session, stdout and stderr to `log_path`."""
     full_argv = pin_argv(argv, cpus)
@@ -225,6 +226,7 @@ def start_pinned(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=dict(env) if env is not None else None,
+            cwd=cwd,
         )
     return PinnedProcess(name, full_argv, popen, log_path, cpus)
 
@@ -259,8 +261,9 @@ class ProcessSet:
         cpus: str | None,
         log_path: Path,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> PinnedProcess:
-        proc = start_pinned(name, argv, cpus=cpus, log_path=log_path, env=env)
+        proc = start_pinned(name, argv, cpus=cpus, log_path=log_path, env=env, cwd=cwd)
         self.processes.append(proc)
         return proc
 
@@ -954,12 +957,15 @@ def start_gateway(
     cpus: str | None,
     extra_args: Sequence[str] = (),
     name: str = "gateway",
+    root: Path | None = None,
 ) -> PinnedProcess:
     """Start the gateway and wait until its port accepts and /readyz answers 200.
 
-    `name` names the process in messages and its log, `workdir/<name>.log`."""
+    `name` names the process in messages and its log, `workdir/<name>.log`; with `root`,
+    the gateway runs from that checkout (`python -m` imports from the working directory).
+    """
     argv = gateway_argv(routes_file, port, admin_port, extra_args)
-    proc = procs.start(name, argv, cpus=cpus, log_path=workdir / f"{name}.log")
+    proc = procs.start(name, argv, cpus=cpus, log_path=workdir / f"{name}.log", cwd=root)
     wait_for_port(LOOPBACK, port, proc=proc)
     wait_for_http_ok(LOOPBACK, admin_port, "/readyz", proc=proc)
     return proc
@@ -1131,6 +1137,7 @@ def round_row(m: RoundMeasurement) -> list[str]:
 HTTP_REFERENCE = "nginx"
 HTTP_GATEWAY = "gateway"
 HTTP_PASSTHROUGH = "passthrough"
+HTTP_BASELINE = "baseline"  # the gateway from another checkout (--baseline-root)
 
 
 def _usable_cpus(sut_cpus: str, load_cpus: str) -> tuple[str | None, str | None]:
@@ -1156,9 +1163,11 @@ def run_http(args: argparse.Namespace) -> int:
     tools = ensure_tools(["nginx", "wrk"])
     sut_cpus, load_cpus = _usable_cpus(args.sut_cpu, args.load_cpu)
     c1_seconds = args.c1_seconds if args.c1_seconds is not None else min(5, args.seconds)
-    per_round = 3 * (args.warmup_seconds + args.seconds + c1_seconds)
+    n_targets = 3 + (args.baseline_root is not None)
+    per_round = n_targets * (args.warmup_seconds + args.seconds + c1_seconds)
     print(
-        f"bench http: {args.rounds} rounds x 3 targets, {args.seconds}s at c={args.connections} "
+        f"bench http: {args.rounds} rounds x {n_targets} targets, "
+        f"{args.seconds}s at c={args.connections} "
         f"after {args.warmup_seconds}s warm-up, then {c1_seconds}s at c=1 "
         f"(about {args.rounds * per_round}s); system under test on CPU {sut_cpus}, "
         f"upstream and wrk on CPU {load_cpus}",
@@ -1196,6 +1205,17 @@ def run_http(args: argparse.Namespace) -> int:
             Target(HTTP_PASSTHROUGH, f"http://{LOOPBACK}:{gateway_port}",
                    WrkRequest(host_header=version_host), gateway),
         ]  # fmt: skip
+        if args.baseline_root is not None:
+            # Before/after on the same machine minute by minute: the other checkout's
+            # gateway takes its turn in every round.
+            base_port, base_admin = free_ports(2)
+            baseline = start_gateway(
+                procs, routes_file, port=base_port, admin_port=base_admin, workdir=workdir,
+                cpus=sut_cpus, extra_args=args.gateway_arg, name=HTTP_BASELINE,
+                root=args.baseline_root,
+            )  # fmt: skip
+            targets.append(Target(HTTP_BASELINE, f"http://{LOOPBACK}:{base_port}",
+                                  WrkRequest(host_header=model_host), baseline))  # fmt: skip
         for target in targets:
             check_target(target, UPSTREAM_BODY)
         settings = LoadSettings(
@@ -1265,6 +1285,13 @@ def report_http(measurements: Sequence[RoundMeasurement], target_names: Sequence
         f"(passthrough {median(c1_overheads(HTTP_PASSTHROUGH)):.3f} ms)"
     )
     print(f"gateway/passthrough req/s = {gateway_vs_passthrough:.3f}")
+    if HTTP_BASELINE in target_names:
+        vs_base = median([r[HTTP_GATEWAY].load.requests_per_s
+                          / r[HTTP_BASELINE].load.requests_per_s for r in rounds])  # fmt: skip
+        cpu_base = median([r[HTTP_GATEWAY].cpu_us_per_request
+                           / r[HTTP_BASELINE].cpu_us_per_request for r in rounds])  # fmt: skip
+        print(f"gateway/baseline req/s = {vs_base:.3f}, CPU µs/req = {cpu_base:.3f} "
+              "(median of per-round ratios)")  # fmt: skip
 
     for warning in http_noise_warnings(rounds, target_names):
         print(f"inconclusive: {warning}")
@@ -2418,6 +2445,9 @@ def add_round_options(parser: argparse.ArgumentParser, *, c1: bool = True) -> No
     parser.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                         help="extra gateway argument, repeatable; write options as "
                              "--gateway-arg=--workers=2")  # fmt: skip
+    parser.add_argument("--baseline-root", type=Path, metavar="DIR",
+                        help="also run the gateway from this checkout (e.g. a git worktree "
+                             "of the commit before a change) in every round")  # fmt: skip
 
 
 def add_http_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -95,3 +95,44 @@ async def test_the_policy_gets_rates_service_time_and_start_up_time() -> None:
     finally:
         await scaler.close()
         await gateway.stop()
+
+
+async def test_two_gateways_sum_and_a_silent_one_ages_out() -> None:
+    """Pulled from two admin ports: seconds add up; a gateway that stops answering is
+    counted as missing (the scaler holds) and its old seconds leave the windows."""
+    served: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+
+    def app(name: str) -> web.Application:
+        async def signals(request: web.Request) -> web.Response:
+            since = int(request.query["since"])
+            return web.json_response({"signals": [r for r in served[name] if r["second"] > since]})
+
+        a = web.Application()
+        a.router.add_get("/signals", signals)
+        return a
+
+    gw_a = await Replica("a", app("a")).start()
+    gw_b = await Replica("b", app("b")).start()
+    collector = GatewaySignals([f"http://{gw_a.address}", f"http://{gw_b.address}"])
+    second = int(NOW) - 1
+    served["a"].append(record(second, 30, 1.5))
+    served["b"].append(record(second, 20, 1.0))
+    try:
+        assert await collector.poll(NOW) == (2, 2)
+        rps, conc = collector.buckets(("fraud", "scorer", "1"))
+        assert rps.average(NOW, 1) == 50 and conc.average(NOW, 1) == 2.5
+        # Asking again returns nothing twice: only seconds after the last one reported.
+        assert await collector.poll(NOW + 0.5) == (2, 2)
+        assert rps.average(NOW, 1) == 50
+        await gw_b.stop()
+        served["a"].append(record(second + 1, 30, 1.5))
+        assert await collector.poll(NOW + 1) == (1, 2)
+        assert collector.failures[f"http://{gw_b.address}"] == 1
+        assert rps.average(NOW + 1, 1) == 30  # b's last second counted; nothing new from b
+        # A minute later b's seconds are out of every window: nothing frozen.
+        assert await collector.poll(NOW + 62) == (1, 2)
+        assert rps.average(NOW + 62, 60) == 0
+    finally:
+        await collector.close()
+        await gw_a.stop()
+        await gw_b.stop()
