@@ -195,3 +195,21 @@ async def test_redeploy_keeps_the_old_replicas_until_the_new_ones_are_ready(
     assert ready(rt) and old not in ready(rt)
     ids = [r.id for r in rt.replicas("fraud/scorer/1")]
     assert len(set(ids)) == len(ids)
+
+
+async def test_stopping_during_a_hand_over_stops_the_earlier_runs_replicas(
+    tmp_path: Path,
+) -> None:
+    rec = Recorder()
+    first = LocalRuntime(tmp_path / "state", rec, FAST)
+    await first.deploy(spec())
+    await until(lambda: len(ready(first)) == 1)
+    [orphan] = first.replicas("fraud/scorer/1")
+    second = LocalRuntime(tmp_path / "state", rec, FAST)
+    try:
+        assert second.reap_orphans() == 1
+        assert _alive(orphan.pid)
+    finally:
+        await second.close()  # before its own replicas (none) were ever ready
+    await until(lambda: not _alive(orphan.pid))
+    await first.close()

@@ -124,6 +124,7 @@ class LocalRuntime:
         self._background: set[asyncio.Task[None]] = set()
         # An earlier run's replicas, serving until this run's are ready (reap_orphans).
         self._orphans: dict[str, list[ReplicaInfo]] = {}
+        self._handing_over: list[_Orphan] = []  # stopped by close() if still alive
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -193,6 +194,11 @@ class LocalRuntime:
 
     async def close(self) -> None:
         await cancel_and_wait(list(self._background))
+        if self._handing_over:
+            # Stopped before the hand-over finished: the earlier run's replicas go too.
+            _signal_orphans(self._handing_over, signal.SIGKILL)
+            self._handing_over.clear()
+            self._orphans.clear()
         versions = [*self._versions.values(), *self._retiring]
         self._versions.clear()
         await asyncio.gather(*(self._retire(v, drain=False) for v in versions))
@@ -237,6 +243,7 @@ class LocalRuntime:
                 if o.key and o.address:
                     info = ReplicaInfo(o.replica, o.address, "ready", o.pid)
                     self._orphans.setdefault(o.key, []).append(info)
+            self._handing_over.extend(orphans)
             self._spawn(self._hand_over(orphans))
         return len(orphans)
 
@@ -256,6 +263,7 @@ class LocalRuntime:
         while time.monotonic() < deadline and any(_cmdline(o.pid) == o.cmdline for o in orphans):
             await asyncio.sleep(0.1)
         _signal_orphans(orphans, signal.SIGKILL)
+        self._handing_over.clear()
         log.info("stopped %d replica(s) left running by an earlier run", len(orphans))
 
     def _taken_over(self, key: str, waited: float) -> bool:
