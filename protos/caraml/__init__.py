@@ -1,0 +1,1 @@
+"""CaraML protocol buffers (``caraml.*`` proto packages) as Python stubs."""
