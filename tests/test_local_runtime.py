@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controller.runtime import DeploySpec, RuntimeEvent
+from controller.runtime import DeploySpec, ReplicaInfo, RuntimeEvent
 from controller.runtime.local import LocalRuntime, LocalTimings
 from tests.conftest import ROOT
 
@@ -140,15 +140,21 @@ async def test_undeploy_leaves_no_process(runtime: tuple[LocalRuntime, Recorder]
         assert not Path(f"/proc/{pid}").exists()
 
 
-async def test_orphans_from_a_crashed_run_serve_until_the_new_replicas_are_ready(
-    tmp_path: Path,
-) -> None:
-    rec = Recorder()
+async def crashed_run(tmp_path: Path, rec: Recorder) -> tuple[LocalRuntime, ReplicaInfo]:
+    """A runtime with one ready replica whose supervisor then "crashes": nothing stops
+    the replica; a second runtime on the same state directory finds it."""
     first = LocalRuntime(tmp_path / "state", rec, FAST)
     await first.deploy(spec())
     await until(lambda: len(ready(first)) == 1)
     [orphan] = first.replicas("fraud/scorer/1")
-    # The supervisor "crashes": nothing stops the replica.
+    return first, orphan
+
+
+async def test_orphans_from_a_crashed_run_serve_until_the_new_replicas_are_ready(
+    tmp_path: Path,
+) -> None:
+    rec = Recorder()
+    first, orphan = await crashed_run(tmp_path, rec)
     second = LocalRuntime(tmp_path / "state", rec, FAST)
     try:
         assert second.reap_orphans() == 1
@@ -201,10 +207,7 @@ async def test_stopping_during_a_hand_over_stops_the_earlier_runs_replicas(
     tmp_path: Path,
 ) -> None:
     rec = Recorder()
-    first = LocalRuntime(tmp_path / "state", rec, FAST)
-    await first.deploy(spec())
-    await until(lambda: len(ready(first)) == 1)
-    [orphan] = first.replicas("fraud/scorer/1")
+    first, orphan = await crashed_run(tmp_path, rec)
     second = LocalRuntime(tmp_path / "state", rec, FAST)
     try:
         assert second.reap_orphans() == 1
