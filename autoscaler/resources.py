@@ -208,7 +208,9 @@ class ReplicaResources:
             if not tracks:
                 del self._tracks[key]
             return Utilization()
-        readings = await asyncio.gather(*(self._read(r.address) for r in ready))
+        readings = await asyncio.gather(
+            *(self._read(r.metrics_address or r.address) for r in ready)
+        )
 
         cores = _positive(parse_cpu, cpu_request)
         request_bytes = _positive(parse_memory, memory_request)

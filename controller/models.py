@@ -84,6 +84,8 @@ class VersionEndpointSpec(StrictModel):
             raise ValueError(f"type {self.type} needs model_dir")
         if self.type == "pyfunc" and ":" not in self.pyfunc_class:
             raise ValueError("type pyfunc needs pyfunc_class as 'module:Class'")
+        if self.type == "sklearn" and self.protocol == "UPI_V1":
+            raise ValueError("type sklearn serves HTTP_JSON; for UPI_V1 wrap it as pyfunc")
         return self
 
 

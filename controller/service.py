@@ -187,7 +187,10 @@ def deploy_spec(rec: VersionEndpoint) -> DeploySpec:
     if spec.type == "custom":
         command = tuple(spec.command)
     elif spec.type == "pyfunc":
-        command = (sys.executable, "-m", "controller.servers.pyfunc", spec.pyfunc_class)
+        server = (
+            "controller.servers.upi" if spec.protocol == "UPI_V1" else "controller.servers.pyfunc"
+        )
+        command = (sys.executable, "-m", server, spec.pyfunc_class)
     else:
         command = (sys.executable, "-m", "controller.servers.sklearn")
     return DeploySpec(

@@ -430,3 +430,43 @@ def test_the_stubs_are_generated_from_the_current_protos() -> None:
         "variable.proto",
     ]
     assert _generate.is_current()
+
+
+# --- deployed through the controller and the local runtime ------------------------------
+
+
+async def test_a_upi_version_deployed_through_the_controller(tmp_path: Path) -> None:
+    """`type: pyfunc, protocol: UPI_V1` runs the UPI server on two ports: the replica's
+    address (what the route table carries) is gRPC; probes and /metrics are on HTTP."""
+    from controller.server import ControllerConfig, start_controller
+    from tests.test_controller_api import BASE, Api
+
+    controller, runner, port = await start_controller(
+        ControllerConfig(state_dir=tmp_path / "state", port=0, drain_seconds=0.2)
+    )
+    api = Api(f"http://127.0.0.1:{port}")
+    try:
+        spec = {"type": "pyfunc", "protocol": "UPI_V1", "model_dir": str(EXAMPLE_DIR),
+                "pyfunc_class": "row_scorer:RowScorer", "ready_deadline_seconds": 60}  # fmt: skip
+        status, body, _ = await api.call("PUT", f"{BASE}/versions/1/endpoint", spec)
+        assert status == 202, body
+        v1 = await api.wait_status("1", "running", timeout=60)
+        [address] = v1["replicas"]
+        async with grpc.aio.insecure_channel(address) as channel:
+            table = make_table([("a", DOUBLE)], [("r1", [2.5])])
+            resp = await predict_values(channel)(request(table), timeout=10)
+        assert scores(resp) == [("r1", 2.5)]
+        assert [(m.name, m.version) for m in resp.metadata.models] == [("scorer", "1")]
+        assert controller.runtime is not None
+        [replica] = controller.runtime.replicas("fraud/scorer/1")
+        assert replica.metrics_address and replica.metrics_address != address
+        code, text = _get(f"http://{replica.metrics_address}/metrics")
+        assert code == 200 and b"process_cpu_seconds_total" in text
+        # sklearn has no UPI server: refused with the reason, nothing deployed.
+        bad = {"type": "sklearn", "protocol": "UPI_V1", "model_dir": str(EXAMPLE_DIR)}
+        status, body, _ = await api.call("PUT", f"{BASE}/versions/2/endpoint", bad)
+        assert status == 422 and "wrap it as pyfunc" in body["error"]["fields"][0]["message"]
+    finally:
+        await api.session.close()
+        await runner.cleanup()
+        await controller.close()

@@ -53,6 +53,7 @@ class ReplicaInfo:
     pid: int | None = None
     restarts: int = 0
     ready_after: float | None = None  # seconds from being asked for to first ready
+    metrics_address: str = ""  # host:port of /metrics when not the traffic address (UPI_V1)
 
 
 @dataclass(frozen=True, slots=True)

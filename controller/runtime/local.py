@@ -1,7 +1,8 @@
 """The local runtime: each replica is a child process on this machine.
 
-A replica is started under Merlin's custom model contract (``CARAML_HTTP_PORT`` or
-``CARAML_GRPC_PORT`` on a free loopback port, ``CARAML_MODEL_NAME``,
+A replica is started under Merlin's custom model contract (``CARAML_HTTP_PORT`` on a free
+loopback port — for UPI_V1 also ``CARAML_GRPC_PORT`` on another, which is the replica's
+traffic address while probes and ``/metrics`` stay on HTTP — ``CARAML_MODEL_NAME``,
 ``CARAML_MODEL_VERSION``, ``CARAML_MODEL_FULL_NAME``, ``CARAML_ARTIFACT_LOCATION``,
 ``STORAGE_URI``), its output going to a log file. One supervising task per replica:
 
@@ -66,7 +67,8 @@ class _Replica:
     id: str
     log_path: Path
     index: int = 0  # unique in this runtime: ids, logs and pid records never collide
-    port: int = 0
+    port: int = 0  # traffic: HTTP, or gRPC for UPI_V1
+    http_port: int = 0  # probes and /metrics (the traffic port unless UPI_V1)
     state: ReplicaState = "starting"
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
@@ -77,8 +79,9 @@ class _Replica:
 
     def info(self) -> ReplicaInfo:
         pid = self.process.pid if self.process is not None else None
+        metrics = f"127.0.0.1:{self.http_port}" if self.http_port != self.port else ""
         return ReplicaInfo(self.id, f"127.0.0.1:{self.port}", self.state, pid, self.restarts,
-                           self.ready_after)  # fmt: skip
+                           self.ready_after, metrics)  # fmt: skip
 
 
 # How long after start-up a version with orphans but nothing deployed counts as dropped.
@@ -313,11 +316,14 @@ class LocalRuntime:
     async def _start_process(self, version: _Version, replica: _Replica) -> None:
         spec = version.spec
         replica.port = _free_port()
-        port_var = "CARAML_GRPC_PORT" if spec.protocol == "UPI_V1" else "CARAML_HTTP_PORT"
+        replica.http_port = _free_port() if spec.protocol == "UPI_V1" else replica.port
+        ports = {"CARAML_HTTP_PORT": str(replica.http_port)}
+        if spec.protocol == "UPI_V1":
+            ports["CARAML_GRPC_PORT"] = str(replica.port)
         env = {
             **os.environ,
             **spec.env,
-            port_var: str(replica.port),
+            **ports,
             "CARAML_MODEL_NAME": spec.model,
             "CARAML_MODEL_VERSION": spec.version,
             "CARAML_MODEL_FULL_NAME": spec.full_name,
@@ -348,8 +354,8 @@ class LocalRuntime:
         proc = replica.process
         assert proc is not None
         spec = version.spec
-        ready_url = f"http://127.0.0.1:{replica.port}/v1/models/{spec.full_name}"
-        live_url = f"http://127.0.0.1:{replica.port}/"
+        ready_url = f"http://127.0.0.1:{replica.http_port}/v1/models/{spec.full_name}"
+        live_url = f"http://127.0.0.1:{replica.http_port}/"
         exited = asyncio.ensure_future(proc.wait())
         try:
             while not exited.done() and not replica.stopping:

@@ -14,10 +14,10 @@ carried over. A null counts as 0; string columns are ignored. A request table na
 ``"fail"`` makes the model raise (to see INTERNAL); one named ``"slow"`` takes
 ``SCORER_SLOW_SECONDS`` (default 2) to answer (to see DEADLINE_EXCEEDED).
 
-Through the controller this will be ``merlin-dp deploy … --type pyfunc --protocol UPI_V1
---model-dir examples/upi --pyfunc-class row_scorer:RowScorer`` once the controller starts
-``controller.servers.upi`` for UPI_V1 pyfunc versions (it starts the HTTP pyfunc server
-today) and the runtime gives such replicas both ports.
+Through the controller: ``merlin-dp deploy PROJECT/MODEL/VERSION --type pyfunc --protocol
+UPI_V1 --model-dir examples/upi --pyfunc-class row_scorer:RowScorer`` — the local runtime
+gives the replica both ports and routes to its gRPC one (the gateway's gRPC path is not
+built yet: call the replica's address from ``merlin-dp versions`` directly for now).
 """
 
 from __future__ import annotations
