@@ -4,7 +4,9 @@ Routes (Merlin's custom model contract): ``POST /v1/models/{full name}:predict``
 readiness ``GET /v1/models/{full name}`` (503 until the model has loaded), liveness
 ``GET /``, Prometheus ``GET /metrics`` (request counts and latency, and the process's
 CPU and memory, which the autoscaler reads). Settings come from the environment the
-runtime sets: ``CARAML_HTTP_PORT``, ``CARAML_MODEL_FULL_NAME``, ``CARAML_ARTIFACT_LOCATION``.
+runtime sets: ``CARAML_HTTP_PORT``, ``CARAML_MODEL_FULL_NAME``, ``CARAML_ARTIFACT_LOCATION``,
+and ``CARAML_BIND_HOST`` (where to listen: 127.0.0.1 unless set — a pod sets 0.0.0.0 so
+its probes and the gateways can reach it).
 
 A model is anything with ``load()`` and ``predict(payload)``; ``predict`` may be
 ``async``. A sync ``predict`` runs in a worker thread so probes stay answered while it
@@ -117,6 +119,11 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def bind_host() -> str:
+    """Where a replica listens: loopback for the local runtime, any interface in a pod."""
+    return os.environ.get("CARAML_BIND_HOST") or "127.0.0.1"
+
+
 def serve(model: Model) -> None:
     """Run ``model`` under the contract, with settings from the runtime's environment."""
     import uvloop
@@ -127,5 +134,5 @@ def serve(model: Model) -> None:
         full_name = os.environ["CARAML_MODEL_FULL_NAME"]
     except (KeyError, ValueError) as exc:
         raise SystemExit(f"model server: the replica contract's {exc} is missing") from None
-    web.run_app(make_app(model, full_name), host="127.0.0.1", port=port, print=None,
+    web.run_app(make_app(model, full_name), host=bind_host(), port=port, print=None,
                 access_log=None, shutdown_timeout=10, loop=uvloop.new_event_loop())  # fmt: skip

@@ -46,7 +46,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from controller.servers.contract import LATENCY, REQUESTS, BadInput
+from controller.servers.contract import LATENCY, REQUESTS, BadInput, bind_host
 from controller.servers.pyfunc import load_class
 from protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
 
@@ -322,14 +322,15 @@ async def run(server: UpiServer, grpc_port: int, http_port: int | None) -> None:
         ("grpc.so_reuseport", 0),
     ]
     rpc = grpc.aio.server(handlers=[server.grpc_handler()], options=options)
-    if rpc.add_insecure_port(f"127.0.0.1:{grpc_port}") == 0:
+    host = bind_host()
+    if rpc.add_insecure_port(f"{host}:{grpc_port}") == 0:
         raise SystemExit(f"upi model server: cannot listen on gRPC port {grpc_port}")
     await rpc.start()
     runner: web.AppRunner | None = None
     if http_port is not None:
         runner = web.AppRunner(server.http_app(), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", http_port).start()
+        await web.TCPSite(runner, host, http_port).start()
     else:
         log.warning("no CARAML_HTTP_PORT beside CARAML_GRPC_PORT: no HTTP probes or metrics")
     log.info("UPI server for %s: gRPC on %d, HTTP on %s", server.full_name, grpc_port, http_port)
