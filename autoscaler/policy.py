@@ -97,9 +97,6 @@ class Signals:
     complete: bool = True  # every ready replica reported (HPA: else no scale-down)
     # Requests a gateway holds for this version because nothing is ready (activation).
     waiting: int = 0
-    # Any traffic at all over the panic window (for utilization metrics, whose stable and
-    # panic values are not request counts): drives scale-to-zero for every metric.
-    traffic: float = 0.0
     # Little's law inputs for rps and concurrency (0 = not measured): arrivals per second
     # over the stable, panic and recent windows; the mean seconds a replica spends on one
     # request, queueing excluded (over the stable window; the last estimate while too few
@@ -118,7 +115,6 @@ class Signals:
 class PolicyState:
     desired: int = 0  # what was last asked for
     panic_since: float | None = None
-    panic_peak: int = 0
     last_active: float | None = None  # last time any traffic was seen
     recent: tuple[tuple[float, int], ...] = field(default_factory=tuple)  # (time, wanted)
 
@@ -204,7 +200,7 @@ def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> De
         else:
             desired = max(down_floor, 1) if state.desired > 0 else 0
             reason = "idle: within grace"
-    next_state = PolicyState(desired, panic_since, 0, last_active, recent)
+    next_state = PolicyState(desired, panic_since, last_active, recent)
     return Decision(desired, next_state, reason)
 
 
@@ -268,7 +264,7 @@ def _hpa_to_zero(
 ) -> Decision:
     """Utilization can't see idleness (an idle replica still uses memory); request
     traffic can. With ``min_replica: 0``, no traffic for the grace period means zero."""
-    active = s.traffic > 0 or s.waiting > 0
+    active = s.rate_panic > 0 or s.waiting > 0
     last_active = now if active or state.last_active is None else state.last_active
     next_state = replace(decision.state, last_active=last_active)
     if config.min_replica == 0 and not active and now - last_active >= config.scale_to_zero_grace:

@@ -146,7 +146,6 @@ class Autoscaler:
             draining=draining,
             complete=complete,
             waiting=waiting,
-            traffic=rps.average(now, config.panic_window),
             rate_stable=rate_stable,
             rate_panic=rps.average(now, config.panic_window),
             rate_recent=rps.average(now, config.recent_window),

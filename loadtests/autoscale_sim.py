@@ -336,7 +336,6 @@ class ProjectPolicy:
             starting=view.starting,
             draining=view.draining,
             waiting=view.queued if view.ready == 0 else 0,
-            traffic=self.rps.average(now, cfg.panic_window),
             rate_stable=self.rps.average(now, cfg.stable_window),
             rate_panic=self.rps.average(now, cfg.panic_window),
             rate_recent=self.rps.average(now, cfg.recent_window),

@@ -35,13 +35,13 @@ def test_utilization_metrics_go_to_zero_after_the_grace_of_no_traffic() -> None:
     cpu = PolicyConfig(metrics_type="cpu_utilization", target_value=60, min_replica=0,
                        max_replica=4, scale_to_zero_grace=30.0)  # fmt: skip
     state = PolicyState(desired=2, last_active=0.0)
-    busy = decide(cpu, Signals(utilization=60, ready=2, traffic=3.0), state, 10.0)
+    busy = decide(cpu, Signals(utilization=60, ready=2, rate_panic=3.0), state, 10.0)
     assert busy.desired == 2 and busy.state.last_active == 10.0
     state = busy.state
     out = []
     for t in range(11, 50):
         # Memory/CPU of an idle replica is not zero: only the request traffic shows idleness.
-        d = decide(cpu, Signals(utilization=60, ready=2, traffic=0.0), state, float(t))
+        d = decide(cpu, Signals(utilization=60, ready=2, rate_panic=0.0), state, float(t))
         state = d.state
         out.append((t, d.desired))
     assert all(n == 2 for t, n in out if t < 40)

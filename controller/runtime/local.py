@@ -125,9 +125,10 @@ class LocalRuntime:
         self._next_index = int(time.time() * 1000) % 1_000_000  # fresh per run
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
-        # An earlier run's replicas, serving until this run's are ready (reap_orphans).
-        self._orphans: dict[str, list[ReplicaInfo]] = {}
-        self._handing_over: list[_Orphan] = []  # stopped by close() if still alive
+        # An earlier run's replicas (reap_orphans): in the view while they serve, stopped
+        # by close() if still alive.
+        self._handing_over: list[_Orphan] = []
+        self._orphans_serve = False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -188,9 +189,11 @@ class LocalRuntime:
         current = self._versions.get(key)
         if current is not None:
             versions.append(current)
-        return [r.info() for v in versions for r in v.replicas.values()] + self._orphans.get(
-            key, []
-        )
+        infos = [r.info() for v in versions for r in v.replicas.values()]
+        if self._orphans_serve:
+            infos += [ReplicaInfo(o.replica, o.address, "ready", o.pid)
+                      for o in self._handing_over if o.key == key and o.address]  # fmt: skip
+        return infos
 
     def logs(self, key: str) -> list[str]:
         return [str(p) for p in log_files(self.logs_dir, key)]
@@ -201,7 +204,6 @@ class LocalRuntime:
             # Stopped before the hand-over finished: the earlier run's replicas go too.
             _signal_orphans(self._handing_over, signal.SIGKILL)
             self._handing_over.clear()
-            self._orphans.clear()
         versions = [*self._versions.values(), *self._retiring]
         self._versions.clear()
         await asyncio.gather(*(self._retire(v, drain=False) for v in versions))
@@ -242,22 +244,19 @@ class LocalRuntime:
         if orphans:
             log.warning("%d replica(s) left running by an earlier run serve until the new "
                         "ones are ready, then stop", len(orphans))  # fmt: skip
-            for o in orphans:
-                if o.key and o.address:
-                    info = ReplicaInfo(o.replica, o.address, "ready", o.pid)
-                    self._orphans.setdefault(o.key, []).append(info)
-            self._handing_over.extend(orphans)
+            self._handing_over = orphans
+            self._orphans_serve = True
             self._spawn(self._hand_over(orphans))
         return len(orphans)
 
     async def _hand_over(self, orphans: list[_Orphan], limit: float = 60.0) -> None:
+        keys = {o.key for o in orphans if o.key and o.address}
         started = time.monotonic()
         while time.monotonic() - started < limit:
-            if all(self._taken_over(key, time.monotonic() - started) for key in self._orphans):
+            if all(self._taken_over(key, time.monotonic() - started) for key in keys):
                 break
             await asyncio.sleep(self.timings.probe_interval)
-        keys = list(self._orphans)
-        self._orphans.clear()
+        self._orphans_serve = False
         for key in keys:  # out of the view: gateways drop them, then they stop
             self._emit(key, "replica_unready", "an earlier run's replicas hand over")
         await asyncio.sleep(self.timings.drain_seconds)
