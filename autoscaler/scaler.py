@@ -227,13 +227,16 @@ def attach_autoscaler(
     signals: SignalSource,
     timings: PolicyConfig | None = None,
     interval: float = 1.0,
+    runtime: Runtime | None = None,
 ) -> Autoscaler:
-    """Run an autoscaler beside a controller: it scales the controller's runtime, takes
-    the gateways' pokes (``POST /v1/activations``) and serves its metrics (``/metrics``)."""
-    assert controller.runtime is not None, "the autoscaler actuates a runtime"
+    """Run an autoscaler beside a controller: it scales the controller's runtime (or
+    ``runtime``), takes the gateways' pokes (``POST /v1/activations``) and serves its
+    metrics (``/metrics``)."""
+    actuator = runtime or controller.runtime
+    assert actuator is not None, "the autoscaler actuates a runtime"
     scaler = Autoscaler(
         lambda: controller.state.versions,
-        controller.runtime,
+        actuator,
         signals,
         interval=interval,
         timings=timings,

@@ -79,7 +79,7 @@ def make_app(controller: Controller, tokens: Tokens) -> web.Application:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in ("/healthz", "/openapi.json"):
+        if request.path in ("/healthz", "/readyz", "/openapi.json"):
             return await handler(request)
         principal = tokens.authenticate(request.headers.get("Authorization"))
         if principal is None:
@@ -91,6 +91,7 @@ def make_app(controller: Controller, tokens: Tokens) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=MAX_BODY)
     base = "/v1/projects/{project}/models/{model}"
     app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/openapi.json", api.openapi)
     app.router.add_get("/v1/routes", api.routes)
     app.router.add_get("/v1/audit", api.audit)
@@ -184,6 +185,17 @@ class Api:
             json.loads(view.model_dump_json()), status=status, headers={"ETag": f'"{rec.revision}"'}
         )
 
+    def _no_cluster_versions(self, spec: VersionEndpointSpec | None) -> None:
+        if self.c.cluster is not None:
+            raise st.ApiError(
+                409, "managed_by_kubernetes",
+                "in Kubernetes mode a version endpoint is a Deployment and a Service you apply "
+                "with its labels (docs/kubernetes.md); the API only routes traffic",
+            )  # fmt: skip
+        if spec is not None and spec.type == "kubernetes":
+            raise _Invalid([{"path": "type", "message": "kubernetes is set by the controller "
+                             "in Kubernetes mode; use custom, pyfunc or sklearn"}])  # fmt: skip
+
     async def _audit(self, request: web.Request, action: str, target: str) -> dict[str, Any]:
         return {"who": self._who(request), "action": action, "target": target}
 
@@ -191,6 +203,12 @@ class Api:
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "revision": self.c.state.revision})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        """Ready to be the one gateways follow (in Kubernetes mode: synced and leading)."""
+        ready, why = self.c.ready()
+        body = {"ready": ready, "reason": why, "revision": self.c.state.revision}
+        return web.json_response(body, status=200 if ready else 503)
 
     async def openapi(self, _: web.Request) -> web.Response:
         return web.json_response(openapi_document())
@@ -265,6 +283,7 @@ class Api:
         project, model, version = self._names(request, "write")
         assert version is not None
         spec = await self._body(request, VersionEndpointSpec)
+        self._no_cluster_versions(spec)
         if_match = self._if_match(request)
         key = st.version_key(project, model, version)
         new = await self.c.change(
@@ -290,6 +309,7 @@ class Api:
         assert version is not None
         key = st.version_key(project, model, version)
         if_match = self._if_match(request)
+        self._no_cluster_versions(None)
         new = await self.c.change(
             lambda s: st.undeploy(s, project, model, version, if_match),
             await self._audit(request, "undeploy", key),

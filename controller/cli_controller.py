@@ -37,6 +37,31 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--redis-signals", action="store_true",
                    help="run the autoscaler on the signals gateways started with --redis push "
                    "to the --store Redis (no gateway list needed)")  # fmt: skip
+    k8s = p.add_argument_group(
+        "Kubernetes mode", "route tables from ModelEndpoints and EndpointSlices, scaling "
+        "through deployments/scale (docs/kubernetes.md)")  # fmt: skip
+    k8s.add_argument("--kubernetes", action="store_true",
+                     help="follow the cluster instead of running replicas (implies --runtime "
+                     "none; the API's routing writes become ModelEndpoint patches)")  # fmt: skip
+    k8s.add_argument("--namespace", default="",
+                     help="where ModelEndpoints, EndpointSlices and the Lease live "
+                     "(default: the pod's namespace, else 'default')")  # fmt: skip
+    k8s.add_argument("--kube-api", default="", metavar="URL",
+                     help="a plain-HTTP API URL with no credentials (kubectl proxy); "
+                     "default: the pod's service account, else the kubeconfig")  # fmt: skip
+    k8s.add_argument("--kubeconfig", default="", metavar="FILE")
+    k8s.add_argument("--no-leader-election", dest="leader_election", action="store_false",
+                     help="act without the merlin-dp-controller Lease "
+                     "(only one controller!)")  # fmt: skip
+    k8s.add_argument("--identity", default="", help="this controller's name in the Lease "
+                     "(default: host name and pid)")  # fmt: skip
+    k8s.add_argument("--lease-seconds", type=float, default=15.0,
+                     help="a leader not renewing for this long is replaced")  # fmt: skip
+    k8s.add_argument("--gateway-admin-service", default="", metavar="NAME",
+                     help="run the autoscaler on the signals of every gateway behind this "
+                     "headless Service (found through its EndpointSlices)")  # fmt: skip
+    k8s.add_argument("--resync-seconds", type=float, default=300.0,
+                     help="relist everything this often even when watches are healthy")  # fmt: skip
     add_timing_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run)
@@ -53,8 +78,20 @@ def run(args: argparse.Namespace) -> int:
         max_versions=args.max_versions, domain=args.domain, runtime=args.runtime,
         store=args.store, gateway_admin_urls=tuple(args.gateway_admin),
         autoscaler_timings=timings_from(args), redis_signals=args.redis_signals,
+        kubernetes=args.kubernetes, kube_api=args.kube_api, kubeconfig=args.kubeconfig,
+        namespace=args.namespace, leader_election=args.leader_election, identity=args.identity,
+        lease_seconds=args.lease_seconds, resync_seconds=args.resync_seconds,
+        gateway_admin_service=args.gateway_admin_service,
     )  # fmt: skip
-    if (args.gateway_admin or args.redis_signals) and args.runtime == "none":
+    if args.gateway_admin_service and not args.kubernetes:
+        raise SystemExit("merlin-dp controller: --gateway-admin-service needs --kubernetes")
+    if args.gateway_admin_service and (args.gateway_admin or args.redis_signals):
+        raise SystemExit("merlin-dp controller: one source of signals: --gateway-admin, "
+                         "--gateway-admin-service or --redis-signals")  # fmt: skip
+    if args.lease_seconds < 1 or args.resync_seconds < 1:
+        raise SystemExit("merlin-dp controller: --lease-seconds and --resync-seconds are >= 1")
+    scaling = args.gateway_admin or args.redis_signals
+    if scaling and args.runtime == "none" and not args.kubernetes:
         raise SystemExit("merlin-dp controller: the autoscaler needs a runtime to scale")
     if args.redis_signals and not args.store.startswith("redis"):
         raise SystemExit("merlin-dp controller: --redis-signals needs --store redis://...")

@@ -15,7 +15,7 @@ from gateway.rule import Name, Protocol, Rule, StrictModel, VersionId
 
 MetricsType = Literal["cpu_utilization", "memory_utilization", "rps", "concurrency"]
 VersionStatus = Literal["pending", "running", "serving", "failed", "terminated"]
-ModelType = Literal["custom", "pyfunc", "sklearn"]
+ModelType = Literal["custom", "pyfunc", "sklearn", "kubernetes"]
 
 CPU = r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$"
 MEMORY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
@@ -54,7 +54,11 @@ class AutoscalingPolicy(StrictModel):
 class VersionEndpointSpec(StrictModel):
     """How to run one version endpoint (the body of PUT .../versions/{v}/endpoint)."""
 
-    type: ModelType = "custom"
+    type: ModelType = Field(
+        default="custom",
+        description="custom, pyfunc or sklearn. kubernetes: a Deployment and Service found "
+        "in the cluster (Kubernetes mode); shown, never accepted by the API.",
+    )
     command: list[str] = Field(
         default_factory=list, description="custom: the program and its arguments."
     )

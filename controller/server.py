@@ -42,6 +42,18 @@ class ControllerConfig:
     # Or read the signals gateways push to the Redis store (needs store=redis://...).
     redis_signals: bool = False
     autoscaler_timings: PolicyConfig | None = None
+    # Kubernetes mode: routing state from ModelEndpoints and EndpointSlices.
+    kubernetes: bool = False
+    kube_api: str = ""  # a plain-HTTP API URL (kubectl proxy); default: in-cluster/kubeconfig
+    kubeconfig: str = ""
+    namespace: str = ""  # default: the pod's namespace
+    leader_election: bool = True
+    identity: str = ""  # default: host name and pid
+    lease_seconds: float = 15.0
+    resync_seconds: float = 300.0
+    # Kubernetes mode: find every gateway's admin port through this headless Service's
+    # EndpointSlices and run the autoscaler on their signals.
+    gateway_admin_service: str = ""
 
 
 def is_loopback(host: str) -> bool:
@@ -85,7 +97,7 @@ async def start_controller(config: ControllerConfig) -> tuple[Controller, web.Ap
     else:
         store = FileStore(config.state_dir)
     controller = Controller(store, None, max_versions=config.max_versions, domain=config.domain)
-    if config.runtime == "local":
+    if config.runtime == "local" and not config.kubernetes:
         runtime = LocalRuntime(
             config.state_dir / "runtime",
             controller.on_runtime_event,
@@ -94,6 +106,8 @@ async def start_controller(config: ControllerConfig) -> tuple[Controller, web.Ap
         runtime.reap_orphans()
         controller.runtime = runtime
     await controller.start()
+    if config.kubernetes:
+        await _follow_cluster(controller, config)
     # A watcher that went away cancels its handler; stopping waits for requests briefly.
     runner = web.AppRunner(
         make_app(controller, tokens),
@@ -109,19 +123,49 @@ async def start_controller(config: ControllerConfig) -> tuple[Controller, web.Ap
     return controller, runner, port
 
 
+async def _follow_cluster(controller: Controller, config: ControllerConfig) -> None:
+    from controller.kubernetes.client import api_client, default_namespace
+    from controller.kubernetes.sync import KubernetesSync
+
+    api = await api_client(config.kube_api, config.kubeconfig)
+    sync = KubernetesSync(
+        controller, api, config.namespace or default_namespace(),
+        identity=config.identity or None, leader_election=config.leader_election,
+        lease_seconds=config.lease_seconds, renew_deadline_seconds=config.lease_seconds * 2 / 3,
+        retry_seconds=config.lease_seconds / 7.5, resync_seconds=config.resync_seconds,
+    )  # fmt: skip
+    await sync.start()
+    log.info("following ModelEndpoints and EndpointSlices in namespace %s as %s", sync.namespace,
+             sync.identity)  # fmt: skip
+
+
 async def serve(config: ControllerConfig) -> None:
     from autoscaler.collector import GatewaySignals, RedisSignals, SignalSource
     from autoscaler.scaler import attach_autoscaler
+    from controller.kubernetes.sync import KubernetesSync
 
     controller, runner, _ = await start_controller(config)
     scaler = None
     signals: SignalSource | None = None
     if config.gateway_admin_urls:
         signals = GatewaySignals(config.gateway_admin_urls)
+    elif config.gateway_admin_service and isinstance(controller.cluster, KubernetesSync):
+        pulled = GatewaySignals([])
+
+        def found(urls: list[str]) -> None:
+            pulled.admin_urls[:] = urls
+
+        controller.cluster.follow_gateways(config.gateway_admin_service, found)
+        signals = pulled
     elif config.redis_signals:
         signals = RedisSignals(config.store)
-    if signals is not None and controller.runtime is not None:
-        scaler = attach_autoscaler(controller, signals, timings=config.autoscaler_timings)
+    runtime = controller.runtime
+    if isinstance(controller.cluster, KubernetesSync):
+        runtime = controller.cluster.runtime
+    if signals is not None and runtime is not None:
+        scaler = attach_autoscaler(
+            controller, signals, timings=config.autoscaler_timings, runtime=runtime
+        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

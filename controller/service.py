@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from controller.feed import RouteFeed
 from controller.models import ControllerState, VersionEndpoint
@@ -25,6 +25,16 @@ from gateway.aio import cancel_and_wait
 log = logging.getLogger("controller")
 
 Transition = Callable[[ControllerState], ControllerState]
+
+
+class ClusterWriter(Protocol):
+    """Where API changes go first in Kubernetes mode (controller.kubernetes.sync)."""
+
+    async def write(self, old: ControllerState, new: ControllerState) -> None:
+        """Make the cluster say ``new``'s model endpoints; raise ApiError if it can't."""
+
+    async def close(self) -> None:
+        """Stop following the cluster."""
 
 
 class Controller:
@@ -49,6 +59,10 @@ class Controller:
         self.activations: Callable[[str, int], None] | None = None
         # Prometheus text of an attached autoscaler, served at GET /metrics.
         self.metrics_text: Callable[[], str] | None = None
+        # Kubernetes mode: routing writes become ModelEndpoint patches before they apply.
+        self.cluster: ClusterWriter | None = None
+        # What /readyz says (Kubernetes mode: synced with the API server, and leading).
+        self.ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
 
     async def start(self) -> None:
         loaded = await self.store.load()
@@ -76,17 +90,23 @@ class Controller:
                 del self._deployed[key]
                 await self.runtime.undeploy(key)
 
-    async def change(self, transition: Transition, audit: dict[str, Any] | None) -> ControllerState:
+    async def change(
+        self, transition: Transition, audit: dict[str, Any] | None, *, observed: bool = False
+    ) -> ControllerState:
         """Apply a transition to the latest state, durably, then publish it.
 
         Raises ApiError (refused: nothing changed) or StoreError (store unavailable:
         nothing changed either). The change runs as its own task: a caller that is
-        cancelled (a client gone) can't stop it between saving and publishing.
+        cancelled (a client gone) can't stop it between saving and publishing. In
+        Kubernetes mode a change that is not ``observed`` (read from the cluster) is
+        written to the cluster first.
         """
-        return await asyncio.shield(asyncio.ensure_future(self._change(transition, audit)))
+        return await asyncio.shield(
+            asyncio.ensure_future(self._change(transition, audit, observed))
+        )
 
     async def _change(
-        self, transition: Transition, audit: dict[str, Any] | None
+        self, transition: Transition, audit: dict[str, Any] | None, observed: bool
     ) -> ControllerState:
         async with self._lock, self.store.lease():
             current = self.state
@@ -95,6 +115,8 @@ class Controller:
             new = transition(current)
             if new is current:
                 return current
+            if self.cluster is not None and not observed:
+                await self.cluster.write(current, new)
             routes = route_table(new)
             await self.store.save(new, current.revision, routes.model_dump_json().encode())
             self.state = new
@@ -173,6 +195,8 @@ class Controller:
             log.exception("controller background task failed")
 
     async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
         await cancel_and_wait(list(self._pending_events))
         if self.runtime is not None:
             await self.runtime.close()

@@ -399,12 +399,14 @@ def test_example_destinations_are_example_version_endpoints() -> None:
 # -- RBAC --------------------------------------------------------------------------------
 
 # Everything the design uses; nothing else may be granted, and all of it must be.
+# tests/test_kubernetes.py checks the other direction: every call the controller makes
+# against the API stand-in is granted here.
 NEEDED = {
-    (GROUP, "modelendpoints"): {"get", "list", "watch", "patch"},
+    (GROUP, "modelendpoints"): {"list", "watch", "create", "patch", "delete"},
     (GROUP, "modelendpoints/status"): {"patch"},
-    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
-    ("apps", "deployments/scale"): {"get", "patch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
+    ("apps", "deployments/scale"): {"patch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "patch"},
 }
 
 
@@ -432,7 +434,7 @@ def test_nothing_is_granted_cluster_wide() -> None:
     assert of_kind("ClusterRoleBinding") == []
     leases = named("Role", "merlin-dp-controller-leader-election")
     for rule in leases["rules"]:
-        if set(rule["verbs"]) & {"get", "update"}:
+        if set(rule["verbs"]) & {"get", "patch"}:
             assert rule["resourceNames"] == ["merlin-dp-controller"]
 
 
@@ -511,9 +513,13 @@ def test_gateway_deployment() -> None:
 
 def test_controller_deployment() -> None:
     controller = named("Deployment", "merlin-dp-controller")
-    assert controller["spec"]["replicas"] == 1  # until leader election is built
-    assert controller["spec"]["strategy"] == {"type": "Recreate"}
+    assert controller["spec"]["replicas"] == 2  # one leads through the Lease
+    assert controller["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     (container,) = pod(controller)["containers"]
+    assert "--kubernetes" in container["args"]
+    admin_service = container["args"][container["args"].index("--gateway-admin-service") + 1]
+    assert named("Service", admin_service)["spec"]["clusterIP"] == "None"  # every gateway
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     listen = container["args"][container["args"].index("--listen") + 1]
     assert int(listen.rpartition(":")[2]) == 8090
     assert named("Service", "merlin-dp-controller")["spec"]["ports"][0]["port"] == 8090
