@@ -242,6 +242,6 @@ def attach_autoscaler(
         timings=timings,
     )
     controller.activations = scaler.poke
-    controller.metrics_text = scaler.metrics.render
+    controller.metrics.append(scaler.metrics.render)
     scaler.start()
     return scaler

@@ -251,7 +251,7 @@ class Api:
         principal = request[PRINCIPAL]
         if not principal.may("read", None):
             raise st.ApiError(403, "forbidden", "metrics need read access to all projects")
-        text = self.c.metrics_text() if self.c.metrics_text is not None else ""
+        text = "".join(render() for render in self.c.metrics)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
 

@@ -57,8 +57,8 @@ class Controller:
         self._deployed: dict[str, int] = {}  # version key -> generation the runtime runs
         # Gateways' pokes for versions at zero go here: (version key, requests waiting).
         self.activations: Callable[[str, int], None] | None = None
-        # Prometheus text of an attached autoscaler, served at GET /metrics.
-        self.metrics_text: Callable[[], str] | None = None
+        # Prometheus text of attached parts (autoscaler, Kubernetes sync): GET /metrics.
+        self.metrics: list[Callable[[], str]] = []
         # Kubernetes mode: routing writes become ModelEndpoint patches before they apply.
         self.cluster: ClusterWriter | None = None
         # What /readyz says (Kubernetes mode: synced with the API server, and leading).

@@ -379,6 +379,11 @@ async def test_two_controllers_one_lease(stack: Stack, cluster: Cluster) -> None
     assert await stack.ready(ports[leader]) and not await stack.ready(ports[standby])
     code, body = await stack.get(f"http://127.0.0.1:{ports[standby]}/readyz")
     assert code == 503 and "standby" in body["reason"]
+    for name, leading in ((leader, 1), (standby, 0)):
+        async with stack.session.get(f"http://127.0.0.1:{ports[name]}/metrics") as resp:
+            text = await resp.text()
+        assert f"merlin_controller_kubernetes_leading {leading}\n" in text
+        assert 'merlin_controller_kubernetes_relists_total{resource="modelendpoints"}' in text
     await eventually(lambda: _true(ready_condition(cluster, "demo-iris").get("status") == "True"),
                      "the leader wrote the status")  # fmt: skip
 

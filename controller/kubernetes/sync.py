@@ -42,7 +42,7 @@ from controller.kubernetes.cluster import (
     status_patch,
     versions_from_slices,
 )
-from controller.kubernetes.informer import Informer, selector_text
+from controller.kubernetes.informer import Informer, ListCall, selector_text
 from controller.kubernetes.lease import LeaderElector
 from controller.kubernetes.objects import (
     GROUP,
@@ -95,9 +95,10 @@ class KubernetesSync:
             f"modelendpoints in {namespace}", self._list_endpoints, self._changed,
             resync_seconds=resync_seconds,
         )  # fmt: skip
+        versions: dict[str, str | None] = {PROJECT_LABEL: None}
         self.slices = Informer(
-            f"endpointslices in {namespace}", self._list_slices, self._changed,
-            selector={PROJECT_LABEL: None}, resync_seconds=resync_seconds,
+            f"endpointslices in {namespace}", self._slice_lister(versions), self._changed,
+            selector=versions, resync_seconds=resync_seconds,
         )  # fmt: skip
         self.versions: dict[str, Version] = {}
         self.runtime = KubernetesRuntime(api, namespace, lambda: self.versions)
@@ -122,6 +123,7 @@ class KubernetesSync:
     async def start(self) -> None:
         self.controller.cluster = self
         self.controller.ready = self.ready
+        self.controller.metrics.append(self.metrics_text)
         await self._move_revision()  # before the first table derived from the cluster
         spawn = self._spawn
         spawn(self.endpoints.run())
@@ -136,6 +138,40 @@ class KubernetesSync:
         if not self.leading:
             return False, "standby: another controller holds the lease"
         return True, "leading" if self.elector is not None else "ok"
+
+    def metrics_text(self) -> str:
+        """Prometheus text: leadership, and how the watches and writes fare."""
+        lines = [
+            "# HELP merlin_controller_kubernetes_leading 1 while this controller leads.",
+            "# TYPE merlin_controller_kubernetes_leading gauge",
+            f"merlin_controller_kubernetes_leading {int(self.leading)}",
+            "# HELP merlin_controller_kubernetes_relists_total Lists (first, 410, error, "
+            "resync) per collection.",
+            "# TYPE merlin_controller_kubernetes_relists_total counter",
+        ]
+        informers = {"modelendpoints": self.endpoints, "endpointslices": self.slices}
+        for name, inf in informers.items():
+            lines.append(f'merlin_controller_kubernetes_relists_total{{resource="{name}"}} '
+                         f"{inf.relists}")  # fmt: skip
+        lines += [
+            "# HELP merlin_controller_kubernetes_watch_errors_total Failed lists and watches.",
+            "# TYPE merlin_controller_kubernetes_watch_errors_total counter",
+        ]
+        for name, inf in informers.items():
+            lines.append(f'merlin_controller_kubernetes_watch_errors_total{{resource="{name}"}} '
+                         f"{inf.errors}")  # fmt: skip
+        lines += [
+            "# HELP merlin_controller_kubernetes_status_writes_total ModelEndpoint status "
+            "writes, by result.",
+            "# TYPE merlin_controller_kubernetes_status_writes_total counter",
+            f'merlin_controller_kubernetes_status_writes_total{{result="ok"}} {self.status_writes}',
+            f'merlin_controller_kubernetes_status_writes_total{{result="failed"}} '
+            f"{self.status_failures}",
+            "# HELP merlin_controller_kubernetes_scale_failures_total Scale patches that failed.",
+            "# TYPE merlin_controller_kubernetes_scale_failures_total counter",
+            f"merlin_controller_kubernetes_scale_failures_total {self.runtime.scale_failures}",
+        ]
+        return "\n".join(lines) + "\n"
 
     async def close(self) -> None:
         if self.elector is not None:
@@ -156,18 +192,10 @@ class KubernetesSync:
         def changed() -> None:
             on_urls(gateway_urls(informer.objects.values()))
 
-        async def list_call(watch: bool, version: str | None) -> aiohttp.ClientResponse:
-            call = self.discovery.list_namespaced_endpoint_slice_without_preload_content
-            resp: aiohttp.ClientResponse = await call(
-                self.namespace, label_selector=selector_text(informer.selector), watch=watch,
-                resource_version=version, allow_watch_bookmarks=watch or None,
-                _request_timeout=_timeout(watch),
-            )  # fmt: skip
-            return resp
-
+        selector: dict[str, str | None] = {SERVICE_NAME_LABEL: service}
         informer = Informer(
-            f"gateways ({service}) in {self.namespace}", list_call, changed,
-            selector={SERVICE_NAME_LABEL: service}, resync_seconds=self.endpoints.resync_seconds,
+            f"gateways ({service}) in {self.namespace}", self._slice_lister(selector), changed,
+            selector=selector, resync_seconds=self.endpoints.resync_seconds,
         )  # fmt: skip
         self._spawn(informer.run())
 
@@ -203,14 +231,17 @@ class KubernetesSync:
         )  # fmt: skip
         return resp
 
-    async def _list_slices(self, watch: bool, version: str | None) -> aiohttp.ClientResponse:
-        call = self.discovery.list_namespaced_endpoint_slice_without_preload_content
-        resp: aiohttp.ClientResponse = await call(
-            self.namespace, label_selector=selector_text(self.slices.selector), watch=watch,
-            resource_version=version, allow_watch_bookmarks=watch or None,
-            _request_timeout=_timeout(watch),
-        )  # fmt: skip
-        return resp
+    def _slice_lister(self, selector: dict[str, str | None]) -> ListCall:
+        async def list_call(watch: bool, version: str | None) -> aiohttp.ClientResponse:
+            call = self.discovery.list_namespaced_endpoint_slice_without_preload_content
+            resp: aiohttp.ClientResponse = await call(
+                self.namespace, label_selector=selector_text(selector), watch=watch,
+                resource_version=version, allow_watch_bookmarks=watch or None,
+                _request_timeout=_timeout(watch),
+            )  # fmt: skip
+            return resp
+
+        return list_call
 
     def _changed(self) -> None:
         self._dirty.set()
