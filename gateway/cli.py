@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="read-only API token (default: $MERLIN_DP_TOKEN)")  # fmt: skip
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="traffic address; 0.0.0.0:8080 to serve other machines")  # fmt: skip
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help="serve UPI_V1 (gRPC, h2c) model endpoints on this port of the --listen "
+                   "host; off when absent")  # fmt: skip
     p.add_argument("--admin", default="127.0.0.1:8081", metavar="HOST:PORT",
                    help="admin address: /metrics, /healthz, /readyz")  # fmt: skip
     p.add_argument("--domain", default="localhost",
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         config = GatewayConfig(
             host=host,
             port=port,
+            grpc_port=args.grpc_port,
             admin_host=admin_host,
             admin_port=admin_port,
             domain=args.domain,

@@ -14,6 +14,8 @@ from gateway.upstream import PoolLimits
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # The gRPC (UPI_V1) listener on the traffic host; None: not served.
+    grpc_port: int | None = None
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
     domain: str = "localhost"
@@ -47,5 +49,7 @@ class GatewayConfig:
             raise ValueError("header timeout must be positive and max connections at least 1")
         if self.activation.max_waiting < 0 or self.activation.timeout <= 0:
             raise ValueError("activation queue must not be negative and its timeout positive")
+        if self.grpc_port is not None and not 0 <= self.grpc_port < 65536:
+            raise ValueError("grpc_port must be between 0 and 65535")
         if self.proxy.max_body_bytes < 0:
             raise ValueError("max_body_bytes must not be negative")

@@ -60,7 +60,8 @@ class CodeStats:
 class VersionStats:
     """Per version endpoint: in-flight requests and latency by (chosen_by, code)."""
 
-    __slots__ = ("arrivals", "by_choice", "in_flight", "model", "project", "version")
+    __slots__ = ("arrivals", "by_choice", "grpc_by_choice", "in_flight", "model", "project",
+                 "version")  # fmt: skip
 
     def __init__(self, project: str, model: str, version: str) -> None:
         self.project = project
@@ -69,12 +70,21 @@ class VersionStats:
         self.in_flight = 0
         self.arrivals = 0  # requests started, for the autoscaler's per-second rate
         self.by_choice: tuple[dict[int, CodeStats], ...] = tuple({} for _ in CHOSEN_BY)
+        # gRPC calls by grpc-status (their HTTP status is always 200).
+        self.grpc_by_choice: tuple[dict[int, CodeStats], ...] = tuple({} for _ in CHOSEN_BY)
 
     def record(self, chosen: int, code: int, seconds: float) -> None:
         series = self.by_choice[chosen]
         stats = series.get(code)
         if stats is None:
             stats = series[code] = CodeStats()
+        stats.observe(seconds)
+
+    def record_grpc(self, chosen: int, grpc_code: int, seconds: float) -> None:
+        series = self.grpc_by_choice[chosen]
+        stats = series.get(grpc_code)
+        if stats is None:
+            stats = series[grpc_code] = CodeStats()
         stats.observe(seconds)
 
 
@@ -167,6 +177,18 @@ class GatewayMetrics:
                 }
                 for i, by_code in enumerate(vs.by_choice)
                 for code, cs in by_code.items()
+            ]
+            series += [
+                {
+                    "chosen_by": CHOSEN_BY[i],
+                    "code": 200,
+                    "grpc_code": grpc_code,
+                    "count": cs.count,
+                    "sum": cs.total,
+                    "buckets": list(cs.buckets),
+                }
+                for i, by_code in enumerate(vs.grpc_by_choice)
+                for grpc_code, cs in by_code.items()
             ]
             versions.append(
                 {
@@ -267,7 +289,7 @@ def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
     return merged
 
 
-_IDENTITY = ("project", "model", "version", "chosen_by", "code")
+_IDENTITY = ("project", "model", "version", "chosen_by", "code", "grpc_code")
 
 
 def _identity(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -309,7 +331,8 @@ class _SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snap
-        labels = ["project", "model", "version", "chosen_by", "code"]
+        # grpc_code is empty (no label, to Prometheus) on HTTP_JSON requests.
+        labels = ["project", "model", "version", "chosen_by", "code", "grpc_code"]
         requests = CounterMetricFamily(
             "gateway_requests", "Requests answered, by version endpoint and status.", labels=labels
         )
@@ -328,7 +351,13 @@ class _SnapshotCollector(Collector):
             vlabels = [v["project"], v["model"], v["version"]]
             in_flight.add_metric(vlabels, v["in_flight"])
             for s in v["series"]:
-                values = [*vlabels, s["chosen_by"], str(s["code"])]
+                grpc_code = s.get("grpc_code")
+                values = [
+                    *vlabels,
+                    s["chosen_by"],
+                    str(s["code"]),
+                    "" if grpc_code is None else str(grpc_code),
+                ]
                 requests.add_metric(values, s["count"])
                 duration.add_metric(values, _cumulative(bounds, s["buckets"]), s["sum"])
         unrouted = CounterMetricFamily(

@@ -22,6 +22,8 @@ from aiohttp import web
 from gateway.activation import Activator, HttpPoke
 from gateway.aio import cancel_and_wait
 from gateway.config import GatewayConfig
+from gateway.h2.grpc import GrpcProxy
+from gateway.h2.server import GrpcListener
 from gateway.http_server import GatewayHttpServer
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
@@ -49,6 +51,12 @@ class GatewayWorker:
         self.poke = HttpPoke(activate_url, config.controller_token) if activate_url else None
         self.activator = Activator(self.metrics, config.activation, self.poke)
         self.proxy.activator = self.activator
+        self.grpc: GrpcProxy | None = None
+        self.grpc_listener: GrpcListener | None = None
+        if config.grpc_port is not None:
+            self.grpc = GrpcProxy(self.metrics, config.pool, self.activator)
+            self.grpc_listener = GrpcListener(self.grpc)
+        self.grpc_port = config.grpc_port
         self.signals = SignalRecorder(self.metrics.versions)
         # With Redis, signals are pushed too: an autoscaler needn't know every gateway.
         self.pusher = (
@@ -68,6 +76,8 @@ class GatewayWorker:
     def apply(self, spec: RouteTableSpec) -> None:
         table = compile_table(spec, self.config.domain, self.registry, self.metrics.version)
         self.proxy.table = table
+        if self.grpc is not None:
+            self.grpc.table = table
         self.activator.table_swapped(table)
         self.registry.retain(table.upstreams())
         self.metrics.table_revision = table.revision
@@ -111,6 +121,10 @@ class GatewayWorker:
         sock = bind_socket(cfg.host, cfg.port, reuse_port=cfg.workers > 1)
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
+        if self.grpc_listener is not None and cfg.grpc_port is not None:
+            grpc_sock = bind_socket(cfg.host, cfg.grpc_port, reuse_port=cfg.workers > 1)
+            self.grpc_port = grpc_sock.getsockname()[1]
+            await self.grpc_listener.start(grpc_sock)
         self._source_task = asyncio.create_task(self.source.run(self.apply, self.reject))
         self.signals.start()
         if self.pusher is not None:
@@ -123,8 +137,13 @@ class GatewayWorker:
             await cancel_and_wait([self._push_task])
         if self._source_task is not None:
             await cancel_and_wait([self._source_task])
+        if self.grpc_listener is not None:
+            # GOAWAY to every client, then in-flight calls finish within the grace.
+            await self.grpc_listener.stop(self.config.shutdown_seconds)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.grpc is not None:
+            await self.grpc.close()
         await self.proxy.shadowing.close()
         await self.activator.close()
         if self.poke is not None:
