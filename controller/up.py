@@ -54,6 +54,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="traffic")
     p.add_argument("--admin", default="127.0.0.1:8081", metavar="HOST:PORT", help="gateway admin")
     p.add_argument("--api", default="127.0.0.1:8090", metavar="HOST:PORT", help="controller API")
+    p.add_argument("--grpc-port", type=int, default=8082, metavar="PORT",
+                   help="UPI_V1 (gRPC) on the --listen host (0: any free port)")  # fmt: skip
+    p.add_argument("--no-grpc", dest="grpc", action="store_false",
+                   help="don't serve UPI_V1 model endpoints")  # fmt: skip
     p.add_argument("--domain", default="localhost")
     p.add_argument("--demo", action="store_true", help="deploy the iris demo (needs scikit-learn)")
     add_timing_arguments(p)
@@ -98,7 +102,8 @@ async def _up(args: argparse.Namespace) -> None:
     )
     api_url = f"http://{api_host}:{api_port}"
     config = GatewayConfig(host=host, port=port, admin_host=admin_host, admin_port=admin_port,
-                           domain=args.domain, controller_url=api_url)  # fmt: skip
+                           domain=args.domain, controller_url=api_url,
+                           grpc_port=args.grpc_port if args.grpc else None)  # fmt: skip
     worker = GatewayWorker(config, ControllerRouteSource(api_url))
     admin_runner = None
     autoscaler: Autoscaler | None = None
@@ -125,7 +130,9 @@ async def _up(args: argparse.Namespace) -> None:
             if demo.done():
                 demo.result()
         gateway = f"{args.domain}:{worker.port}"
-        print(_banner(args, gateway, api_url, f"http://{admin_host}:{admin_port}"), flush=True)
+        grpc = f"{args.domain}:{worker.grpc_port}" if worker.grpc is not None else None
+        print(_banner(args, gateway, api_url, f"http://{admin_host}:{admin_port}", grpc),
+              flush=True)  # fmt: skip
         await stop.wait()
         print("merlin-dp: stopping (in-flight requests finish, replicas drain)", flush=True)
     finally:
@@ -139,7 +146,9 @@ async def _up(args: argparse.Namespace) -> None:
         await controller.close()
 
 
-def _banner(args: argparse.Namespace, gateway: str, api: str, admin: str) -> str:
+def _banner(
+    args: argparse.Namespace, gateway: str, api: str, admin: str, grpc: str | None
+) -> str:
     lines = ["", "merlin-dp is up."]
     if args.demo:
         url = f"http://{DEMO_MODEL}.{DEMO_PROJECT}.{gateway}/v1/predict"
@@ -155,6 +164,8 @@ def _banner(args: argparse.Namespace, gateway: str, api: str, admin: str) -> str
         lines.append(
             f"  Deploy:      merlin-dp deploy PROJECT/MODEL/1 --command '…' --controller {api}"
         )
+    if grpc is not None:
+        lines.append(f"  UPI (gRPC):  <model>.<project>.{grpc}  (h2c; :authority picks the model)")
     lines += [
         f"  API:         {api}  (OpenAPI: {api}/openapi.json)",
         f"  Metrics:     {admin}/metrics",

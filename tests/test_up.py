@@ -32,7 +32,7 @@ def test_up_demo_serves_splits_and_stops_clean(tmp_path: Path) -> None:
         [sys.executable, "-m", "controller.cli", "up", "--demo",
          "--state-dir", str(tmp_path / "s"),
          "--listen", f"127.0.0.1:{ports[0]}", "--admin", f"127.0.0.1:{ports[1]}",
-         "--api", f"127.0.0.1:{ports[2]}"],
+         "--api", f"127.0.0.1:{ports[2]}", "--grpc-port", "0"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -44,6 +44,7 @@ def test_up_demo_serves_splits_and_stops_clean(tmp_path: Path) -> None:
         banner = (tmp_path / "up.log").read_text()
         url = f"http://iris.demo.localhost:{ports[0]}/v1/predict"
         assert url in banner
+        assert "UPI (gRPC):  <model>.<project>.localhost:" in banner
         seen: dict[str, int] = {}
         for _ in range(200):
             out = subprocess.run(

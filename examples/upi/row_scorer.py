@@ -16,8 +16,10 @@ carried over. A null counts as 0; string columns are ignored. A request table na
 
 Through the controller: ``merlin-dp deploy PROJECT/MODEL/VERSION --type pyfunc --protocol
 UPI_V1 --model-dir examples/upi --pyfunc-class row_scorer:RowScorer`` — the local runtime
-gives the replica both ports and routes to its gRPC one (the gateway's gRPC path is not
-built yet: call the replica's address from ``merlin-dp versions`` directly for now).
+gives the replica both ports and routes to its gRPC one; route a model endpoint to it
+(``merlin-dp route PROJECT/MODEL --weights VERSION=100 --protocol UPI_V1``) and call the
+gateway's gRPC port (``merlin-dp up``: 8082) with ``:authority`` set to
+``MODEL.PROJECT.localhost``.
 """
 
 from __future__ import annotations
