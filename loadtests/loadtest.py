@@ -1,7 +1,9 @@
 """``merlin-dp loadtest``: a Locust suite run headless for a bounded time, then a summary.
 
-Runs ``loadtests/locust_model.py`` (the model's stable URL) or
-``loadtests/locust_version.py`` (its version endpoints, called directly) against a running
+Runs ``loadtests/locust_model.py`` (the model's stable URL),
+``loadtests/locust_version.py`` (its version endpoints, called directly) or
+``loadtests/locust_upi.py`` (a UPI_V1 model over gRPC: ``--gateway`` is then the gateway's
+gRPC port, ``http://127.0.0.1:8082`` with ``merlin-dp up``) against a running
 gateway (``merlin-dp up`` or ``merlin-dp gateway``) as a child process, for
 ``--duration`` seconds, and writes into ``--out``:
 
@@ -38,7 +40,11 @@ from loadtests.locust_common import (
 )
 
 HERE = Path(__file__).resolve().parent
-SUITES = {"model": HERE / "locust_model.py", "version": HERE / "locust_version.py"}
+SUITES = {
+    "model": HERE / "locust_model.py",
+    "version": HERE / "locust_version.py",
+    "upi": HERE / "locust_upi.py",  # --gateway is then the gateway's gRPC port
+}
 # Locust's own grace after the run time, then ours on top of it.
 STOP_TIMEOUT_S = 5
 KILL_MARGIN_S = 60
@@ -49,8 +55,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "loadtest",
         help="run a Locust suite headless against a gateway and summarise it",
         description=(
-            "Load a model's stable URL (--suite model) or its version endpoints (--suite "
-            "version) through a running gateway with Locust, headless, for --duration "
+            "Load a model's stable URL (--suite model), its version endpoints (--suite "
+            "version) or a UPI_V1 model over gRPC (--suite upi, --gateway the gRPC port) "
+            "through a running gateway with Locust, headless, for --duration "
             "seconds; write Locust's CSV and JSON plus a summary into --out and print "
             "requests/s, p50/p95/p99, errors by kind and the share of answers per version. "
             "Needs Locust: pip install -e '.[loadtest]'."

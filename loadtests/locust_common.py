@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
+
 VERSION_HEADER = "X-Model-Version"
 DEFAULT_PAYLOAD = '{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
 NO_VERSION = "-"
@@ -84,6 +86,24 @@ def add_suite_arguments(parser: Any) -> None:
                         help="domain of model URLs: <model>.<project>.<domain>")  # fmt: skip
     parser.add_argument("--payload", default=DEFAULT_PAYLOAD, env_var="LOCUST_PAYLOAD",
                         help="JSON request body")  # fmt: skip
+
+
+def request_from_payload(payload: str) -> upi_pb2.PredictValuesRequest:
+    """``{"instances": [[5.1, 3.5], …]}`` → a table of DOUBLE columns f0…, a row each."""
+    instances = json.loads(payload).get("instances") or [[0.0]]
+    width = max(len(row) for row in instances)
+    columns = [table_pb2.Column(name=f"f{i}", type=type_pb2.TYPE_DOUBLE) for i in range(width)]
+    rows = [
+        table_pb2.Row(
+            row_id=str(n),
+            values=[table_pb2.Value(double_value=float(v)) for v in row]
+            + [table_pb2.Value(is_null=True)] * (width - len(row)),
+        )
+        for n, row in enumerate(instances)
+    ]
+    return upi_pb2.PredictValuesRequest(
+        prediction_table=table_pb2.Table(name="locust", columns=columns, rows=rows)
+    )
 
 
 # --- naming each answer ----------------------------------------------------------------
@@ -170,7 +190,7 @@ class Summary:
         return {**asdict(self), "shares": self.shares()}
 
 
-_CATCH_WRAPPER = re.compile(r"^CatchResponseError\((['\"])(.*)\1\)$")
+_CATCH_WRAPPER = re.compile(r"^(?:CatchResponseError|UpiFailure)\((['\"])(.*)\1\)$")
 
 
 def error_kind(text: str) -> str:
