@@ -146,9 +146,7 @@ async def _up(args: argparse.Namespace) -> None:
         await controller.close()
 
 
-def _banner(
-    args: argparse.Namespace, gateway: str, api: str, admin: str, grpc: str | None
-) -> str:
+def _banner(args: argparse.Namespace, gateway: str, api: str, admin: str, grpc: str | None) -> str:
     lines = ["", "merlin-dp is up."]
     if args.demo:
         url = f"http://{DEMO_MODEL}.{DEMO_PROJECT}.{gateway}/v1/predict"

@@ -2608,6 +2608,12 @@ def add_autoscale_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
     parser.set_defaults(run=run_autoscale)
 
 
+def add_grpc_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from loadtests.bench_grpc import add_grpc_parser as add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.bench",
@@ -2619,6 +2625,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shadow_parser(sub)
     add_convergence_parser(sub)
     add_autoscale_parser(sub)
+    add_grpc_parser(sub)
     return parser
 
 
