@@ -362,7 +362,10 @@ async def test_upstream_status_passes_through(
 async def echo(body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     """PredictValues on raw bytes: echoes the request, or aborts when asked to."""
     md = {k: v for k, v in context.invocation_metadata() or ()}
-    await context.send_initial_metadata((("x-served-by", "echo"),))
+    left = context.time_remaining()
+    await context.send_initial_metadata(
+        (("x-served-by", "echo"), ("x-time-remaining", "none" if left is None else f"{left:.3f}"))
+    )
     if md.get("x-abort") == "yes":
         context.set_trailing_metadata(
             (("x-reason", "bad table"), ("x-detail-bin", b"\x00\x01\xff"))
@@ -414,6 +417,33 @@ async def test_status_details_and_trailing_metadata_pass_through(
         initial = dict(err.initial_metadata() or ())
         assert initial["x-served-by"] == "echo"
         assert initial["x-model-version"] == "1"
+
+
+async def test_the_route_timeout_caps_the_deadline(
+    gateway_factory: Any, echo_server: str, upi: dict[str, UpiReplica]
+) -> None:
+    rule = {"timeout_seconds": 2.0}
+    gw = await start_gateway(gateway_factory, spec(1, {"1": [echo_server]}, {"1": 100}, **rule))
+    async with channel(gw, AUTHORITY) as ch:
+        told = {}
+        for name, timeout in (("none", None), ("shorter", 1.0), ("longer", 60.0)):
+            call = raw(ch)(b"hello", timeout=timeout)
+            await call
+            told[name] = float(dict(await call.initial_metadata())["x-time-remaining"])
+    # The replica is told the deadline that applies: the route's when the client has none
+    # or a longer one, the client's when it is shorter.
+    # (grpc rounds deadlines up to its timer's grain: allow a few milliseconds.)
+    assert 1.5 < told["none"] <= 2.05 and 1.5 < told["longer"] <= 2.05
+    assert 0 < told["shorter"] <= 1.05
+    # And the gateway enforces it: a slow model, a patient client, the route's 0.5 s.
+    gw = await start_gateway(
+        gateway_factory, spec(2, {"1": [upi["1"].address]}, {"1": 100}, timeout_seconds=0.5)
+    )
+    async with channel(gw, AUTHORITY) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await predict(ch, small("slow"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert {s["grpc_code"] for s in grpc_series(gw)} == {4}
 
 
 async def test_eight_megabytes_each_way(gateway_factory: Any, echo_server: str) -> None:

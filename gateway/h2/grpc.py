@@ -9,8 +9,10 @@ bytes; header blocks are decoded (cached) and re-encoded as literals, with
 ``x-model-version`` added to the response headers.
 
 The gateway answers on its own, Trailers-Only, when it can't route (``NOT_FOUND``), has
-no replica or none could take the call (``UNAVAILABLE``), or the call's ``grpc-timeout``
-passes (``DEADLINE_EXCEEDED``; the replica's stream is reset with CANCEL). A call is
+no replica or none could take the call (``UNAVAILABLE``), or the call's deadline passes
+(``DEADLINE_EXCEEDED``; the replica's stream is reset with CANCEL). The deadline is the
+client's ``grpc-timeout`` capped by the route's timeout (the rule's ``timeout_seconds``,
+as on HTTP); the replica gets the deadline that applies. A call is
 retried on another replica only when the replica provably never saw it: the connect
 failed, or the replica refused the stream (REFUSED_STREAM, or a GOAWAY below its id).
 """
@@ -220,12 +222,22 @@ class GrpcProxy:
         self.request_ids = RequestIds()
         self.mirroring = Mirroring(self)
         self._version_fields: dict[str, bytes] = {}
+        self._timeout_fields: dict[float, bytes] = {}
 
     def version_field(self, version: VersionTarget) -> bytes:
         field = self._version_fields.get(version.version_header)
         if field is None:
             field = encode_field(b"x-model-version", version.version_header.encode())
             self._version_fields[version.version_header] = field
+        return field
+
+    def timeout_field(self, seconds: float) -> bytes:
+        """``grpc-timeout`` for a route's timeout, encoded once per distinct value."""
+        field = self._timeout_fields.get(seconds)
+        if field is None:
+            field = self._timeout_fields[seconds] = encode_field(
+                b"grpc-timeout", format_timeout(seconds)
+            )
         return field
 
     def accept(self, stream: Stream, block: Block, end_stream: bool) -> None:
@@ -247,7 +259,7 @@ class GrpcCall:
     __slots__ = ("block", "body", "body_bytes", "body_end", "chosen", "client", "done", "head",
                  "mirror", "policy", "proxy", "reconnected", "replayable", "req_trailers",
                  "response_started", "retries_left", "start_time", "stats", "task", "timeout",
-                 "timer", "tried", "up", "upstream", "version")  # fmt: skip
+                 "timeout_field", "timer", "tried", "up", "upstream", "version")  # fmt: skip
 
     def __init__(self, proxy: GrpcProxy, client: Stream) -> None:
         self.proxy = proxy
@@ -270,6 +282,7 @@ class GrpcCall:
         self.head = b""
         self.block: Block | None = None
         self.timeout: float | None = None
+        self.timeout_field = b""  # the grpc-timeout field as the replica gets it
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.tried: list[Upstream] | None = None
@@ -326,10 +339,22 @@ class GrpcCall:
             # A literal field by hand: ids are far shorter than 127 bytes.
             rid = proxy.request_ids.next()
             fwd += b"\x00\x0cx-request-id" + bytes((len(rid),)) + rid
+        timeout = head.timeout
+        limit = self.policy.timeout
+        if timeout is None or timeout > limit:
+            # The route's timeout caps the call, as on HTTP, and the replica is told.
+            field = proxy.timeout_field(limit)
+            if timeout is None:
+                fwd += field
+            else:
+                fwd = fwd.replace(encode_field(b"grpc-timeout", self._timeout_text()), field, 1)
+            timeout = limit
+            self.timeout_field = field
+        elif self.block is not None:
+            self.timeout_field = encode_field(b"grpc-timeout", self._timeout_text())
         self.head = fwd
-        if head.timeout is not None:
-            self.timeout = head.timeout
-            self.timer = proxy.loop.call_later(head.timeout, self._deadline)
+        self.timeout = timeout
+        self.timer = proxy.loop.call_later(timeout, self._deadline)
         if mirror is not None and mirror.version is not version and random() < mirror.fraction:
             self.mirror = proxy.mirroring.begin(mirror, fwd)
             if self.mirror is not None and end_stream:
@@ -373,14 +398,13 @@ class GrpcCall:
         if self.done:
             return
         self.version = version
-        if self.timeout is not None and self.block is not None:
+        if self.timeout is not None:
             # The replica gets what is left of the deadline after the hold.
-            left = format_timeout(self.timeout - (perf_counter() - started))
-            self.head = self.head.replace(
-                encode_field(b"grpc-timeout", self._timeout_text()),
-                encode_field(b"grpc-timeout", left),
-                1,
+            left = encode_field(
+                b"grpc-timeout", format_timeout(self.timeout - (perf_counter() - started))
             )
+            self.head = self.head.replace(self.timeout_field, left, 1)
+            self.timeout_field = left
         self.tried = []  # no second activation
         self._dispatch()
 
