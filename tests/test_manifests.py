@@ -499,8 +499,9 @@ def test_gateway_deployment() -> None:
     )
     admin_port = int(args[args.index("--admin") + 1].rpartition(":")[2])
     listen_port = int(args[args.index("--listen") + 1].rpartition(":")[2])
+    grpc_port = int(args[args.index("--grpc-port") + 1])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": listen_port, "admin": admin_port}
+    assert ports == {"http": listen_port, "admin": admin_port, "grpc": grpc_port}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     anti = pod(gateway)["affinity"]["podAntiAffinity"]
