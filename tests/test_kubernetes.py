@@ -321,7 +321,7 @@ async def test_model_endpoints_and_slices_drive_the_gateway(stack: Stack, cluste
     # An API-created endpoint is a new ModelEndpoint object.
     code, body = await stack.api(port, "PUT", "/endpoint", {"rule": weights(v2=100)})
     assert code == 201, body
-    created = cluster.get(MODEL_ENDPOINTS, "demo-iris")
+    created = cluster.get(MODEL_ENDPOINTS, "demo.iris")  # <project>.<model>
     assert created is not None and created["spec"]["project"] == "demo"
     await eventually(lambda: served_only("v2"), "API-created endpoint served")
 

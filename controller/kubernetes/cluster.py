@@ -72,6 +72,9 @@ class Version:
     resource_request: ResourceRequest
     autoscaling: AutoscalingPolicy
     problems: tuple[str, ...] = ()
+    # False when no slice has ports (no pod yet, or scaled to zero): the protocol is then
+    # whatever the model endpoint routing it says.
+    protocol_known: bool = True
 
     @property
     def key(self) -> str:
@@ -93,7 +96,8 @@ class Condition:
 class Derived:
     state: ControllerState
     conditions: dict[str, Condition] = field(default_factory=dict)  # ME name -> Ready
-    keys: dict[str, str] = field(default_factory=dict)  # ME name -> "project/model"
+    keys: dict[str, str] = field(default_factory=dict)  # ME name -> "project/model" it names
+    owners: dict[str, str] = field(default_factory=dict)  # "project/model" -> ME name
 
 
 # --- versions from EndpointSlices ------------------------------------------------------
@@ -115,6 +119,14 @@ def versions_from_slices(slices: Iterable[Obj]) -> dict[str, Version]:
     return found
 
 
+def one_address_family(slices: Iterable[Obj]) -> list[Obj]:
+    """A dual-stack Service has an IPv4 and an IPv6 slice for the same pods: read one
+    family (IPv4 when there is any), so each pod counts once. FQDN slices are skipped."""
+    usable = [s for s in slices if s.get("addressType", "IPv4") in ("IPv4", "IPv6")]
+    v4 = [s for s in usable if s.get("addressType", "IPv4") == "IPv4"]
+    return v4 or usable
+
+
 def _port(slice_: Obj, name: str) -> int | None:
     for p in slice_.get("ports") or []:
         if p.get("name") == name and isinstance(p.get("port"), int):
@@ -122,19 +134,39 @@ def _port(slice_: Obj, name: str) -> int | None:
     return None
 
 
+def _name(obj: Obj) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
+# When one endpoint is in several slices (during a slice's replacement), the most
+# useful state wins, as kube-proxy does: ready over starting over draining.
+_PRECEDENCE = {"ready": 0, "starting": 1, "draining": 2}
+
+
 def _version(project: str, model: str, version: str, group: list[Obj]) -> Version:
-    labels = (group[0].get("metadata") or {}).get("labels") or {}
     problems: list[str] = []
-    protocol: Protocol = "UPI_V1" if any(_port(s, "grpc") for s in group) else "HTTP_JSON"
+    # The Service is the one named <model>-<version> if it is among them (the same name
+    # as the Deployment the autoscaler scales), else the first by name; never slice order.
+    services = sorted({str(_labels(s).get(SERVICE_NAME_LABEL, "")) for s in group} - {""})
+    wanted = f"{model}-{version}"
+    service = wanted if wanted in services or not services else services[0]
+    if len(services) > 1:
+        problems.append(f"Services {', '.join(services)} all carry this version's labels; "
+                        f"scaling deployments/{service}")  # fmt: skip
+    own = [s for s in group if str(_labels(s).get(SERVICE_NAME_LABEL, wanted)) == service]
+    labels = _labels(min(own, key=_name))
+    # A Service with no ready pod keeps a slice with no ports: it says nothing about the
+    # protocol (see protocol_known) and is not a problem.
+    ported = [s for s in one_address_family(own) if s.get("ports")]
+    protocol_known = bool(ported)
+    protocol: Protocol = "UPI_V1" if any(_port(s, "grpc") for s in ported) else "HTTP_JSON"
     replicas: dict[str, Replica] = {}
-    for s in group:
+    for s in sorted(ported, key=_name):
         http = _port(s, "http")
         traffic = _port(s, "grpc") if protocol == "UPI_V1" else http
         if traffic is None:
-            problems.append(
-                f"EndpointSlice {(s.get('metadata') or {}).get('name')} has no port named "
-                f"{'grpc' if protocol == 'UPI_V1' else 'http'}"
-            )
+            problems.append(f"EndpointSlice {_name(s)} has no port named "
+                            f"{'grpc' if protocol == 'UPI_V1' else 'http'}")  # fmt: skip
             continue
         for ep in s.get("endpoints") or []:
             addresses = ep.get("addresses") or []
@@ -153,19 +185,26 @@ def _version(project: str, model: str, version: str, group: list[Obj]) -> Versio
             pod = str(((ep.get("targetRef") or {}).get("name")) or host)
             address = f"{host}:{traffic}"
             metrics = f"{host}:{http}" if http is not None else address
-            replicas[address] = Replica(address, metrics, st, pod)
+            seen = replicas.get(address)
+            if seen is None or _PRECEDENCE[st] < _PRECEDENCE[seen.state]:
+                replicas[address] = Replica(address, metrics, st, pod)
     request, policy = _autoscaling(labels, problems)
     return Version(
         project=project,
         model=model,
         version=version,
-        service=str(labels.get(SERVICE_NAME_LABEL, f"{model}-{version}")),
+        service=service,
         protocol=protocol,
         replicas=tuple(replicas[a] for a in sorted(replicas)),
         resource_request=request,
         autoscaling=policy,
         problems=tuple(problems),
+        protocol_known=protocol_known,
     )
+
+
+def _labels(obj: Obj) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
 
 
 def _autoscaling(
@@ -212,36 +251,31 @@ def derive(
     versions = versions_from_slices(slices)
     out = Derived(state=previous)
     new_endpoints: dict[str, ModelEndpoint] = {}
-    claimed: dict[str, str] = {}  # "project/model" -> ME name that owns it
     history = {k: list(v) for k, v in previous.history.items()}
+    ordered = sorted(endpoints.values(), key=_created)
+    invalid: list[tuple[str, str, str]] = []  # (name, key, message), in creation order
 
-    for obj in sorted(endpoints.values(), key=_created):
-        name = str((obj.get("metadata") or {}).get("name"))
+    # Valid ModelEndpoints claim their model first, oldest first; an invalid one can't
+    # take a model from a valid one, so the outcome doesn't depend on the previous state.
+    for obj in ordered:
+        name = _name(obj)
         raw = obj.get("spec") or {}
         try:
             spec = ModelEndpointSpec.model_validate(raw)
         except ValidationError as exc:
-            message = "spec: " + describe_validation_error(exc)
             key = model_key(str(raw.get("project")), str(raw.get("model")))
-            old = previous.endpoints.get(key)
-            if old is not None and key not in claimed:
-                # A bad edit does not take a working model endpoint down.
-                claimed[key] = name
-                out.keys[name] = key
-                new_endpoints[key] = old
-                message += f"; still serving the previous rule (revision {old.revision})"
-            out.conditions[name] = Condition("False", "InvalidRule", message)
+            invalid.append((name, key, "spec: " + describe_validation_error(exc)))
             continue
         key = model_key(spec.project, spec.model)
         out.keys[name] = key
-        if key in claimed:
+        if key in out.owners:
             out.conditions[name] = Condition(
                 "False", "Conflict",
-                f"ModelEndpoint {claimed[key]} already routes {key}; one ModelEndpoint per "
+                f"ModelEndpoint {out.owners[key]} already routes {key}; one ModelEndpoint per "
                 "project and model (the oldest wins)",
             )  # fmt: skip
             continue
-        claimed[key] = name
+        out.owners[key] = name
         refusal = _check(spec, versions)
         old = previous.endpoints.get(key)
         if refusal is None:
@@ -255,15 +289,21 @@ def derive(
             out.conditions[name] = Condition("True", "Routed", "the rule is in the route table")
             continue
         reason, message = refusal
-        kept = False
-        if old is not None and old.protocol == spec.protocol:
-            again = _check(spec.model_copy(update={"rule": old.rule}), versions)
-            # A version that vanished under the old rule is served as 503, not dropped.
-            kept = again is None or again[0] == "UnknownVersion"
-        if kept and old is not None:
+        if old is not None and _still_good(old, versions):
+            # A refused edit does not take a working model endpoint down.
             new_endpoints[key] = old
             message += f"; still serving the previous rule (revision {old.revision})"
         out.conditions[name] = Condition("False", reason, message)
+
+    for name, key, message in invalid:
+        out.keys[name] = key
+        old = previous.endpoints.get(key)
+        if key not in out.owners:
+            out.owners[key] = name
+            if old is not None and _still_good(old, versions):
+                new_endpoints[key] = old
+                message += f"; still serving the previous rule (revision {old.revision})"
+        out.conditions[name] = Condition("False", "InvalidRule", message)
 
     # A routed rule may name a version whose slices are gone: keep it in the table with no
     # replicas (503 for its share) so the table stays valid, and say so.
@@ -290,6 +330,15 @@ def derive(
     return out
 
 
+def _still_good(old: ModelEndpoint, versions: Mapping[str, Version]) -> bool:
+    """Whether a previously routed rule can keep serving: its versions still speak its
+    protocol (a vanished version is served as 503, not a reason to drop the rule)."""
+    spec = ModelEndpointSpec(project=old.project, model=old.model, protocol=old.protocol,
+                             rule=old.rule)  # fmt: skip
+    again = _check(spec, versions)
+    return again is None or again[0] == "UnknownVersion"
+
+
 def _check(spec: ModelEndpointSpec, versions: Mapping[str, Version]) -> tuple[str, str] | None:
     """The API's cross-checks (controller.state._check_routable) against the cluster."""
     for path, name in spec.rule.named_versions():
@@ -300,7 +349,7 @@ def _check(spec: ModelEndpointSpec, versions: Mapping[str, Version]) -> tuple[st
                 f"EndpointSlice labelled {PROJECT_LABEL}={spec.project}, "
                 f"{MODEL_LABEL}={spec.model}, {VERSION_LABEL}={name}"
             )
-        if v.protocol != spec.protocol:
+        if v.protocol_known and v.protocol != spec.protocol:
             return "ProtocolMismatch", (
                 f"rule.{path}: version {name} speaks {v.protocol}, the model endpoint "
                 f"{spec.protocol}"
@@ -320,9 +369,15 @@ def _version_records(
     }
     records: dict[str, VersionEndpoint] = {}
     for key, v in versions.items():
+        protocol = v.protocol
+        if not v.protocol_known:
+            # No ports to tell (no pod): what routes to it says, else what it said before.
+            old = previous.versions.get(key)
+            protocol = (routed[key].protocol if key in routed
+                        else old.spec.protocol if old is not None else protocol)  # fmt: skip
         rec = VersionEndpoint(
             project=v.project, model=v.model, version=v.version,
-            spec=VersionEndpointSpec(type="kubernetes", protocol=v.protocol,
+            spec=VersionEndpointSpec(type="kubernetes", protocol=protocol,
                                      resource_request=v.resource_request,
                                      autoscaling_policy=v.autoscaling),
             status="serving" if key in routed else "running",
@@ -380,8 +435,9 @@ def status_patch(
     if isinstance(generation, int):
         ready["observedGeneration"] = generation
         status["observedGeneration"] = generation
-    if route_revision is not None:
-        status["routeRevision"] = route_revision
+    # None goes out as null: a merge patch deletes the field (leaving it out would keep
+    # a stale revision on the object and make every later comparison differ).
+    status["routeRevision"] = route_revision
     if _same_status(current, status):
         return None
     return status

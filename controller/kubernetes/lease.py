@@ -87,9 +87,8 @@ class LeaderElector:
             self._set(False)
 
     async def release(self) -> None:
-        """Give the Lease up on shutdown so a standby takes over without waiting it out."""
-        if not self.leading:
-            return
+        """Give the Lease up on shutdown so a standby takes over without waiting it out.
+        Call it once :meth:`run` has stopped; it only clears a Lease that names us."""
         self._set(False)
         try:
             lease = await self.leases.read_namespaced_lease(self.name, self.namespace)

@@ -29,6 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -39,6 +40,7 @@ from controller.kubernetes.cluster import (
     Derived,
     Version,
     derive,
+    one_address_family,
     status_patch,
     versions_from_slices,
 )
@@ -63,6 +65,19 @@ from gateway.aio import cancel_and_wait
 log = logging.getLogger("controller.kubernetes")
 
 MERGE_PATCH = "application/merge-patch+json"
+# How long our own write overrides the informer's view of an object at most.
+WRITE_OVERLAY_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    obj: dict[str, Any] | None  # what the server answered; None: deleted
+    before: str | None  # the resourceVersion the informer had when we wrote
+    until: float  # loop time after which the informer's view wins regardless
+
+
+def _now_text(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def default_identity() -> str:
@@ -117,6 +132,7 @@ class KubernetesSync:
         self.status_failures = 0
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._written: dict[str, _Written] = {}  # our API writes the informer hasn't shown
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -174,9 +190,12 @@ class KubernetesSync:
         return "\n".join(lines) + "\n"
 
     async def close(self) -> None:
-        if self.elector is not None:
-            await self.elector.release()
+        was_leading = self.leading and self.elector is not None
+        # The election loop stops first: running beside the release, it could take the
+        # Lease straight back.
         await cancel_and_wait(list(self._tasks))
+        if was_leading and self.elector is not None:
+            await self.elector.release()
         self.controller.cluster = None
         await self.api.close()  # type: ignore[no-untyped-call]
 
@@ -263,7 +282,7 @@ class KubernetesSync:
         """Derive the state from the caches, apply it, then (leader) write statuses."""
         slices = list(self.slices.objects.values())
         self.versions = versions_from_slices(slices)
-        endpoints = dict(self.endpoints.objects)
+        endpoints = self._with_writes(self.endpoints.objects)
         derived: Derived | None = None
 
         def transition(state: ControllerState) -> ControllerState:
@@ -286,7 +305,7 @@ class KubernetesSync:
                 continue
             key = derived.keys.get(name)
             routed = state.endpoints.get(key) if key is not None else None
-            owns = condition.reason != "Conflict" and routed is not None
+            owns = derived.owners.get(key or "") == name and routed is not None
             status = status_patch(obj, condition, routed.revision if owns and routed else None,
                                   now)  # fmt: skip
             if status is None:
@@ -322,16 +341,41 @@ class KubernetesSync:
         self._dirty.set()
 
     def _owner(self, key: str) -> str | None:
-        if self.derived is not None:
-            for name, owned in self.derived.keys.items():
-                if owned == key and self.derived.conditions[name].reason != "Conflict":
-                    return name
-        return None
+        """The ModelEndpoint that routes (or would route) ``key``: the one to edit."""
+        return self.derived.owners.get(key) if self.derived is not None else None
+
+    def _wrote(self, name: str, obj: dict[str, Any] | None) -> None:
+        cached = self.endpoints.objects.get(name)
+        before = (cached or {}).get("metadata", {}).get("resourceVersion")
+        until = asyncio.get_running_loop().time() + WRITE_OVERLAY_SECONDS
+        self._written[name] = _Written(obj, before, until)
+
+    def _with_writes(self, cached: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The informer's objects with our own writes on top until the informer shows
+        them: a relist that was read before a write (or a late watch event) must not put
+        the old rule back for a moment."""
+        endpoints = dict(cached)
+        now = asyncio.get_running_loop().time()
+        for name, w in list(self._written.items()):
+            seen = cached.get(name)
+            version = (seen or {}).get("metadata", {}).get("resourceVersion")
+            shown = seen is None if w.obj is None else (
+                seen is not None and seen.get("spec") == w.obj.get("spec")
+            )  # fmt: skip
+            # A newer resourceVersion than the one we wrote over: ours or a later write.
+            if shown or now > w.until or (version is not None and version != w.before):
+                del self._written[name]
+            elif w.obj is None:
+                endpoints.pop(name, None)
+            else:
+                endpoints[name] = w.obj
+        return endpoints
 
     async def _put(self, endpoint: ModelEndpoint) -> None:
         key = f"{endpoint.project}/{endpoint.model}"
         name = self._owner(key)
         rule = json.loads(endpoint.rule.model_dump_json())
+        body: dict[str, Any] | None = None
         try:
             if name is not None:
                 # Merge patch: the rule's unset fields go as null, which deletes them.
@@ -341,7 +385,8 @@ class KubernetesSync:
                     _content_type=MERGE_PATCH,
                 )  # fmt: skip
             else:
-                name = f"{endpoint.project}-{endpoint.model}"
+                # <project>.<model>: names have no dots, so no two models share one.
+                name = f"{endpoint.project}.{endpoint.model}"
                 body = {
                     "apiVersion": f"{GROUP}/{VERSION}",
                     "kind": KIND,
@@ -364,8 +409,13 @@ class KubernetesSync:
             raise _api_error(exc, f"ModelEndpoint {self.namespace}/{name}") from exc
         except Exception as exc:
             raise _unavailable(exc) from exc
+        if not isinstance(obj, dict) and body is not None:
+            # A server that answers create with 200 leaves the generated client with no
+            # object (the kmock stand-in): what we sent, as created now.
+            obj = json.loads(json.dumps(body))
+            obj["metadata"]["creationTimestamp"] = _now_text(self.clock())
         if isinstance(obj, dict):
-            self.endpoints.objects[name] = obj  # what the server now has, before its event
+            self._wrote(name, obj)
 
     async def _delete(self, key: str) -> None:
         name = self._owner(key)
@@ -380,14 +430,14 @@ class KubernetesSync:
                 raise _api_error(exc, f"ModelEndpoint {self.namespace}/{name}") from exc
         except Exception as exc:
             raise _unavailable(exc) from exc
-        self.endpoints.objects.pop(name, None)
+        self._wrote(name, None)
 
 
 def gateway_urls(slices: Iterable[dict[str, Any]]) -> list[str]:
     """``http://ip:port`` of every ready endpoint, at the port named ``admin`` (or the
     slice's only port)."""
     urls = set()
-    for s in slices:
+    for s in one_address_family(slices):  # a dual-stack gateway is polled once
         ports = s.get("ports") or []
         named = [p for p in ports if p.get("name") == "admin"] or (ports if len(ports) == 1 else [])
         if not named or not isinstance(named[0].get("port"), int):
