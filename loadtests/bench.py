@@ -101,6 +101,7 @@ APT_PACKAGES: dict[str, str] = {
     "nginx": "nginx-light",
     "wrk": "wrk",
     "h2load": "nghttp2-client",
+    "nghttp": "nghttp2-client",
     "redis-server": "redis-server",
 }
 # Where a tool may live outside a non-root PATH (nginx is in /usr/sbin).

@@ -21,6 +21,7 @@ import pytest
 from gateway.config import GatewayConfig
 from gateway.h2 import frames as f
 from gateway.h2.codec import HeaderDecoder, encode
+from gateway.h2.connection import H2Limits
 from gateway.h2.grpc import format_timeout, parse_timeout
 from tests.conftest import Gateway, model_endpoint, version
 
@@ -208,7 +209,7 @@ async def test_settings_and_ping_are_acknowledged(gateway_factory: Any, hang: Ha
     frames = await client.until(f.PING)
     settings = [fr for fr in frames if fr[0] == f.SETTINGS]
     ours = dict(f.parse_settings(next(fr[3] for fr in settings if not fr[1] & f.ACK)))
-    assert ours[f.SETTINGS_MAX_CONCURRENT_STREAMS] == 1000
+    assert ours[f.SETTINGS_MAX_CONCURRENT_STREAMS] == H2Limits().max_concurrent_streams
     assert ours[f.SETTINGS_MAX_HEADER_LIST_SIZE] == 16 * 1024
     assert any(fr[1] & f.ACK for fr in settings)  # our SETTINGS acknowledged
     assert frames[-1] == (f.PING, f.ACK, 0, b"12345678")
@@ -554,15 +555,15 @@ async def test_a_client_is_credited_only_for_what_the_replica_took(
 async def test_streams_over_the_limit_are_refused(gateway_factory: Any, hang: Hang) -> None:
     gw = await gateway_to(gateway_factory, f"127.0.0.1:{hang.port}")
     client = await Client.connect(gw)
-    for i in range(1001):
+    limit = H2Limits().max_concurrent_streams
+    for i in range(limit + 1):
         client.headers(2 * i + 1)
     frames = await client.until(f.RST_STREAM)
-    assert frames[-1][2] == 2001 and f.u32(frames[-1][3]) == f.REFUSED_STREAM
+    assert frames[-1][2] == 2 * limit + 1 and f.u32(frames[-1][3]) == f.REFUSED_STREAM
     await client.close()
 
 
 async def test_silent_and_idle_connections_are_closed(tmp_path: Any) -> None:
-    from gateway.h2.connection import H2Limits
     from gateway.h2.grpc import GrpcProxy
     from gateway.h2.server import GrpcListener
     from gateway.metrics import GatewayMetrics

@@ -27,6 +27,8 @@ IDLE_SECONDS = 60.0
 
 
 class UpstreamH2(H2Connection):
+    credit_on_receipt = True
+
     client_side = True
 
     def __init__(
@@ -35,11 +37,15 @@ class UpstreamH2(H2Connection):
         super().__init__(loop, limits)
         self.pool = pool
         self.up = up
+
         self.next_id = 1
         self.draining = False
 
     def initial_frames(self) -> bytes:
         return f.PREFACE + super().initial_frames()
+
+    def lost(self) -> None:
+        self.pool.discard(self)
 
     def usable(self) -> bool:
         return (
@@ -85,9 +91,6 @@ class UpstreamH2(H2Connection):
         if self.draining and not self.streams:
             self.close()
 
-    def lost(self) -> None:
-        self.pool.discard(self)
-
 
 class UpstreamPool:
     def __init__(
@@ -114,7 +117,8 @@ class UpstreamPool:
         pending = self._connecting.get(up)
         if pending is None:
             if len(self.conns.get(up, ())) >= MAX_CONNECTIONS_PER_REPLICA:
-                raise UpstreamError("connect", f"{up.address}: every connection is full")
+                # Busy, not broken: the caller must not count it against the replica.
+                raise UpstreamError("full", f"{up.address}: every connection is full")
             pending = self.loop.create_task(self._open(up))
             self._connecting[up] = pending
             pending.add_done_callback(lambda task: self._connected(up, task))

@@ -32,6 +32,8 @@ CONNECTION_LOST = -1
 
 _DATA = 0
 LINGER_SECONDS = 2.0
+# Bytes queued for the peer in one turn after which the client-facing side stops reading.
+OUT_LIMIT = 256 * 1024
 _HEADERS = 1
 
 
@@ -43,7 +45,12 @@ class H2Limits:
     connection_window: int = 16 * 1024 * 1024
     max_frame_size: int = f.DEFAULT_MAX_FRAME  # frames we accept
     max_header_list_size: int = 16 * 1024
-    max_concurrent_streams: int = 1000
+    # Concurrent streams, as nginx's http2_max_concurrent_streams: with the stream window
+    # it bounds what one client connection can have us hold (128 x 1 MiB).
+    max_concurrent_streams: int = 128
+    # Response bytes queued for one client connection after which new streams are
+    # refused (REFUSED_STREAM) until it reads.
+    queued_budget: int = 8 * 1024 * 1024
     max_continuations: int = 16  # CONTINUATION frames per header block
     # Rapid reset (CVE-2023-44487): streams a client may cancel, as a token bucket.
     reset_burst: int = 200
@@ -121,6 +128,10 @@ class Stream:
 
 class H2Connection(asyncio.Protocol):
     client_side = False
+    # The connection-level window is given back as bytes arrive, not once they are
+    # written on (per stream it stays end to end). The replica-facing side does: one
+    # client that stops reading must not use up a connection other clients share.
+    credit_on_receipt = False
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: H2Limits) -> None:
         self.loop = loop
@@ -135,6 +146,9 @@ class H2Connection(asyncio.Protocol):
         self.peer_initial_window = f.DEFAULT_WINDOW
         self.peer_max_frame = f.DEFAULT_MAX_FRAME
         self.peer_max_streams = 2**31
+        # The peer changed SETTINGS_HEADER_TABLE_SIZE: our next header block must start
+        # with a dynamic table size update (RFC 7541 §4.2). We never index, so 0 fits.
+        self.table_size_update = False
         self.paused = False
         self.closed = False
         self.goaway_sent = False
@@ -146,6 +160,8 @@ class H2Connection(asyncio.Protocol):
         self.last_active = loop.time()
         self._buf = b""
         self._out: list[bytes | memoryview] = []
+        self._out_bytes = 0  # queued in _out this turn
+        self.reads_held = False  # reading stopped until what we owe the peer is written
         self._cont_stream = 0
         self._cont_flags = 0
         self._cont_parts: list[bytes] = []
@@ -213,6 +229,7 @@ class H2Connection(asyncio.Protocol):
             return
         out = self._out
         out.append(data)
+        self._out_bytes += len(data)
         if len(out) == 1:
             self.loop.call_soon(self._flush)
 
@@ -220,9 +237,12 @@ class H2Connection(asyncio.Protocol):
         out = self._out
         if out:
             self._out = []
+            self._out_bytes = 0
             transport = self.transport
             if transport is not None and not self.closed:
                 transport.writelines(out)
+        if self.reads_held and not self.paused:
+            self.release_reads()
 
     def fail(self, code: int, message: str) -> None:
         """A connection error: GOAWAY with the reason, then close (RFC 9113 §5.4.1)."""
@@ -306,8 +326,21 @@ class H2Connection(asyncio.Protocol):
             # Unknown frame types are ignored (RFC 9113 §4.1).
             if self.closed:
                 return
+            if self._out_bytes > OUT_LIMIT and self.hold_reads():
+                # Answers pile up faster than they are written (a client that sends
+                # small requests and doesn't read): the rest waits until they are out.
+                self._buf = data[pos:]
+                return
         if pos < n:
             self._buf = data[pos:]
+
+    def hold_reads(self) -> bool:
+        """Hook: stop reading from the peer for now (True if done); the client-facing
+        side does, so one connection can't make us queue without bound."""
+        return False
+
+    def release_reads(self) -> None:
+        """Hook: read again, starting with what was held back."""
 
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -318,6 +351,8 @@ class H2Connection(asyncio.Protocol):
         if self.recv_window < 0:
             self.fail(f.FLOW_CONTROL_ERROR, "connection window exceeded")
             return
+        if self.credit_on_receipt:
+            self._credit_connection(size)
         data = payload
         if flags & f.PADDED:
             if size == 0 or payload[0] >= size:
@@ -426,7 +461,8 @@ class H2Connection(asyncio.Protocol):
         self.stream_closed(stream)
 
     def peer_reset(self, stream: Stream) -> None:
-        """Hook: the peer reset an open stream (the server counts these)."""
+        """Hook: the peer reset an open stream, or made us reset it (the server counts
+        these)."""
 
     def _control_frame(self) -> bool:
         """Take a token for a frame we must answer; False (and GOAWAY) when out."""
@@ -466,6 +502,10 @@ class H2Connection(asyncio.Protocol):
                 self.peer_initial_window = value
                 for stream in self.streams.values():
                     stream.send_window += delta
+                    if stream.send_window > f.MAX_WINDOW:
+                        # RFC 9113 §6.9.2: a connection error.
+                        self.fail(f.FLOW_CONTROL_ERROR, "a stream window overflowed")
+                        return
                 grow = grow or delta > 0
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.DEFAULT_MAX_FRAME <= value <= 16_777_215:
@@ -474,6 +514,8 @@ class H2Connection(asyncio.Protocol):
                 self.peer_max_frame = value
             elif key == f.SETTINGS_MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
+            elif key == f.SETTINGS_HEADER_TABLE_SIZE:
+                self.table_size_update = True
             elif key == f.SETTINGS_ENABLE_PUSH and value > 1:
                 self.fail(f.PROTOCOL_ERROR, "bad enable push")
                 return
@@ -519,6 +561,9 @@ class H2Connection(asyncio.Protocol):
             self.flush(stream)
 
     def _stream_error(self, stream: Stream, code: int) -> None:
+        # A reset the peer provoked costs it as much as one it sent (CVE-2025-8671,
+        # "MadeYouReset"): the call behind the stream was already under way.
+        self.peer_reset(stream)
         self.reset_stream(stream, code)
         stream.handler.on_reset(stream, code)
 
@@ -529,11 +574,12 @@ class H2Connection(asyncio.Protocol):
         if self.closed or n <= 0:
             return
         out = b""
-        self.conn_unacked += n
-        if self.conn_unacked >= self._conn_threshold:
-            out = f.window_update(0, self.conn_unacked)
-            self.recv_window += self.conn_unacked
-            self.conn_unacked = 0
+        if not self.credit_on_receipt:
+            self.conn_unacked += n
+            if self.conn_unacked >= self._conn_threshold:
+                out = f.window_update(0, self.conn_unacked)
+                self.recv_window += self.conn_unacked
+                self.conn_unacked = 0
         if stream is not None and not stream.remote_closed:
             stream.unacked += n
             if stream.unacked >= self._stream_threshold:
@@ -542,6 +588,19 @@ class H2Connection(asyncio.Protocol):
                 stream.unacked = 0
         if out:
             self.send(out)
+
+    def _credit_connection(self, n: int) -> None:
+        self.conn_unacked += n
+        if self.conn_unacked >= self._conn_threshold and not self.closed:
+            self.send(f.window_update(0, self.conn_unacked))
+            self.recv_window += self.conn_unacked
+            self.conn_unacked = 0
+
+    def queued_bytes(self) -> int:
+        """DATA bytes waiting in this connection's streams for window or transport."""
+        return sum(
+            len(item[0]) for s in self.blocked.values() for item in s.pending if item[1] == _DATA
+        )
 
     # --- writing ------------------------------------------------------------------
 
@@ -554,6 +613,9 @@ class H2Connection(asyncio.Protocol):
     def _write_headers(self, stream: Stream, block: bytes, end_stream: bool) -> None:
         if self.closed or self.transport is None:
             return
+        if self.table_size_update:
+            self.table_size_update = False
+            block = b"\x20" + block  # dynamic table size update: 0
         n = len(block)
         if n <= self.peer_max_frame:
             flags = f.END_HEADERS | f.END_STREAM if end_stream else f.END_HEADERS

@@ -69,6 +69,8 @@ RST_TO_STATUS = {
 # Request bodies kept to replay on another replica, while the replica might still
 # refuse the stream; bigger calls are not retried after their first bytes went out.
 REPLAY_BYTES = 1024 * 1024
+# Times a call refused for a replica's stream limit is sent again without a retry spent.
+BUSY_REDISPATCHES = 4
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _STATUS_200 = encode_field(b":status", b"200")
@@ -256,10 +258,35 @@ class GrpcProxy:
 
 
 class GrpcCall:
-    __slots__ = ("block", "body", "body_bytes", "body_end", "chosen", "client", "done", "head",
-                 "mirror", "policy", "proxy", "reconnected", "replayable", "req_trailers",
-                 "response_started", "retries_left", "start_time", "stats", "task", "timeout",
-                 "timeout_field", "timer", "tried", "up", "upstream", "version")  # fmt: skip
+    __slots__ = (
+        "block",
+        "body",
+        "body_bytes",
+        "body_end",
+        "busy_redispatches",
+        "chosen",
+        "client",
+        "done",
+        "head",
+        "mirror",
+        "policy",
+        "proxy",
+        "reconnected",
+        "replayable",
+        "req_trailers",
+        "response_started",
+        "retries_left",
+        "start_time",
+        "stats",
+        "task",
+        "timeout",
+        "timeout_field",
+        "timer",
+        "tried",
+        "up",
+        "upstream",
+        "version",
+    )  # fmt: skip
 
     def __init__(self, proxy: GrpcProxy, client: Stream) -> None:
         self.proxy = proxy
@@ -287,6 +314,7 @@ class GrpcCall:
         self.task: asyncio.Task[None] | None = None
         self.tried: list[Upstream] | None = None
         self.retries_left = 0
+        self.busy_redispatches = 0
         self.mirror: MirrorCopy | None = None
 
     # --- start --------------------------------------------------------------------
@@ -299,6 +327,7 @@ class GrpcCall:
         self.body_end = end_stream
         self.block = block
         if head.error is not None:
+            self.client.conn.peer_reset(self.client)  # provoked: charged as a reset
             self.client.reset(f.PROTOCOL_ERROR)
             self.done = True
             return
@@ -422,8 +451,11 @@ class GrpcCall:
     async def _connect(self, up: Upstream) -> None:
         try:
             conn = await self.proxy.pool.connect(up)
-        except UpstreamError:
+        except UpstreamError as exc:
             self.task = None
+            if exc.kind == "full":
+                self._retry(up, str(exc))  # busy, not failed: no ejection
+                return
             up.record_failure()
             self.proxy.ustats.error("connect")
             self._retry(up, "no replica could be reached")
@@ -432,6 +464,11 @@ class GrpcCall:
         if self.done:
             return
         if not conn.usable():
+            if not (conn.closed or conn.draining or conn.goaway_received):
+                # Merely full (others took its streams while we waited): find or open
+                # another connection to the same replica; no retry is spent.
+                self._dispatch()
+                return
             self._retry(up, "the replica's connection was going away")
             return
         self._open(up, conn.open_stream(self, self.head, self._head_ends()))
@@ -530,6 +567,8 @@ class GrpcCall:
     def client_trailers(self, block: Block) -> None:
         self.body_end = True
         literal = block.encoded()
+        if self.replayable:
+            self.req_trailers = literal  # a replay on another replica sends them too
         up = self.upstream
         if up is not None and up.open and not up.local_closed:
             up.send_headers(literal, True)
@@ -561,6 +600,19 @@ class GrpcCall:
             up_.record_failure()
             self.proxy.ustats.error("reset")
         if code == f.REFUSED_STREAM and not self.response_started:
+            conn = stream.conn
+            if (
+                self.replayable
+                and not conn.goaway_received
+                and len(conn.streams) >= conn.peer_max_streams
+                and self.busy_redispatches < BUSY_REDISPATCHES
+            ):
+                # Refused for the replica's stream limit (opened before its SETTINGS said
+                # so, in a burst): the replica is busy, not failing; another connection
+                # to it, or another replica, without spending a retry.
+                self.busy_redispatches += 1
+                self._dispatch()
+                return
             # Above a GOAWAY's last-stream-id the replica is going away gracefully (a
             # restart, a max connection age): a fresh connection to it may serve.
             fresh = stream.conn.goaway_received and not self.reconnected
@@ -609,7 +661,9 @@ class GrpcCall:
         # The answer is out while the request may still be streaming: tell the client
         # to stop sending (RFC 9113 §8.1).
         client = self.client
-        if client.open and not client.remote_closed:
+        if client.open and not client.remote_closed and not client.pending:
+            # (With frames still queued the reset would drop them, our status included;
+            # the stream then ends when they are written.)
             client.reset(f.NO_ERROR)
 
     def _complete(self, code: int, failed: bool) -> None:

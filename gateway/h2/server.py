@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from typing import Protocol
 
 from gateway.h2 import frames as f
@@ -23,6 +24,10 @@ class Acceptor(Protocol):
     def accept(self, stream: Stream, block: Block, end_stream: bool) -> None: ...
 
     def trailers(self, stream: Stream, block: Block, end_stream: bool) -> None: ...
+
+
+# Stream ids we reset, remembered so their late frames are told from a misbehaving peer.
+RESET_IDS_KEPT = 1024
 
 
 class ServerConnection(H2Connection):
@@ -41,6 +46,11 @@ class ServerConnection(H2Connection):
         self._reset_tokens = float(limits.reset_burst)
         self._reset_at = self.opened_at
         self._pre = b""
+        self._first_frame_checked = False
+        # Streams we reset or refused lately: their late HEADERS are ignored; any other
+        # HEADERS on a used stream id is a connection error (RFC 9113 §5.1.1).
+        self._reset_ids: set[int] = set()
+        self._reset_order: deque[int] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -53,8 +63,47 @@ class ServerConnection(H2Connection):
     def lost(self) -> None:
         self.listener.connections.discard(self)
 
+    # A client that doesn't read must not make us write on its behalf: while its answers
+    # wait (the transport is paused, or a turn queued more than OUT_LIMIT), its requests
+    # (each could be answered with a header block) are not read.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.hold_reads()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self.paused:
+            self.release_reads()
+
+    def hold_reads(self) -> bool:
+        if self.transport is None or self.closed:
+            return False
+        if not self.reads_held:
+            self.reads_held = True
+            self.transport.pause_reading()
+        return True
+
+    def release_reads(self) -> None:
+        if not self.reads_held or self.transport is None or self.closed:
+            return
+        self.reads_held = False
+        self.transport.resume_reading()
+        if self._buf:
+            # What was read but held back: parse it now, as if it had just arrived.
+            self.loop.call_soon(self.data_received, b"")
+
     def data_received(self, data: bytes) -> None:
-        if self.preface_done or self.closed:
+        if self.closed:
+            return
+        if self.preface_done:
+            if not self._first_frame_checked:
+                head = self._buf + data
+                if len(head) >= 4:
+                    self._first_frame_checked = True
+                    # RFC 9113 §3.4: the preface's SETTINGS frame comes first.
+                    if head[3] != f.SETTINGS:
+                        self.fail(f.PROTOCOL_ERROR, "the preface must be followed by SETTINGS")
+                        return
             super().data_received(data)
             return
         data = self._pre + data
@@ -69,12 +118,8 @@ class ServerConnection(H2Connection):
         self.preface_done = True
         self._pre = b""
         rest = data[len(f.PREFACE) :]
-        # RFC 9113 §3.4: the preface's SETTINGS frame comes first.
-        if len(rest) >= 4 and rest[3] != f.SETTINGS:
-            self.fail(f.PROTOCOL_ERROR, "the preface must be followed by SETTINGS")
-            return
         if rest:
-            super().data_received(rest)
+            self.data_received(rest)
 
     def on_header_block(self, sid: int, block: Block, end_stream: bool) -> None:
         stream = self.streams.get(sid)
@@ -91,13 +136,22 @@ class ServerConnection(H2Connection):
                 self._closed(stream)
             return
         if sid <= self.last_peer_stream:
-            return  # a stream we reset already: the block only kept HPACK in step
+            if sid in self._reset_ids:
+                return  # a stream we reset: the block only kept HPACK in step
+            self.fail(f.PROTOCOL_ERROR, f"HEADERS on closed stream {sid}")
+            return
         if not sid & 1:
             self.fail(f.PROTOCOL_ERROR, "client stream ids are odd")
             return
         self.last_peer_stream = sid
-        if self.goaway_sent or len(self.streams) >= self.limits.max_concurrent_streams:
+        if (
+            self.goaway_sent
+            or len(self.streams) >= self.limits.max_concurrent_streams
+            # Answers already waiting for this client to read: no new call until it does.
+            or (self.blocked and self.queued_bytes() >= self.limits.queued_budget)
+        ):
             self.send(f.rst_stream(sid, f.REFUSED_STREAM))
+            self.remember_reset(sid)
             return
         stream = Stream(self, sid, _NO_HANDLER)
         stream.remote_closed = end_stream
@@ -113,6 +167,20 @@ class ServerConnection(H2Connection):
         # The client stops opening streams; ours finish, then the client closes.
         if not self.streams:
             self.close()
+
+    def remember_reset(self, sid: int) -> None:
+        ids = self._reset_ids
+        if sid in ids:
+            return
+        ids.add(sid)
+        self._reset_order.append(sid)
+        if len(self._reset_order) > RESET_IDS_KEPT:
+            ids.discard(self._reset_order.popleft())
+
+    def reset_stream(self, stream: Stream, code: int) -> None:
+        if self.streams.get(stream.id) is stream and not stream.remote_closed:
+            self.remember_reset(stream.id)
+        super().reset_stream(stream, code)
 
     def peer_reset(self, stream: Stream) -> None:
         now = self.loop.time()
