@@ -670,7 +670,14 @@ def run_h2load_fixed_rate(
     if request.host_header is not None:
         argv += ["-H", f":authority: {request.host_header}"]  # h2load's name for Host
     argv.append(url)
-    timeout = seconds + warmup_seconds + 30
+    return run_h2load(argv, cpus, seconds + warmup_seconds + 30, log)
+
+
+def run_h2load(
+    argv: Sequence[str], cpus: str | None, timeout: float, log: Path | None
+) -> H2loadResult:
+    """Run h2load pinned to ``cpus``; its figures, with per-request latencies from
+    ``log`` (its ``--log-file``) when given."""
     try:
         done = subprocess.run(
             pin_argv(argv, cpus),
@@ -684,7 +691,7 @@ def run_h2load_fixed_rate(
         raise BenchError(f"h2load did not finish within {timeout}s: {' '.join(argv)}") from exc
     if done.returncode != 0:
         raise BenchError(f"h2load failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
-    latencies = read_h2load_log(log) if log.exists() else []
+    latencies = read_h2load_log(log) if log is not None and log.exists() else []
     return parse_h2load_output(done.stdout, latencies)
 
 

@@ -80,11 +80,9 @@ from loadtests.bench import (
     free_ports,
     managed_processes,
     median,
-    parse_h2load_output,
-    pin_argv,
     process_tree_cpu_seconds,
-    read_h2load_log,
     relative_spread,
+    run_h2load,
     start_gateway,
     start_nginx,
     wait_for_http_ok,
@@ -396,21 +394,7 @@ def run_h2load_grpc(
         load.h2load_path, target.url, load.body, target.authority,
         seconds=seconds, clients=clients, streams=streams, log_file=log,
     )  # fmt: skip
-    timeout = seconds + 60
-    try:
-        done = subprocess.run(
-            pin_argv(argv, load.load_cpus),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"h2load did not finish within {timeout}s: {' '.join(argv)}") from exc
-    if done.returncode != 0:
-        raise BenchError(f"h2load failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
-    return parse_h2load_output(done.stdout, read_h2load_log(log) if log and log.exists() else [])
+    return run_h2load(argv, load.load_cpus, seconds + 60, log)
 
 
 # --- measuring ------------------------------------------------------------------------

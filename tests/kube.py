@@ -273,3 +273,17 @@ def slice_object(
             for i, (ip, _, ready) in enumerate(endpoints)
         ],
     }
+
+
+def me(name: str, project: str, model: str, rule: dict[str, Any], created: str = "t1",
+       **spec: Any) -> dict[str, Any]:  # fmt: skip
+    """A ModelEndpoint object as an informer holds it (for derive() tests)."""
+    return {
+        "metadata": {"name": name, "creationTimestamp": created, "generation": 3},
+        "spec": {"project": project, "model": model, "rule": rule, **spec},
+    }
+
+
+def weights(**w: int) -> dict[str, Any]:
+    """``weights(v1=90, v2=10)`` → a rule's destinations."""
+    return {"destinations": [{"version": v.lstrip("v"), "weight": n} for v, n in w.items()]}

@@ -31,6 +31,7 @@ from tests.kube import (
     Cluster,
     controller_calls,
     rbac_allows,
+    weights,
 )
 
 Check = Callable[[], Awaitable[bool]]
@@ -50,10 +51,6 @@ async def eventually(check: Check, what: str, timeout: float = 15.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"never happened: {what}")
-
-
-def weights(**w: int) -> dict[str, Any]:
-    return {"destinations": [{"version": v.lstrip("v"), "weight": n} for v, n in w.items()]}
 
 
 # --- the informer ---------------------------------------------------------------------

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import datetime
-from typing import Any
 
 from controller.kubernetes.cluster import Condition, derive, status_patch, versions_from_slices
 from controller.models import ControllerState
-from tests.kube import slice_object
+from tests.kube import me, slice_object, weights
 
 NOW = 1_000.0
-
-
-def me(name: str, project: str, model: str, rule: dict[str, Any], created: str = "t1",
-       **spec: Any) -> dict[str, Any]:  # fmt: skip
-    return {
-        "metadata": {"name": name, "creationTimestamp": created, "generation": 3},
-        "spec": {"project": project, "model": model, "rule": rule, **spec},
-    }
-
-
-def weights(**w: int) -> dict[str, Any]:
-    return {"destinations": [{"version": v.lstrip("v"), "weight": n} for v, n in w.items()]}
 
 
 SLICES = [

@@ -27,21 +27,9 @@ from controller.service import Controller
 from controller.state import ApiError, set_endpoint
 from controller.store import FileStore
 from gateway.rule import Rule
-from tests.kube import LEASES, MODEL_ENDPOINTS, NS, Cluster, slice_object
+from tests.kube import LEASES, MODEL_ENDPOINTS, NS, Cluster, me, slice_object, weights
 
 NOW = 1_000.0
-
-
-def me(name: str, project: str, model: str, rule: dict[str, Any], created: str = "t1",
-       **spec: Any) -> dict[str, Any]:  # fmt: skip
-    return {
-        "metadata": {"name": name, "creationTimestamp": created, "generation": 3},
-        "spec": {"project": project, "model": model, "rule": rule, **spec},
-    }
-
-
-def weights(**w: int) -> dict[str, Any]:
-    return {"destinations": [{"version": v.lstrip("v"), "weight": n} for v, n in w.items()]}
 
 
 SLICES = [

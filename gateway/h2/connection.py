@@ -62,6 +62,27 @@ class H2Limits:
     handshake_seconds: float = 10.0  # preface and first SETTINGS must arrive this soon
 
 
+class TokenBucket:
+    """``burst`` tokens, refilled at ``per_second``: what a peer may make us do."""
+
+    __slots__ = ("at", "burst", "per_second", "tokens")
+
+    def __init__(self, burst: int, per_second: float, now: float) -> None:
+        self.burst = float(burst)
+        self.per_second = per_second
+        self.tokens = self.burst
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
+        self.at = now
+        if tokens < 1:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1
+        return True
+
+
 class StreamHandler(Protocol):
     """Who a stream's frames go to (the proxied call, or a mirror copy)."""
 
@@ -169,8 +190,7 @@ class H2Connection(asyncio.Protocol):
         self._cont_size = 0
         self._stream_threshold = limits.stream_window // 4
         self._conn_threshold = limits.connection_window // 4
-        self._control_tokens = float(limits.control_burst)
-        self._control_at = loop.time()
+        self._control = TokenBucket(limits.control_burst, limits.control_per_second, loop.time())
 
     # --- transport ----------------------------------------------------------------
 
@@ -466,17 +486,9 @@ class H2Connection(asyncio.Protocol):
 
     def _control_frame(self) -> bool:
         """Take a token for a frame we must answer; False (and GOAWAY) when out."""
-        now = self.loop.time()
-        lim = self.limits
-        tokens = min(
-            float(lim.control_burst),
-            self._control_tokens + (now - self._control_at) * lim.control_per_second,
-        )
-        self._control_at = now
-        if tokens < 1:
+        if not self._control.take(self.loop.time()):
             self.fail(f.ENHANCE_YOUR_CALM, "too many control frames")
             return False
-        self._control_tokens = tokens - 1
         return True
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from gateway.h2 import frames as f
 from gateway.h2.codec import Block, encode_field
-from gateway.h2.connection import H2Connection, H2Limits, Stream, log
+from gateway.h2.connection import H2Connection, H2Limits, Stream, TokenBucket, log
 
 
 class Acceptor(Protocol):
@@ -43,8 +43,7 @@ class ServerConnection(H2Connection):
         self.listener = listener
         self.preface_done = False
         self.opened_at = loop.time()
-        self._reset_tokens = float(limits.reset_burst)
-        self._reset_at = self.opened_at
+        self._resets = TokenBucket(limits.reset_burst, limits.resets_per_second, self.opened_at)
         self._pre = b""
         self._first_frame_checked = False
         # Streams we reset or refused lately: their late HEADERS are ignored; any other
@@ -183,17 +182,8 @@ class ServerConnection(H2Connection):
         super().reset_stream(stream, code)
 
     def peer_reset(self, stream: Stream) -> None:
-        now = self.loop.time()
-        lim = self.limits
-        tokens = min(
-            float(lim.reset_burst),
-            self._reset_tokens + (now - self._reset_at) * lim.resets_per_second,
-        )
-        self._reset_at = now
-        if tokens < 1:
+        if not self._resets.take(self.loop.time()):
             self.fail(f.ENHANCE_YOUR_CALM, "too many streams reset")
-            return
-        self._reset_tokens = tokens - 1
 
     def stream_closed(self, stream: Stream) -> None:
         self.last_active = self.loop.time()
