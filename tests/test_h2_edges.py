@@ -18,7 +18,7 @@ from gateway.h2 import frames as f
 from gateway.h2.server import ServerConnection
 from loadtests.bench import ensure_tools
 from tests.conftest import Gateway
-from tests.test_h2_frames import Client, Frame, Hang, gateway_to, still_serving
+from tests.test_h2_frames import Client, Frame, Hang, RawServer, gateway_to, still_serving
 
 
 @pytest.fixture
@@ -325,7 +325,7 @@ async def test_responses_queued_for_a_non_reading_client_are_bounded_per_connect
 # --- 8. a replica's SETTINGS_MAX_CONCURRENT_STREAMS under a burst -------------------------------
 
 
-class Limited:
+class Limited(RawServer):
     """A raw h2c replica that allows ``limit`` concurrent streams (SETTINGS first thing,
     as RFC 9113 §3.4 wants), refuses streams over it with REFUSED_STREAM (as grpc-core
     and nghttp2 do), and answers each accepted call with a one-message OK a moment
@@ -339,68 +339,57 @@ class Limited:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> Limited:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         import hpack
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            encoder = hpack.Encoder()
-            open_: set[int] = set()
-            tasks: set[asyncio.Task[None]] = set()
+        self.connections += 1
+        encoder = hpack.Encoder()
+        open_: set[int] = set()
+        tasks: set[asyncio.Task[None]] = set()
 
-            async def answer(sid: int) -> None:
-                await asyncio.sleep(0.2)  # keeps the call in flight; nothing is timed
-                if sid not in open_:
-                    return
-                open_.discard(sid)
-                head = encoder.encode(
-                    [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                )
-                tail = encoder.encode([(b"grpc-status", b"0")])
-                writer.write(
-                    f.frame(f.HEADERS, f.END_HEADERS, sid, head)
-                    + f.frame(f.DATA, 0, sid, b"\x00\x00\x00\x00\x02ok")
-                    + f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, tail)
-                )
-                self.answered += 1
+        async def answer(sid: int) -> None:
+            await asyncio.sleep(0.2)  # keeps the call in flight; nothing is timed
+            if sid not in open_:
+                return
+            open_.discard(sid)
+            head = encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")])
+            tail = encoder.encode([(b"grpc-status", b"0")])
+            writer.write(
+                f.frame(f.HEADERS, f.END_HEADERS, sid, head)
+                + f.frame(f.DATA, 0, sid, b"\x00\x00\x00\x00\x02ok")
+                + f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, tail)
+            )
+            self.answered += 1
 
-            try:
-                await reader.readexactly(len(f.PREFACE))
-                writer.write(f.settings_frame({f.SETTINGS_MAX_CONCURRENT_STREAMS: self.limit}))
-                while True:
-                    head = await reader.readexactly(9)
-                    payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
-                    ftype, flags = head[3], head[4]
-                    sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
-                    if ftype == f.SETTINGS and not flags & f.ACK:
-                        writer.write(f.SETTINGS_ACK)
-                    elif ftype == f.PING and not flags & f.ACK:
-                        writer.write(f.frame(f.PING, f.ACK, 0, payload))
-                    elif ftype == f.HEADERS:
-                        if len(open_) >= self.limit:
-                            self.refused += 1
-                            writer.write(f.rst_stream(sid, f.REFUSED_STREAM))
-                            continue
-                        open_.add(sid)
-                    elif ftype == f.RST_STREAM:
-                        open_.discard(sid)
-                    if ftype in (f.HEADERS, f.DATA) and flags & f.END_STREAM and sid in open_:
-                        task = asyncio.ensure_future(answer(sid))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-            for task in list(tasks):
-                task.cancel()
-            writer.close()
-
-        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        try:
+            await reader.readexactly(len(f.PREFACE))
+            writer.write(f.settings_frame({f.SETTINGS_MAX_CONCURRENT_STREAMS: self.limit}))
+            while True:
+                head = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+                ftype, flags = head[3], head[4]
+                sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
+                if ftype == f.SETTINGS and not flags & f.ACK:
+                    writer.write(f.SETTINGS_ACK)
+                elif ftype == f.PING and not flags & f.ACK:
+                    writer.write(f.frame(f.PING, f.ACK, 0, payload))
+                elif ftype == f.HEADERS:
+                    if len(open_) >= self.limit:
+                        self.refused += 1
+                        writer.write(f.rst_stream(sid, f.REFUSED_STREAM))
+                        continue
+                    open_.add(sid)
+                elif ftype == f.RST_STREAM:
+                    open_.discard(sid)
+                if ftype in (f.HEADERS, f.DATA) and flags & f.END_STREAM and sid in open_:
+                    task = asyncio.ensure_future(answer(sid))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        for task in list(tasks):
+            task.cancel()
+        writer.close()
 
 
 async def test_a_burst_over_a_replicas_stream_limit_opens_more_connections(
@@ -445,7 +434,7 @@ async def test_a_burst_over_a_replicas_stream_limit_opens_more_connections(
 # --- 9. DEADLINE_EXCEEDED after the response started, toward a slow reader --------------------
 
 
-class Talker:
+class Talker(RawServer):
     """A raw h2c replica that starts every response (HEADERS and 20000 bytes of DATA) at
     once and never finishes it."""
 
@@ -453,44 +442,35 @@ class Talker:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> Talker:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         import hpack
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            encoder = hpack.Encoder()
-            try:
-                await reader.readexactly(len(f.PREFACE))
-                writer.write(f.settings_frame({}))
-                while True:
-                    head = await reader.readexactly(9)
-                    payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
-                    ftype, flags = head[3], head[4]
-                    sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
-                    if ftype == f.SETTINGS and not flags & f.ACK:
-                        writer.write(f.SETTINGS_ACK)
-                    elif ftype == f.PING and not flags & f.ACK:
-                        writer.write(f.frame(f.PING, f.ACK, 0, payload))
-                    elif ftype == f.HEADERS:
-                        block = encoder.encode(
-                            [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                        )
-                        body = b"\x00" + (19995).to_bytes(4, "big") + b"r" * 19995
-                        writer.write(
-                            f.frame(f.HEADERS, f.END_HEADERS, sid, block)
-                            + f.frame(f.DATA, 0, sid, body[:16384])
-                            + f.frame(f.DATA, 0, sid, body[16384:])
-                        )
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-            writer.close()
-
-        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        encoder = hpack.Encoder()
+        try:
+            await reader.readexactly(len(f.PREFACE))
+            writer.write(f.settings_frame({}))
+            while True:
+                head = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+                ftype, flags = head[3], head[4]
+                sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
+                if ftype == f.SETTINGS and not flags & f.ACK:
+                    writer.write(f.SETTINGS_ACK)
+                elif ftype == f.PING and not flags & f.ACK:
+                    writer.write(f.frame(f.PING, f.ACK, 0, payload))
+                elif ftype == f.HEADERS:
+                    block = encoder.encode(
+                        [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                    )
+                    body = b"\x00" + (19995).to_bytes(4, "big") + b"r" * 19995
+                    writer.write(
+                        f.frame(f.HEADERS, f.END_HEADERS, sid, block)
+                        + f.frame(f.DATA, 0, sid, body[:16384])
+                        + f.frame(f.DATA, 0, sid, body[16384:])
+                    )
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
 
 
 async def test_deadline_status_reaches_a_streaming_client_behind_queued_data(
@@ -528,7 +508,7 @@ async def test_deadline_status_reaches_a_streaming_client_behind_queued_data(
 # --- 10. one slow client starving every call on a shared replica connection -------------------
 
 
-class Hoarder:
+class Hoarder(RawServer):
     """A raw h2c replica that honours flow control. A call with ``x-big: 1`` gets a
     response that fills its stream window (and never ends); any other call gets a small
     OK as soon as the connection window allows."""
@@ -538,74 +518,63 @@ class Hoarder:
         self.port = 0
         self.small_answered = 0
 
-    async def start(self) -> Hoarder:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         import hpack
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            encoder = hpack.Encoder()
-            decoder = hpack.Decoder()
-            conn_window = f.DEFAULT_WINDOW
-            stream_initial = f.DEFAULT_WINDOW
-            waiting: list[int] = []
-            head_block = encoder.encode(
-                [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        encoder = hpack.Encoder()
+        decoder = hpack.Decoder()
+        conn_window = f.DEFAULT_WINDOW
+        stream_initial = f.DEFAULT_WINDOW
+        waiting: list[int] = []
+        head_block = encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")])
+
+        def small(sid: int) -> None:
+            nonlocal conn_window
+            conn_window -= 7
+            tail = encoder.encode([(b"grpc-status", b"0")])
+            writer.write(
+                f.frame(f.HEADERS, f.END_HEADERS, sid, head_block)
+                + f.frame(f.DATA, 0, sid, b"\x00\x00\x00\x00\x02ok")
+                + f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, tail)
             )
+            self.small_answered += 1
 
-            def small(sid: int) -> None:
-                nonlocal conn_window
-                conn_window -= 7
-                tail = encoder.encode([(b"grpc-status", b"0")])
-                writer.write(
-                    f.frame(f.HEADERS, f.END_HEADERS, sid, head_block)
-                    + f.frame(f.DATA, 0, sid, b"\x00\x00\x00\x00\x02ok")
-                    + f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, tail)
-                )
-                self.small_answered += 1
-
-            try:
-                await reader.readexactly(len(f.PREFACE))
-                writer.write(f.settings_frame({}))
-                while True:
-                    head = await reader.readexactly(9)
-                    payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
-                    ftype, flags = head[3], head[4]
-                    sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
-                    if ftype == f.SETTINGS and not flags & f.ACK:
-                        for key, value in f.parse_settings(payload):
-                            if key == f.SETTINGS_INITIAL_WINDOW_SIZE:
-                                stream_initial = value
-                        writer.write(f.SETTINGS_ACK)
-                    elif ftype == f.PING and not flags & f.ACK:
-                        writer.write(f.frame(f.PING, f.ACK, 0, payload))
-                    elif ftype == f.WINDOW_UPDATE and sid == 0:
-                        conn_window += f.u32(payload)
-                        while waiting and conn_window >= 7:
-                            small(waiting.pop(0))
-                    elif ftype == f.HEADERS:
-                        fields = dict(decoder.decode(payload, raw=True))
-                        if fields.get(b"x-big") == b"1":
-                            n = min(stream_initial, conn_window)
-                            conn_window -= n
-                            out = [f.frame(f.HEADERS, f.END_HEADERS, sid, head_block)]
-                            for i in range(0, n, f.DEFAULT_MAX_FRAME):
-                                size = min(f.DEFAULT_MAX_FRAME, n - i)
-                                out.append(f.frame(f.DATA, 0, sid, b"\x00" * size))
-                            writer.write(b"".join(out))
-                        elif conn_window >= 7:
-                            small(sid)
-                        else:
-                            waiting.append(sid)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-            writer.close()
-
-        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        try:
+            await reader.readexactly(len(f.PREFACE))
+            writer.write(f.settings_frame({}))
+            while True:
+                head = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+                ftype, flags = head[3], head[4]
+                sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
+                if ftype == f.SETTINGS and not flags & f.ACK:
+                    for key, value in f.parse_settings(payload):
+                        if key == f.SETTINGS_INITIAL_WINDOW_SIZE:
+                            stream_initial = value
+                    writer.write(f.SETTINGS_ACK)
+                elif ftype == f.PING and not flags & f.ACK:
+                    writer.write(f.frame(f.PING, f.ACK, 0, payload))
+                elif ftype == f.WINDOW_UPDATE and sid == 0:
+                    conn_window += f.u32(payload)
+                    while waiting and conn_window >= 7:
+                        small(waiting.pop(0))
+                elif ftype == f.HEADERS:
+                    fields = dict(decoder.decode(payload, raw=True))
+                    if fields.get(b"x-big") == b"1":
+                        n = min(stream_initial, conn_window)
+                        conn_window -= n
+                        out = [f.frame(f.HEADERS, f.END_HEADERS, sid, head_block)]
+                        for i in range(0, n, f.DEFAULT_MAX_FRAME):
+                            size = min(f.DEFAULT_MAX_FRAME, n - i)
+                            out.append(f.frame(f.DATA, 0, sid, b"\x00" * size))
+                        writer.write(b"".join(out))
+                    elif conn_window >= 7:
+                        small(sid)
+                    else:
+                        waiting.append(sid)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
 
 
 async def test_a_client_that_stops_reading_does_not_stall_other_clients_calls(
@@ -656,7 +625,7 @@ async def test_a_client_that_stops_reading_does_not_stall_other_clients_calls(
 # --- 11. request trailers on a replayed call ---------------------------------------------------
 
 
-class GoawayOnce:
+class GoawayOnce(RawServer):
     """A raw h2c replica: its first connection holds the first call and answers the
     second HEADERS with GOAWAY(last = the first call), so the second call is retried on
     a fresh connection; later connections record what they receive and never answer."""
@@ -667,39 +636,30 @@ class GoawayOnce:
         self.first: int | None = None
         self.later: list[bytearray] = []
 
-    async def start(self) -> GoawayOnce:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            first_conn = not self.later and self.first is None
-            record = bytearray()
-            if not first_conn:
-                self.later.append(record)
-            try:
-                await reader.readexactly(len(f.PREFACE))
-                writer.write(f.settings_frame({}))
-                while True:
-                    head = await reader.readexactly(9)
-                    payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
-                    record += head + payload
-                    ftype, flags = head[3], head[4]
-                    sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
-                    if ftype == f.SETTINGS and not flags & f.ACK:
-                        writer.write(f.SETTINGS_ACK)
-                    elif ftype == f.HEADERS and first_conn:
-                        if self.first is None:
-                            self.first = sid
-                        elif sid != self.first:
-                            writer.write(f.goaway(self.first, f.NO_ERROR))
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-            writer.close()
-
-        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first_conn = not self.later and self.first is None
+        record = bytearray()
+        if not first_conn:
+            self.later.append(record)
+        try:
+            await reader.readexactly(len(f.PREFACE))
+            writer.write(f.settings_frame({}))
+            while True:
+                head = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+                record += head + payload
+                ftype, flags = head[3], head[4]
+                sid = int.from_bytes(head[5:9], "big") & f.MAX_STREAM_ID
+                if ftype == f.SETTINGS and not flags & f.ACK:
+                    writer.write(f.SETTINGS_ACK)
+                elif ftype == f.HEADERS and first_conn:
+                    if self.first is None:
+                        self.first = sid
+                    elif sid != self.first:
+                        writer.write(f.goaway(self.first, f.NO_ERROR))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
 
 
 async def test_a_replayed_call_keeps_the_clients_request_trailers(gateway_factory: Any) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import random
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import hpack
@@ -32,7 +32,27 @@ AUTHORITY = b"scorer.fraud.localhost"
 # --- a replica that never answers, and one that echoes ---------------------------------------
 
 
-class Hang:
+class RawServer:
+    """A raw TCP server on 127.0.0.1 standing in for a replica: subclasses answer each
+    connection in ``handle``."""
+
+    server: asyncio.Server | None = None
+    port = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> Self:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class Hang(RawServer):
     """A TCP listener that reads everything and never answers: calls to it stay open."""
 
     def __init__(self) -> None:
@@ -40,15 +60,10 @@ class Hang:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> Hang:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while data := await reader.read(65536):
-                self.received += data
-            writer.close()
-
-        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            self.received += data
+        writer.close()
 
     def frames(self) -> list[Frame]:
         data = bytes(self.received)
@@ -56,10 +71,6 @@ class Hang:
             return []
         assert data.startswith(f.PREFACE)
         return parse_frames(data[len(f.PREFACE) :])
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 @pytest.fixture
@@ -302,7 +313,7 @@ async def test_garbage_frames_never_crash_the_gateway(gateway_factory: Any, hang
 # --- calls on raw frames ---------------------------------------------------------------------
 
 
-class Refuser:
+class Refuser(RawServer):
     """A replica that speaks just enough HTTP/2 to refuse every call: with RST_STREAM
     REFUSED_STREAM, or with GOAWAY whose last-stream-id is below the call's."""
 
@@ -312,34 +323,25 @@ class Refuser:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> Refuser:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readexactly(len(f.PREFACE))
-            writer.write(f.settings_frame({}))
-            try:
-                while True:
-                    head = await reader.readexactly(9)
-                    await reader.readexactly(int.from_bytes(head[:3], "big"))
-                    sid = int.from_bytes(head[5:9], "big")
-                    if head[3] == f.SETTINGS and not head[4] & f.ACK:
-                        writer.write(f.SETTINGS_ACK)
-                    elif head[3] == f.HEADERS:
-                        self.refused += 1
-                        if self.how == "goaway":
-                            writer.write(f.goaway(0, f.NO_ERROR))
-                        else:
-                            writer.write(f.rst_stream(sid, f.REFUSED_STREAM))
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-            writer.close()
-
-        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(f.PREFACE))
+        writer.write(f.settings_frame({}))
+        try:
+            while True:
+                head = await reader.readexactly(9)
+                await reader.readexactly(int.from_bytes(head[:3], "big"))
+                sid = int.from_bytes(head[5:9], "big")
+                if head[3] == f.SETTINGS and not head[4] & f.ACK:
+                    writer.write(f.SETTINGS_ACK)
+                elif head[3] == f.HEADERS:
+                    self.refused += 1
+                    if self.how == "goaway":
+                        writer.write(f.goaway(0, f.NO_ERROR))
+                    else:
+                        writer.write(f.rst_stream(sid, f.REFUSED_STREAM))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
 
 
 @pytest.mark.parametrize("how", ["rst", "goaway"])
