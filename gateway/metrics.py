@@ -167,29 +167,9 @@ class GatewayMetrics:
     def snapshot(self, source_connected: bool = True) -> Snapshot:
         versions = []
         for vs in self._versions.values():
-            series = [
-                {
-                    "chosen_by": CHOSEN_BY[i],
-                    "code": code,
-                    "count": cs.count,
-                    "sum": cs.total,
-                    "buckets": list(cs.buckets),
-                }
-                for i, by_code in enumerate(vs.by_choice)
-                for code, cs in by_code.items()
-            ]
-            series += [
-                {
-                    "chosen_by": CHOSEN_BY[i],
-                    "code": 200,
-                    "grpc_code": grpc_code,
-                    "count": cs.count,
-                    "sum": cs.total,
-                    "buckets": list(cs.buckets),
-                }
-                for i, by_code in enumerate(vs.grpc_by_choice)
-                for grpc_code, cs in by_code.items()
-            ]
+            # gRPC calls are HTTP 200s; their status is the grpc_code.
+            series = _series(vs.by_choice, lambda code: {"code": code})
+            series += _series(vs.grpc_by_choice, lambda code: {"code": 200, "grpc_code": code})
             versions.append(
                 {
                     "project": vs.project,
@@ -271,6 +251,22 @@ def _per_version(
 
 def empty_snapshot() -> Snapshot:
     return GatewayMetrics(UpstreamStats()).snapshot()
+
+
+def _series(
+    by_choice: tuple[dict[int, CodeStats], ...], codes: Callable[[int], dict[str, int]]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "chosen_by": CHOSEN_BY[i],
+            **codes(code),
+            "count": cs.count,
+            "sum": cs.total,
+            "buckets": list(cs.buckets),
+        }
+        for i, by_code in enumerate(by_choice)
+        for code, cs in by_code.items()
+    ]
 
 
 def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:

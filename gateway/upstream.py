@@ -18,7 +18,7 @@ import asyncio
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import httptools
 
@@ -68,6 +68,25 @@ class PoolLimits:
     eject_after: int = 5
     eject_base_seconds: float = 5.0
     eject_max_seconds: float = 120.0
+
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+async def connect_to(up: Upstream, protocol: Callable[[], _P], limit_s: float) -> _P:
+    """A connection to the replica within ``limit_s``; UpstreamError("connect") if not.
+    Shared by the HTTP upstream pool and the gRPC one."""
+    try:
+        async with asyncio.timeout(limit_s):
+            _, conn = await asyncio.get_running_loop().create_connection(protocol, up.host, up.port)
+    except TimeoutError:
+        raise_if_cancelling()
+        raise UpstreamError("connect", f"connect to {up.address} timed out") from None
+    except OSError as exc:
+        raise UpstreamError(
+            "connect", f"connect to {up.address} failed: {exc.strerror or exc}"
+        ) from None
+    return conn
 
 
 class Upstream:
@@ -122,19 +141,9 @@ class Upstream:
 
     async def connect(self) -> UpstreamConnection:
         loop = self.loop
-        try:
-            async with asyncio.timeout(self.limits.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self, loop), self.host, self.port
-                )
-        except TimeoutError:
-            raise_if_cancelling()
-            raise UpstreamError("connect", f"connect to {self.address} timed out") from None
-        except OSError as exc:
-            raise UpstreamError(
-                "connect", f"connect to {self.address} failed: {exc.strerror or exc}"
-            ) from None
-        return conn
+        return await connect_to(
+            self, lambda: UpstreamConnection(self, loop), self.limits.connect_timeout
+        )
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a finished connection to the pool, or close it."""

@@ -98,6 +98,7 @@ class Derived:
     conditions: dict[str, Condition] = field(default_factory=dict)  # ME name -> Ready
     keys: dict[str, str] = field(default_factory=dict)  # ME name -> "project/model" it names
     owners: dict[str, str] = field(default_factory=dict)  # "project/model" -> ME name
+    versions: dict[str, Version] = field(default_factory=dict)  # from the slices
 
 
 # --- versions from EndpointSlices ------------------------------------------------------
@@ -249,7 +250,7 @@ def derive(
     now: float,
 ) -> Derived:
     versions = versions_from_slices(slices)
-    out = Derived(state=previous)
+    out = Derived(state=previous, versions=versions)
     new_endpoints: dict[str, ModelEndpoint] = {}
     history = {k: list(v) for k, v in previous.history.items()}
     ordered = sorted(endpoints.values(), key=_created)

@@ -90,7 +90,6 @@ class Informer:
         self.synced = asyncio.Event()  # set once the first list succeeded
         self.relists = 0
         self.errors = 0
-        self.connected = False
 
     async def run(self) -> None:
         delay = self.backoff_initial
@@ -115,7 +114,6 @@ class Informer:
 
     def _failed(self, exc: BaseException, delay: float) -> None:
         self.errors += 1
-        self.connected = False
         log.warning(
             "%s: %s: %s; keeping the last %d objects, retrying in %.1fs",
             self.what, type(exc).__name__, exc, len(self.objects), delay,
@@ -135,7 +133,6 @@ class Informer:
         items = [o for o in doc.get("items") or [] if labels_match(o, self.selector)]
         fresh = {object_name(o): o for o in items}
         self.relists += 1
-        self.connected = True
         changed = fresh != self.objects
         self.objects = fresh
         first = not self.synced.is_set()

@@ -42,7 +42,6 @@ from controller.kubernetes.cluster import (
     derive,
     one_address_family,
     status_patch,
-    versions_from_slices,
 )
 from controller.kubernetes.informer import Informer, ListCall, selector_text
 from controller.kubernetes.lease import LeaderElector
@@ -281,7 +280,6 @@ class KubernetesSync:
     async def reconcile(self) -> None:
         """Derive the state from the caches, apply it, then (leader) write statuses."""
         slices = list(self.slices.objects.values())
-        self.versions = versions_from_slices(slices)
         endpoints = self._with_writes(self.endpoints.objects)
         derived: Derived | None = None
 
@@ -293,6 +291,7 @@ class KubernetesSync:
         await self.controller.change(transition, None, observed=True)
         assert derived is not None
         self.derived = derived
+        self.versions = derived.versions
         if self.leading:
             await self._write_statuses(derived, endpoints)
 

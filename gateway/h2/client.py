@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from gateway.aio import raise_if_cancelling
 from gateway.h2 import frames as f
 from gateway.h2.codec import Block
 from gateway.h2.connection import H2Connection, H2Limits, Stream, StreamHandler
-from gateway.upstream import PoolLimits, Upstream, UpstreamError, UpstreamStats
+from gateway.upstream import PoolLimits, Upstream, UpstreamError, UpstreamStats, connect_to
 
 # Replicas are ours and trusted; the limits only shape windows and header sizes.
 UPSTREAM_LIMITS = H2Limits(
@@ -132,18 +131,9 @@ class UpstreamPool:
 
     async def _open(self, up: Upstream) -> UpstreamH2:
         loop = self.loop
-        try:
-            async with asyncio.timeout(self.limits.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamH2(loop, UPSTREAM_LIMITS, self, up), up.host, up.port
-                )
-        except TimeoutError:
-            raise_if_cancelling()
-            raise UpstreamError("connect", f"connect to {up.address} timed out") from None
-        except OSError as exc:
-            raise UpstreamError(
-                "connect", f"connect to {up.address} failed: {exc.strerror or exc}"
-            ) from None
+        conn = await connect_to(
+            up, lambda: UpstreamH2(loop, UPSTREAM_LIMITS, self, up), self.limits.connect_timeout
+        )
         self.stats.connects += 1
         self.conns.setdefault(up, []).append(conn)
         return conn
