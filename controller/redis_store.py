@@ -127,7 +127,7 @@ class RedisStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
-                await close_quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                await close_quietly(pubsub.aclose())
 
     async def audit(self, entry: dict[str, Any]) -> None:
         try:

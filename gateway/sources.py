@@ -218,7 +218,7 @@ class RedisRouteSource(_TableFeed):
                 raise_if_cancelling()
                 problem = str(exc) or type(exc).__name__
             finally:
-                await close_quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                await close_quietly(pubsub.aclose())
                 await close_quietly(client.aclose())
             if self.connected:
                 log.warning("lost redis (%s); serving revision %d", problem, self.revision)
