@@ -11,3 +11,12 @@ compile() { uv pip compile --quiet --python-version 3.11 --universal --generate-
 compile pyproject.toml requirements/build.in --extra dev --extra sklearn --extra loadtest \
     -o requirements/ci.txt
 echo "requirements/ci.txt: $(grep -c '^[a-z]' requirements/ci.txt) pins"
+
+# The kserve client's own environment (tests/clients.py): kserve pins protobuf<7, which
+# the project's UPI stubs can't use, so it lives in a virtualenv of its own.
+compile requirements/kserve-client.in -o requirements/kserve-client.txt
+echo "requirements/kserve-client.txt: $(grep -c '^[a-z]' requirements/kserve-client.txt) pins"
+
+# Redocly's linter (tests/test_openapi_document.py), from npm.
+npm install --silent --package-lock-only --prefix requirements/npm
+echo "requirements/npm/package-lock.json refreshed"
