@@ -31,7 +31,7 @@ def make_app(full_name: str, factor: float) -> web.Application:
         return web.json_response({"name": full_name, "ready": True})
 
     async def alive(_: web.Request) -> web.Response:
-        return web.json_response({"alive": True})
+        return web.json_response({"status": "alive"})
 
     app = web.Application()
     app.router.add_post(f"/v1/models/{full_name}:predict", predict)

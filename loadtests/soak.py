@@ -128,7 +128,7 @@ def serve_replica() -> None:
         return web.json_response({"name": full_name, "ready": True})
 
     async def alive(_: web.Request) -> web.Response:
-        return web.json_response({"alive": True})
+        return web.json_response({"status": "alive"})
 
     app = web.Application(client_max_size=128 * MIB)
     app.router.add_post(f"/v1/models/{full_name}:predict", predict)

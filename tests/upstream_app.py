@@ -34,7 +34,7 @@ def make_app(name: str) -> web.Application:
         return web.json_response({"name": name, "ready": True})
 
     async def live(_: web.Request) -> web.Response:
-        return web.json_response({"alive": True})
+        return web.json_response({"status": "alive"})
 
     async def status(request: web.Request) -> web.Response:
         code = int(request.match_info["code"])

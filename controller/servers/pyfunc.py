@@ -4,11 +4,20 @@ The class lives in the model directory (``CARAML_ARTIFACT_LOCATION``, put first 
 ``sys.path``); it is constructed with no arguments, gets ``load()`` once, then
 ``predict(payload)`` per request with the parsed JSON body, and returns anything JSON
 can encode. Raising :class:`controller.servers.contract.BadInput` answers 400.
+
+The same ``predict`` answers KServe V2 / Open Inference Protocol calls
+(``POST /v2/models/<name>/infer``), through :mod:`controller.servers.v2`: the request's
+tensors arrive as a V1 payload, ``{"instances": rows}`` — one input's data reshaped to
+its shape as nested lists, or with several inputs one ``{input name: value}`` record per
+row — and the answer, ``{"predictions": [...]}`` or a bare list, goes back as tensors:
+``output-0``, or one output per key when the predictions are dicts. A class written for
+V1 ``instances`` serves V2 clients unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import sys
 
@@ -20,6 +29,7 @@ def load_class(spec: str, model_dir: str) -> Model:
     if not module_name or not class_name:
         raise SystemExit(f"pyfunc: {spec!r} is not module:Class")
     if model_dir:
+        _confine(module_name, model_dir)
         sys.path.insert(0, model_dir)
     try:
         module = importlib.import_module(module_name)
@@ -31,6 +41,19 @@ def load_class(spec: str, model_dir: str) -> Model:
         if not callable(getattr(model, method, None)):
             raise SystemExit(f"pyfunc: {spec} has no {method}() method")
     return model  # type: ignore[no-any-return]
+
+
+def _confine(module_name: str, model_dir: str) -> None:
+    """The class comes from the model directory and nowhere else: that directory is what
+    the deployer was allowed to name (a --model-root), not every module this interpreter
+    could import."""
+    top = module_name.partition(".")[0]
+    if importlib.machinery.PathFinder.find_spec(top, [model_dir]) is None:
+        raise SystemExit(f"pyfunc: no module {top} in the model directory {model_dir}; "
+                         "the class must live there")  # fmt: skip
+    if top in sys.modules:  # nothing was imported from model_dir yet: this one is not
+        raise SystemExit(f"pyfunc: the module name {top} is taken by the server's own "
+                         f"{sys.modules[top]!r}; rename the model's module")  # fmt: skip
 
 
 def main() -> None:

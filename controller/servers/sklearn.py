@@ -1,8 +1,11 @@
 """`python -m controller.servers.sklearn`: serve a scikit-learn model with no user code.
 
 The model directory (``CARAML_ARTIFACT_LOCATION``) holds ``model.joblib`` (or
-``model.pkl``). Requests use KServe's V1 body, ``{"instances": [[...], ...]}``, and get
-``{"predictions": [...]}``. scikit-learn is an optional extra:
+``model.pkl``). Requests use KServe's V1 body, ``{"instances": [[...], ...]}`` (or
+``{"inputs": ...}``, which KServe's sklearn server takes too), and get
+``{"predictions": [...]}``. V2 / Open Inference Protocol requests come as the same payload
+(:mod:`controller.servers.v2`): one ``[rows, features]`` input tensor, answered with the
+``output-0`` tensor. scikit-learn is an optional extra:
 ``pip install 'merlin-dataplane[sklearn]'``.
 """
 
@@ -37,7 +40,10 @@ class SklearnModel:
                 self.model = pickle.load(f)  # the operator's own artifact
 
     def predict(self, payload: Any) -> dict[str, Any]:
-        instances = payload.get("instances") if isinstance(payload, dict) else None
+        instances = None
+        if isinstance(payload, dict):
+            # As KServe's sklearn server reads it: "inputs" first, else "instances".
+            instances = payload["inputs"] if "inputs" in payload else payload.get("instances")
         if not isinstance(instances, list) or not instances:
             raise BadInput('expected {"instances": [[feature, ...], ...]}')
         if not all(isinstance(row, list) for row in instances):

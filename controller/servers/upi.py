@@ -271,7 +271,7 @@ class UpiServer:
             )
 
         async def alive(_: web.Request) -> web.Response:
-            return web.json_response({"alive": True})
+            return web.json_response({"status": "alive"})
 
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(
