@@ -47,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="request bodies over this are refused with 413")  # fmt: skip
     p.add_argument("--idle-upstream-seconds", type=float, default=PoolLimits().idle_seconds,
                    help="close pooled replica connections idle this long")  # fmt: skip
+    p.add_argument("--max-upstream-head-bytes", type=int, default=PoolLimits().max_head_bytes,
+                   help="a replica's response head longer than this is answered 502")  # fmt: skip
+    p.add_argument("--max-upstream-headers", type=int, default=PoolLimits().max_headers,
+                   help="a replica's response with more headers is answered 502")  # fmt: skip
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a request head must arrive whole this soon after its first byte "
                    "(else 408: slowloris)")  # fmt: skip
@@ -92,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             shutdown_seconds=args.shutdown_seconds,
             proxy=ProxyLimits(max_body_bytes=args.max_body_bytes),
-            pool=PoolLimits(idle_seconds=args.idle_upstream_seconds),
+            pool=PoolLimits(
+                idle_seconds=args.idle_upstream_seconds,
+                max_head_bytes=args.max_upstream_head_bytes,
+                max_headers=args.max_upstream_headers,
+            ),
             activate_url=args.activate_url,
             header_timeout_seconds=args.header_timeout,
             max_connections=args.max_connections,

@@ -53,3 +53,5 @@ class GatewayConfig:
             raise ValueError("grpc_port must be between 0 and 65535")
         if self.proxy.max_body_bytes < 0:
             raise ValueError("max_body_bytes must not be negative")
+        if self.pool.max_head_bytes < 1024 or self.pool.max_headers < 1:
+            raise ValueError("a replica's response head must be allowed 1 KiB and 1 header")

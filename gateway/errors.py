@@ -22,6 +22,7 @@ REASONS = {
     417: "expectation_failed",
     431: "headers_too_large",
     500: "internal_error",
+    501: "not_implemented",
     502: "bad_gateway",
     503: "unavailable",
     504: "upstream_timeout",

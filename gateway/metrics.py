@@ -250,7 +250,8 @@ def _per_version(
 
 
 def empty_snapshot() -> Snapshot:
-    return GatewayMetrics(UpstreamStats()).snapshot()
+    """No counts, and not connected: what a worker that doesn't answer contributes."""
+    return GatewayMetrics(UpstreamStats()).snapshot(source_connected=False)
 
 
 def _series(
@@ -270,18 +271,27 @@ def _series(
 
 
 def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """Sum the snapshots of several workers into one.
+    """Merge the snapshots of several workers into one.
 
     Numbers add, dicts merge by key, lists add element-wise; lists of labelled records
-    (versions, their series, shadows) merge records with the same labels.
+    (versions, their series, shadows) merge records with the same labels. Adding is right
+    for every counter and for the gauges that count things (requests in flight, client
+    connections open); the two gauges about the route table are not counts and take the
+    minimum: the revision every worker serves, and ``source_connected`` is 1 only if
+    every worker follows its route source (so an alert on 0 fires when any one serves a
+    stale table; a worker that doesn't answer counts as not following).
     """
     merged: Snapshot = empty_snapshot()
     revisions: list[int] = []
+    connected: list[int] = []
     for snap in snapshots:
-        revisions.append(snap["table"]["revision"])
+        table = snap["table"]
+        revisions.append(table["revision"])
+        connected.append(table["source_connected"])
         _add(merged, snap)
     # Workers may briefly disagree during a swap; the oldest is what is guaranteed.
     merged["table"]["revision"] = min(revisions, default=-1)
+    merged["table"]["source_connected"] = min(connected, default=0)
     return merged
 
 
@@ -378,9 +388,10 @@ class _SnapshotCollector(Collector):
         yield errors
         conns = snap.get("connections", {})
         yield GaugeMetricFamily(
-            "gateway_client_connections", "Client connections open now.",
+            "gateway_client_connections",
+            "Client connections open now on the traffic port (the admin port's not counted).",
             value=conns.get("open", 0),
-        )  # fmt: skip
+        )
         cut = CounterMetricFamily(
             "gateway_client_connections_cut",
             "Client connections answered and closed for abuse, by reason "
@@ -406,7 +417,8 @@ class _SnapshotCollector(Collector):
         )
         yield GaugeMetricFamily(
             "gateway_route_source_connected",
-            "Workers following their route source now (0: serving the last good table).",
+            "1 if every worker follows its route source now; 0 if any serves its last good "
+            "table (or does not answer).",
             value=snap["table"].get("source_connected", 0),
         )
         yield CounterMetricFamily(

@@ -9,6 +9,15 @@ stream back with bounded buffering. Nothing here parses a body.
 
 The handler reads ``self.table`` once per request; a swap assigns a new table, so a
 request finishes on the table it started with.
+
+What is routed is what is forwarded: an absolute-form target (``GET http://host/path``)
+is routed by its authority, which also replaces ``Host`` (RFC 9112 §3.2.2, as nginx
+does), and goes on in origin-form; dot-segments (``.``, ``..``, percent-encoded or not)
+are resolved before the lookup (RFC 3986 §5.2.4), and a path climbing above the root
+is refused. The gateway answers ``CONNECT`` and ``TRACE`` itself (405, as nginx does),
+``OPTIONS *`` (400, as nginx), and a transfer coding other than plain ``chunked``
+(501: RFC 9112 §6.1; forwarding it would hand the replica a body coded in a way its
+headers no longer say).
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ from gateway.table import (
     ModelTarget,
     RoutePolicy,
     RouteTable,
+    Target,
     VersionTarget,
+    describe,
 )
 from gateway.upstream import (
     ClientSideError,
@@ -64,7 +75,17 @@ REQUEST_HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Answered here, as nginx does: CONNECT asks for a tunnel, TRACE for an echo of the
+# request (credentials and all) from whatever replica.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+# What the gateway passes on (a 405 must say: RFC 9110 §15.5.6).
+FORWARDED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 PATH_FORM_PREFIX = "/serving/"
+# An HTTP request for a UPI_V1 (gRPC) endpoint. 400, as gRPC servers answer HTTP/1.1
+# themselves (grpc-go: "gRPC requires HTTP/2"): no retry or other replica can serve it
+# as sent. Not 426, which promises an Upgrade on this same connection (we have none),
+# nor 421, which tells clients to retry on another connection.
+WRONG_PROTOCOL = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,24 +126,38 @@ class Proxy:
         self.loop = asyncio.get_running_loop()
         self.shadowing = Shadowing(metrics, shadow_limits)
         self.activator: Activator | None = None
+        self.grpc_port: int | None = None  # where UPI_V1 endpoints are served, if anywhere
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         start = perf_counter()
         table = self.table
         host = request.headers.get("Host", "")
+        path = request.raw_path
+        authority = None
+        if path[0] != "/" or request.method in REFUSED_METHODS or "/." in path or "%" in path:
+            # Rare: another target form, a method we answer, or dot-segments to resolve.
+            checked = self._request_target(request, path)
+            if isinstance(checked, web.Response):
+                return checked
+            path, authority = checked
+            if authority is not None:
+                host = authority
         colon = host.find(":")
         if colon >= 0:
             host = host[:colon]
         target = table.by_host.get(host) or table.by_host.get(host.lower())
-        path = request.raw_path
         if target is None:
             if not path.startswith(PATH_FORM_PREFIX):
                 return self._unrouted(
-                    404, f"no model endpoint or version endpoint at host {host!r}"
+                    request, 404, f"no model endpoint or version endpoint at host {host!r}"
                 )
             target, path = self._path_form(table, path)
             if target is None:
-                return self._unrouted(404, f"no model endpoint or version endpoint at {path!r}")
+                return self._unrouted(
+                    request, 404, f"no model endpoint or version endpoint at {path!r}"
+                )
+        if target.grpc:
+            return self._wrong_protocol(request, target)
         mirror = None
         if type(target) is ModelTarget:
             if target.weights_only:
@@ -138,31 +173,74 @@ class Proxy:
             chosen = CHOSEN_DIRECT
             policy = DIRECT_POLICY
         query = path.find("?")
-        predict = (path if query < 0 else path[:query]) in target.predict_paths
+        kind = target.rewrites.get(path if query < 0 else path[:query])
         original = path
-        if predict:
-            path = version.predict_path if query < 0 else version.predict_path + path[query:]
+        if kind is not None:
+            path = version.rewritten[kind] if query < 0 else version.rewritten[kind] + path[query:]
         stats = version.stats
         stats.in_flight += 1
         stats.arrivals += 1
         try:
             if mirror is None or mirror.version is version or random() >= mirror.fraction:
-                resp = await self._forward(request, version, policy, path)
+                resp = await self._forward(request, version, policy, path, authority=authority)
             else:
                 shadow_path = original
-                if predict:
-                    shadow_path = mirror.version.predict_path + (
+                if kind is not None:
+                    shadow_path = mirror.version.rewritten[kind] + (
                         path[path.find("?") :] if query >= 0 else ""
                     )
-                resp = await self._mirrored(request, version, policy, path, mirror, shadow_path)
+                resp = await self._mirrored(
+                    request, version, policy, path, mirror, shadow_path, authority
+                )
         except (ConnectionError, asyncio.CancelledError):
             # The client left; nginx's 499 says so in the metrics.
             stats.record(chosen, 499, perf_counter() - start)
             raise
+        except web.HTTPException as exc:
+            # aiohttp would answer this in plain text. Its one source here is read()
+            # refusing a body over client_max_size (1 MiB), which the buffered path's
+            # limit (at most 1 MiB of wire bytes) keeps out of reach; should that change,
+            # the answer is still ours.
+            resp = self._error(request, exc.status, exc.text or exc.reason, close=True)
         finally:
             stats.in_flight -= 1
         stats.record(chosen, resp.status, perf_counter() - start)
         return resp
+
+    def _request_target(
+        self, request: BaseRequest, path: str
+    ) -> tuple[str, str | None] | web.Response:
+        """The origin-form path to route and forward, and the authority an absolute-form
+        target names; or the gateway's own answer."""
+        method = request.method
+        if method in REFUSED_METHODS:
+            self.metrics.count_unrouted(405)
+            # After a CONNECT the client sends tunnel bytes, not requests: close.
+            return self._error(
+                request,
+                405,
+                f"{method} is not served by this gateway",
+                headers={"Allow": FORWARDED_METHODS},
+                close=method == "CONNECT",
+            )
+        authority = None
+        if path[0] != "/":
+            if path == "*":  # llhttp takes it only with OPTIONS
+                return self._unrouted(
+                    request, 400, "OPTIONS * is not served: ask a model endpoint's URL"
+                )
+            split = _absolute_form(path)
+            if split is None:
+                return self._unrouted(
+                    request, 400, f"request target {path[:100]!r} is not a path or an http URL"
+                )
+            authority, path = split
+        if "/." in path or "%" in path:
+            resolved = _resolve_dot_segments(path)
+            if resolved is None:
+                return self._unrouted(request, 400, "request path climbs above the root")
+            path = resolved
+        return path, authority
 
     def _path_form(
         self, table: RouteTable, path: str
@@ -186,6 +264,7 @@ class Proxy:
         path: str,
         mirror: MirrorTarget,
         shadow_path: str,
+        authority: str | None,
     ) -> web.StreamResponse:
         """The primary exchange, with a copy sent to the shadow version beside it."""
         body: bytes | None = b""
@@ -201,7 +280,7 @@ class Proxy:
             head = None
             shadow = self.shadowing.launch(mirror, b"", None, policy.timeout)
         else:
-            head = self._request_head(request, path, False)
+            head = self._request_head(request, path, False, authority)
             # The copy's head is the primary's with its own request line and a marker.
             line_end = head[0].index(b"\r\n") + 2
             shadow_head = (
@@ -211,9 +290,9 @@ class Proxy:
             )
             shadow = self.shadowing.launch(mirror, shadow_head, body, policy.timeout)
         if shadow is None:
-            return await self._forward(request, version, policy, path, body, head)
+            return await self._forward(request, version, policy, path, body, head, authority)
         try:
-            resp = await self._forward(request, version, policy, path, body, head)
+            resp = await self._forward(request, version, policy, path, body, head, authority)
         except BaseException:
             shadow.primary_done(-1, None)
             raise
@@ -234,9 +313,48 @@ class Proxy:
             if transport is not None:
                 transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _unrouted(self, status: int, message: str) -> web.Response:
+    def _unrouted(
+        self, request: BaseRequest, status: int, message: str, code: str | None = None
+    ) -> web.Response:
         self.metrics.count_unrouted(status)
-        return error_response(status, message)
+        return self._error(request, status, message, code=code)
+
+    def _wrong_protocol(self, request: BaseRequest, target: Target) -> web.Response:
+        where = (
+            f"the gateway's gRPC port ({self.grpc_port})"
+            if self.grpc_port is not None
+            else "a gateway's gRPC port (this one serves none: --grpc-port)"
+        )
+        return self._unrouted(
+            request,
+            WRONG_PROTOCOL,
+            f"{describe(target)} serves UPI_V1 (gRPC); call it over gRPC on {where}",
+            code="wrong_protocol",
+        )
+
+    def _error(
+        self,
+        request: BaseRequest,
+        status: int,
+        message: str,
+        *,
+        request_id: bytes | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+    ) -> web.Response:
+        """The gateway's own answer: its JSON error, with the request's ``X-Request-Id``
+        (the client's, or the one the replica was sent, or a new one) as on any answer."""
+        if request_id is None:
+            given = request.headers.get("X-Request-Id")
+            rid = given if given is not None else self.request_ids.next().decode()
+        else:
+            rid = request_id.decode("latin-1")
+        extra = {"X-Request-Id": rid} if headers is None else {**headers, "X-Request-Id": rid}
+        return error_response(
+            status, message, code=code, retry_after=retry_after, headers=extra, close=close
+        )
 
     # --- forwarding ---------------------------------------------------------------
 
@@ -248,6 +366,7 @@ class Proxy:
         path: str,
         preread: bytes | None = None,
         prebuilt: tuple[bytes, bytes] | None = None,
+        authority: str | None = None,
     ) -> web.StreamResponse:
         limits = self.limits
         body: bytes | None = b""  # None: the body streams and can't be replayed
@@ -257,10 +376,14 @@ class Proxy:
             if preread is None:
                 self._continue(request, length)
             if length is None:
+                refused = _unforwardable_framing(request)
+                if refused is not None:
+                    return self._error(request, refused[0], refused[1], close=True)
                 chunked = True
                 body = None
             elif length > limits.max_body_bytes:
-                return error_response(
+                return self._error(
+                    request,
                     413,
                     f"request body of {length} bytes is over the limit of "
                     f"{limits.max_body_bytes} bytes",
@@ -275,19 +398,28 @@ class Proxy:
                 body = content.read_nowait() if content.is_eof() else await request.read()
             else:
                 body = None
-        head, request_id = prebuilt or self._request_head(request, path, chunked)
+        head, request_id = prebuilt or self._request_head(request, path, chunked, authority)
         upstreams = version.upstreams
         if not upstreams and version.scale_to_zero and self.activator is not None:
             try:
                 version = await self.activator.activate(version)
             except ActivationRefused as exc:
                 version_header = {"X-Model-Version": version.version_header}
-                return error_response(503, str(exc), retry_after=1, headers=version_header)
+                return self._error(
+                    request,
+                    503,
+                    str(exc),
+                    request_id=request_id,
+                    retry_after=1,
+                    headers=version_header,
+                )
             upstreams = version.upstreams
         if not upstreams:
-            return error_response(
+            return self._error(
+                request,
                 503,
                 f"version endpoint {version.project}/{version.full_name} has no ready replica",
+                request_id=request_id,
                 retry_after=1,
                 headers={"X-Model-Version": version.version_header},
             )
@@ -323,7 +455,7 @@ class Proxy:
                     request, used, conn, head, body, chunked, version, policy, request_id
                 )
             except ClientSideError as exc:
-                return error_response(exc.status, str(exc), close=True)
+                return self._error(request, exc.status, str(exc), request_id=request_id, close=True)
             except UpstreamError as exc:
                 if exc.unread and stale_retry and conn.reused:
                     # A pooled connection the replica had already closed: nothing reached
@@ -335,10 +467,12 @@ class Proxy:
                 ustats.error(exc.kind)
                 up.record_failure()
                 if exc.kind == "timeout":
-                    return error_response(
+                    return self._error(
+                        request,
                         504,
                         f"version endpoint {version.full_name} did not answer within "
                         f"{policy.timeout:g} s",
+                        request_id=request_id,
                         headers={"X-Model-Version": version.version_header},
                     )
                 failure = exc
@@ -350,13 +484,17 @@ class Proxy:
                 up = choose(upstreams, tried)
             finally:
                 used.outstanding -= 1
-        return error_response(
+        return self._error(
+            request,
             502,
             f"version endpoint {version.full_name} failed: {_client_reason(failure)}",
+            request_id=request_id,
             headers={"X-Model-Version": version.version_header},
         )
 
-    def _request_head(self, request: BaseRequest, path: str, chunked: bool) -> tuple[bytes, bytes]:
+    def _request_head(
+        self, request: BaseRequest, path: str, chunked: bool, authority: str | None = None
+    ) -> tuple[bytes, bytes]:
         lines = [f"{request.method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
         append = lines.append
         forwarded_for = request_id = connection = None
@@ -375,6 +513,11 @@ class Proxy:
         if connection is not None and connection.lower() not in PLAIN_CONNECTION:
             lines = drop_connection_tokens(lines, connection)
             append = lines.append
+        if authority is not None:
+            # An absolute-form target's authority is the request's host (RFC 9112 §3.2.2).
+            lines = [line for line in lines if line[:5].lower() != b"host:"]
+            append = lines.append
+            append(b"Host: " + authority.encode("utf-8", "surrogateescape") + b"\r\n")
         peer = (request.remote or "unknown").encode()
         append(
             b"X-Forwarded-For: " + forwarded_for + b", " + peer + b"\r\n"
@@ -530,6 +673,59 @@ class Proxy:
         # Only now can the connection serve another exchange.
         self._settle(up, conn, status)
         return resp
+
+
+def _absolute_form(target: str) -> tuple[str, str] | None:
+    """An http(s) absolute-form target as (authority, origin-form path): None for other
+    schemes, userinfo (RFC 9110 §4.2.4: an error) or an empty host."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    end = len(rest)
+    for stop in "/?#":
+        at = rest.find(stop)
+        if 0 <= at < end:
+            end = at
+    authority, path = rest[:end], rest[end:]
+    if not authority or "@" in authority:
+        return None
+    return authority, path if path.startswith("/") else "/" + path
+
+
+def _resolve_dot_segments(path: str) -> str | None:
+    """``path`` with its ``.`` and ``..`` segments resolved (RFC 3986 §5.2.4), a
+    percent-encoded dot counting as a dot (as the replica's URL library may decode it),
+    the query left alone; None when ``..`` climbs above the root (nginx: 400)."""
+    query = path.find("?")
+    rest = "" if query < 0 else path[query:]
+    segments = (path if query < 0 else path[:query]).split("/")[1:]
+    kept: list[str] = []
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        dots = segment.lower().replace("%2e", ".") if "%" in segment else segment
+        if dots == "..":
+            if not kept:
+                return None
+            kept.pop()
+        elif dots != ".":
+            kept.append(segment)
+            continue
+        if i == last:
+            kept.append("")  # "/a/b/.." is "/a/", a directory
+    return "/" + "/".join(kept) + rest
+
+
+def _unforwardable_framing(request: BaseRequest) -> tuple[int, str] | None:
+    """Why a body framed by Transfer-Encoding can't go on, if it can't (RFC 9112 §6.1):
+    HTTP/1.0 has no transfer codings (nginx: 400), and any coding but ``chunked`` would
+    reach the replica undone while our ``Transfer-Encoding: chunked`` no longer names it
+    (nginx: 501). aiohttp has already refused a second header line."""
+    if request.version != HttpVersion11:
+        return 400, "Transfer-Encoding in an HTTP/1.0 request"
+    coding = request.headers.get("Transfer-Encoding", "")
+    if coding.lower() != "chunked":
+        return 501, f"transfer coding {coding[:100]!r} is not implemented: only chunked is"
+    return None
 
 
 def _client_reason(failure: UpstreamError | None) -> str:

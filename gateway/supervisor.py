@@ -178,6 +178,7 @@ class _Workers:
                 "ready": False,
                 "revision": -1,
                 "source": "",
+                "source_connected": False,
                 "last_error": f"worker {i} is not answering: {exc or type(exc).__name__}",
                 "last_error_at": None,
                 "applied_at": None,

@@ -38,6 +38,25 @@ DIRECT_POLICY = RoutePolicy()
 
 VersionKey = tuple[str, str, str]  # (project, model, version)
 
+# The paths that name a model, by kind. On a model endpoint, a path naming the model is
+# rewritten to the same kind of path naming the chosen version, <model>-<version>: KServe
+# V1 (predict, model readiness) and V2 / Open Inference Protocol (infer, model readiness,
+# model metadata). Server-wide paths (/, /v2, /v2/health/*) name no model and pass as they
+# are. V2's /v2/models/<model>/versions/<v>/… is not rewritten: KServe's clients never send
+# it, and a version picked by URL would bypass the rule (a version endpoint's host does that).
+PREDICT, V1_READY, V2_INFER, V2_READY, V2_METADATA = range(5)
+
+
+def model_paths(name: str) -> tuple[str, ...]:
+    """The paths naming model (or version endpoint) ``name``, indexed by kind."""
+    return (
+        f"/v1/models/{name}:predict",
+        f"/v1/models/{name}",
+        f"/v2/models/{name}/infer",
+        f"/v2/models/{name}/ready",
+        f"/v2/models/{name}",
+    )
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class VersionTarget:
@@ -49,13 +68,15 @@ class VersionTarget:
     full_name: str
     upstreams: tuple[Upstream, ...]
     stats: VersionStats
-    predict_path: str  # /v1/models/<model>-<version>:predict
-    predict_paths: frozenset[str]  # paths rewritten to predict_path
+    rewritten: tuple[str, ...]  # by rewrite kind: this version's own paths (model_paths)
+    rewrites: dict[str, int]  # a request path here → its rewrite kind
     version_header: str
     relay_headers: bytes  # our response header lines for this version, pre-encoded
     key: VersionKey
     # No replicas means "scaled to zero, hold requests while one starts", not "down".
     scale_to_zero: bool = False
+    # Serves UPI_V1 (gRPC), else HTTP_JSON: each front refuses the other's targets.
+    grpc: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -85,13 +106,14 @@ class ModelTarget:
     project: str
     model: str
     slots: tuple[VersionTarget, ...]  # WEIGHT_SLOTS entries, laid out in rule order
-    predict_paths: frozenset[str]
+    rewrites: dict[str, int]  # a path naming the model → rewrite kind (model_paths)
     policy: RoutePolicy
     matches: tuple[HeaderRoute, ...] = ()
     sticky_header: str | None = None
     sticky_cookie: str | None = None
     mirror: MirrorTarget | None = None
     weights_only: bool = True  # no match, no sticky: pick() is the whole choice
+    grpc: bool = False  # as VersionTarget.grpc; the rule's versions all agree
 
     def pick(self, rand: Callable[[], float] = random.random) -> VersionTarget:
         return self.slots[int(rand() * WEIGHT_SLOTS)]
@@ -135,6 +157,13 @@ def cookie_value(header: str | None, name: str) -> str | None:
 Target = ModelTarget | VersionTarget
 
 
+def describe(target: Target) -> str:
+    """The target as the gateway's error messages name it."""
+    if isinstance(target, ModelTarget):
+        return f"model endpoint {target.project}/{target.model}"
+    return f"version endpoint {target.project}/{target.full_name}"
+
+
 @dataclass(frozen=True, slots=True)
 class RouteTable:
     revision: int
@@ -171,12 +200,13 @@ def compile_table(
             full_name=name,
             upstreams=ups,
             stats=stats_for(ve.project, ve.model, ve.version),
-            predict_path=f"/v1/models/{name}:predict",
-            predict_paths=frozenset({"/v1/predict"}),
+            rewritten=model_paths(name),
+            rewrites={"/v1/predict": PREDICT},
             version_header=ve.version,
             relay_headers=b"X-Model-Version: " + ve.version.encode() + b"\r\n",
             key=(ve.project, ve.model, ve.version),
             scale_to_zero=ve.scale_to_zero,
+            grpc=ve.protocol == "UPI_V1",
         )
         versions[(ve.project, ve.model, ve.version)] = vt
         by_host[f"{name}.{ve.project}.{domain}"] = vt
@@ -213,13 +243,15 @@ def compile_table(
             project=me.project,
             model=me.model,
             slots=tuple(slots),
-            predict_paths=frozenset({"/v1/predict", f"/v1/models/{me.model}:predict"}),
+            rewrites={"/v1/predict": PREDICT}
+            | {path: kind for kind, path in enumerate(model_paths(me.model))},
             policy=RoutePolicy(rule.timeout_seconds, rule.retries, rule.idempotent),
             matches=matches,
             sticky_header=sticky.header if sticky else None,
             sticky_cookie=sticky.cookie if sticky else None,
             mirror=mirror,
             weights_only=not matches and sticky is None,
+            grpc=me.protocol == "UPI_V1",
         )
         # A model endpoint's name wins over a version endpoint's on a clash
         # (model "a-1" beside model "a" version "1"): the stable URL is the contract.

@@ -68,6 +68,13 @@ class PoolLimits:
     eject_after: int = 5
     eject_base_seconds: float = 5.0
     eject_max_seconds: float = 120.0
+    # A replica's response head (with any 1xx heads before it) is refused 502 past these,
+    # and its connection dropped: without a bound, a replica streaming one endless header
+    # grows the parser's buffer until the gateway runs out of memory. Envoy's defaults
+    # (60 KiB, 100 headers) in round numbers; nginx's proxy_buffer_size (4-8 KiB) is
+    # tighter than model servers' heads need.
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
 
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
@@ -284,6 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
         "exchange",
         "got_bytes",
         "head_done",
+        "head_room",
         "headers",
         "idle_since",
         "keep_alive",
@@ -328,6 +336,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.head_done = False
+        self.head_room = self.upstream.limits.max_head_bytes  # response head bytes still allowed
         self.complete = False
         self.got_bytes = False
         self.no_body = False
@@ -366,6 +375,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def time_out(self) -> None:
+        if self.complete:
+            return  # the answer is whole: what's late is a slow client, not the replica
         if self.awaiting_client:
             self.fail(ClientSideError(408, f"the client sent no body for {self.timeout:g} s"))
         else:
@@ -427,7 +438,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def fail(self, error: UpstreamError) -> None:
         if self.complete:
-            return  # the exchange already ended well; its connection stays good
+            # The answer is whole and stands; whatever went wrong after it (bytes past its
+            # end, an upload cut short) leaves the connection unfit for another exchange.
+            self._desync()
+            return
         if self.error is None:
             self.error = error
         self.abort()
@@ -461,11 +475,29 @@ class UpstreamConnection(asyncio.Protocol):
         # The timeout bounds silence, not the whole exchange, so streams may run long.
         self.deadline = self.loop.time() + self.timeout
         try:
+            if not self.head_done:
+                # Counted before the parser sees them: httptools keeps an unfinished header
+                # in memory, so a cap checked in its callbacks would come after the damage.
+                room = self.head_room
+                self.head_room = room - len(data)
+                if self.head_room < 0:
+                    self._feed_within_head_limit(memoryview(data), room)
+                    return
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.fail(UpstreamError("protocol", "upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self.fail(UpstreamError("protocol", f"malformed response from upstream: {exc}"))
+
+    def _feed_within_head_limit(self, data: memoryview, room: int) -> None:
+        # The parser gets what the head may still take; the rest only if the head ended
+        # within it (then it is body). Slices of a view: nothing copied.
+        self.parser.feed_data(data[:room])
+        if not self.head_done:
+            limit = self.upstream.limits.max_head_bytes
+            self.fail(UpstreamError("protocol", f"response head over {limit} bytes"))
+            return
+        self.parser.feed_data(data[room:])
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost reports it
@@ -509,6 +541,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer (or junk) right behind a whole one, in the same read: stop
+            # the parser here; feed_data raises and fail() retires the connection.
+            raise UpstreamError("protocol", "bytes after a complete answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:
             self._desync()
@@ -516,16 +554,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.complete:
-            self._desync()
-            return
         status = self.parser.get_status_code()
-        if status == 101:
-            self.fail(UpstreamError("protocol", "the replica switched protocols (not supported)"))
+        if status < 200 or status > 599:
+            if 100 <= status < 200 and status != 101:
+                # Interim response (100 Continue, 103 Early Hints): not forwarded.
+                self.headers = []
+                return
+            # 101 would hand us another protocol; outside 100-599 is no HTTP status.
+            self.fail(UpstreamError("protocol", f"the replica answered status {status}"))
             return
-        if status < 200:
-            # Interim response (100 Continue, 103 Early Hints): not forwarded.
-            self.headers = []
+        if len(self.headers) > self.upstream.limits.max_headers:
+            limit = self.upstream.limits.max_headers
+            self.fail(UpstreamError("protocol", f"response head with over {limit} headers"))
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()

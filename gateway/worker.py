@@ -125,6 +125,8 @@ class GatewayWorker:
             grpc_sock = bind_socket(cfg.host, cfg.grpc_port, reuse_port=cfg.workers > 1)
             self.grpc_port = grpc_sock.getsockname()[1]
             await self.grpc_listener.start(grpc_sock)
+            # Named in the HTTP port's answer to a request for a UPI_V1 endpoint.
+            self.proxy.grpc_port = self.grpc_port
         self._source_task = asyncio.create_task(self.source.run(self.apply, self.reject))
         self.signals.start()
         if self.pusher is not None:

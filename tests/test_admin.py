@@ -9,9 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.admin import admin_app, start_admin
-from tests.conftest import ROOT, Procs, model_endpoint, start_replicas, version, write_routes
+from tests.conftest import (
+    ROOT,
+    Proc,
+    Procs,
+    free_port,
+    model_endpoint,
+    start_replicas,
+    version,
+    wait_port,
+    write_routes,
+)
 
 
 def spec(
@@ -146,6 +157,79 @@ async def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path, procs: 
     # merged count reaches 200.
     assert metric(text, "gateway_requests_total", version="1", code="200") == n
     assert len({w["pid"] for w in ready["workers"]}) == 2
+
+
+@pytest.mark.parametrize("workers_count", [1, 2])
+async def test_source_and_connection_gauges_read_what_is_true(
+    tmp_path: Path, procs: Procs, workers_count: int
+) -> None:
+    """gateway_route_source_connected read 2 connected and 1 disconnected with one
+    worker (3 and 1 with two): the merge started from a snapshot that counted as
+    connected. gateway_client_connections read 1-7 with nothing open: it was read from
+    aiohttp's list of connections before aiohttp dropped the closed one."""
+    port = free_port()
+
+    def controller() -> Proc:
+        proc = Proc(
+            [sys.executable, "-m", "controller.cli", "controller", "--runtime", "none",
+             "--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}"],
+            port, tmp_path / f"controller-{len(procs.started)}.log",
+        )  # fmt: skip
+        procs.started.append(proc)
+        wait_port(port)
+        return proc
+
+    ctl = controller()
+    gw_port, admin = free_port(), free_port()
+    gateway = Proc(
+        [sys.executable, "-m", "controller.cli", "gateway", "--controller",
+         f"http://127.0.0.1:{port}", "--listen", f"127.0.0.1:{gw_port}",
+         "--admin", f"127.0.0.1:{admin}", "--workers", str(workers_count)],
+        gw_port, tmp_path / "gateway.log",
+    )  # fmt: skip
+    procs.started.append(gateway)
+    wait_port(gw_port)
+    wait_port(admin)
+    async with aiohttp.ClientSession() as s:
+
+        async def gauge(name: str) -> float:
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                return metric(await resp.text(), name)
+
+        async def source_connected(connected: bool) -> float:
+            # Each worker says whether it follows the controller (it reconnects within a
+            # second); the gauge must agree.
+            for _ in range(200):
+                async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    workers = (await resp.json())["workers"]
+                if all(w["source_connected"] is connected for w in workers):
+                    break
+                await asyncio.sleep(0.05)
+            assert len(workers) == workers_count and all(
+                w["source_connected"] is connected for w in workers
+            ), workers
+            return await gauge("gateway_route_source_connected")
+
+        async def connections_when_all_closed() -> float:
+            for _ in range(100):  # the gateway sees the closes a moment after the client
+                if (open_now := await gauge("gateway_client_connections")) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return open_now
+
+        assert await source_connected(True) == 1
+        for _ in range(20):  # fresh connections, closed, spread over the workers
+            async with (
+                aiohttp.ClientSession() as c,
+                c.get(f"http://127.0.0.1:{gw_port}/", headers={"Host": "x.y.localhost"}) as r,
+            ):
+                assert r.status == 404
+        assert await connections_when_all_closed() == 0
+        ctl.stop()
+        assert await source_connected(False) == 0
+        controller()
+        assert await source_connected(True) == 1
+        assert await connections_when_all_closed() == 0
 
 
 def test_cli_help_is_useful() -> None:

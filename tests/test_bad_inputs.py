@@ -93,6 +93,24 @@ CASES = [
      431, "headers_too_large"),
     ("request line too long", req("GET", "/" + "a" * 9000, "scorer.fraud.localhost"), 414,
      "uri_too_long"),
+    ("two Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request"),
+    ("transfer coding other than chunked",
+     req("POST", "/v1/predict", "scorer.fraud.localhost", "Transfer-Encoding: gzip, chunked\r\n",
+         b"0\r\n\r\n"), 501, "not_implemented"),
+    ("Transfer-Encoding in HTTP/1.0",
+     b"POST /v1/predict HTTP/1.0\r\nHost: scorer.fraud.localhost\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    ("CONNECT", b"CONNECT scorer.fraud.localhost:443 HTTP/1.1\r\n"
+     b"Host: scorer.fraud.localhost:443\r\n\r\n", 405, "method_not_allowed"),
+    ("TRACE", req("TRACE", "/v1/predict", "scorer.fraud.localhost"), 405, "method_not_allowed"),
+    ("OPTIONS *", req("OPTIONS", "*", "scorer.fraud.localhost"), 400, "bad_request"),
+    ("absolute-form with userinfo",
+     req("GET", "http://me@scorer.fraud.localhost/v1/predict", "scorer.fraud.localhost"), 400,
+     "bad_request"),
+    ("absolute-form, not http", req("GET", "ftp://scorer.fraud.localhost/x", "a"), 400,
+     "bad_request"),
+    ("path above the root", req("GET", "/v1/../../x", "scorer.fraud.localhost"), 400,
+     "bad_request"),
 ]  # fmt: skip
 
 

@@ -214,6 +214,30 @@ async def test_weights_split_calls_between_versions(
     assert line.endswith(f" {float(counts['2'])}")
 
 
+async def test_the_readme_upi_example_client_calls_through_the_gateway(
+    gateway_factory: Any, upi: dict[str, UpiReplica]
+) -> None:
+    """examples/upi/call.py, the README's whole gRPC client, run as a user would."""
+    routes = spec(1, {"2": [upi["2"].address]}, {"2": 100})
+    gw = await start_gateway(gateway_factory, routes)
+    assert gw.worker is not None
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLE_DIR / "call.py"),
+        "--target",
+        f"127.0.0.1:{gw.worker.grpc_port}",
+        "--authority",
+        AUTHORITY,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    # Rows a=1.5, b=2 and a=null, b=7 (strings ignored, null counts as 0).
+    assert out.decode().splitlines() == ["answered by version 2", "r1 [3.5]", "r2 [7.0]"]
+
+
 async def test_a_version_endpoint_by_its_own_authority(
     gateway_factory: Any, upi: dict[str, UpiReplica]
 ) -> None:

@@ -41,6 +41,42 @@ async def test_model_endpoint_rewrites_predict_paths(gateway_factory: Any, repli
         assert (await resp.json())["ready"] is True
 
 
+async def test_model_endpoint_rewrites_kserve_v1_and_v2_paths(
+    gateway_factory: Any, replicas: Any
+) -> None:
+    async def path_of(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"path": request.path_qs})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", path_of)
+    rep = await Replica("any", app).start()
+    replicas.append(rep)
+    gw = await gateway_factory(two_versions([rep.address], [rep.address]))
+    rewritten = {
+        ("GET", "/v1/models/scorer"): "/v1/models/scorer-1",
+        ("POST", "/v2/models/scorer/infer"): "/v2/models/scorer-1/infer",
+        ("GET", "/v2/models/scorer/ready"): "/v2/models/scorer-1/ready",
+        ("GET", "/v2/models/scorer"): "/v2/models/scorer-1",
+        # Server-wide paths name no model; V2's versions/<v> paths aren't rewritten.
+        ("GET", "/"): "/",
+        ("GET", "/v2"): "/v2",
+        ("GET", "/v2/health/ready"): "/v2/health/ready",
+        ("POST", "/v2/models/scorer/versions/2/infer"): "/v2/models/scorer/versions/2/infer",
+        ("GET", "/v2/models/other/ready"): "/v2/models/other/ready",
+    }
+    for (method, path), upstream in rewritten.items():
+        for query in ("", "?a=1"):
+            async with gw.request(method, "scorer.fraud.localhost", path + query) as resp:
+                assert (await resp.json())["path"] == upstream + query, path
+            async with gw.request(method, "gw", f"/serving/fraud/scorer{path}{query}") as resp:
+                assert (await resp.json())["path"] == upstream + query, path
+    # A version endpoint is called by its own name: only /v1/predict is rewritten there.
+    for path in ("/v2/models/scorer-2/infer", "/v2/models/scorer/infer", "/v1/models/scorer"):
+        async with gw.request("POST", "scorer-2.fraud.localhost", path) as resp:
+            assert (await resp.json())["path"] == path
+
+
 async def test_version_endpoint_host_passes_path_through(
     gateway_factory: Any, replicas: Any
 ) -> None:

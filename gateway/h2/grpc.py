@@ -24,17 +24,30 @@ from collections.abc import Iterator, Mapping
 from random import random
 from time import perf_counter
 from typing import TypeVar, overload
-from urllib.parse import quote
 
 from gateway.activation import ActivationRefused, Activator
 from gateway.balancer import choose
 from gateway.h2 import frames as f
+from gateway.h2 import health
 from gateway.h2.client import UpstreamPool
 from gateway.h2.codec import Block, encode, encode_field
 from gateway.h2.connection import CONNECTION_LOST, Stream
 from gateway.h2.mirror import MirrorCopy, Mirroring
+from gateway.h2.status import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    UNKNOWN,
+    trailers,
+    trailers_only,
+)
 from gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics, VersionStats
-from gateway.proxy import RequestIds
+from gateway.proxy import WRONG_PROTOCOL, RequestIds
 from gateway.table import (
     DIRECT_POLICY,
     EMPTY_TABLE,
@@ -42,20 +55,11 @@ from gateway.table import (
     RoutePolicy,
     RouteTable,
     VersionTarget,
+    describe,
 )
 from gateway.upstream import PoolLimits, Upstream, UpstreamError
 
 _T = TypeVar("_T")
-
-OK = 0
-CANCELLED = 1
-UNKNOWN = 2
-DEADLINE_EXCEEDED = 4
-NOT_FOUND = 5
-PERMISSION_DENIED = 7
-RESOURCE_EXHAUSTED = 8
-INTERNAL = 13
-UNAVAILABLE = 14
 
 # gRPC's mapping of HTTP/2 RST_STREAM codes to statuses (doc/PROTOCOL-HTTP2.md).
 RST_TO_STATUS = {
@@ -73,8 +77,6 @@ REPLAY_BYTES = 1024 * 1024
 BUSY_REDISPATCHES = 4
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-_STATUS_200 = encode_field(b":status", b"200")
-_CONTENT_TYPE = encode_field(b"content-type", b"application/grpc")
 
 
 def parse_timeout(value: bytes) -> float | None:
@@ -91,23 +93,6 @@ def format_timeout(seconds: float) -> bytes:
     if micros < 100_000_000:
         return b"%du" % micros
     return b"%dm" % min(99_999_999, micros // 1000)
-
-
-def trailers_only(code: int, message: str, extra: bytes = b"") -> bytes:
-    """A Trailers-Only response: one HEADERS frame with status and grpc-status."""
-    block = _STATUS_200 + _CONTENT_TYPE + encode_field(b"grpc-status", str(code).encode())
-    if message:
-        # grpc-message is percent-encoded UTF-8 (doc/PROTOCOL-HTTP2.md).
-        text = quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()
-        block += encode_field(b"grpc-message", text)
-    return block + extra
-
-
-def trailers(code: int, message: str) -> bytes:
-    block = encode_field(b"grpc-status", str(code).encode())
-    if message:
-        block += encode_field(b"grpc-message", quote(message, safe=" ").encode())
-    return block
 
 
 class Metadata(Mapping[str, str]):
@@ -162,7 +147,7 @@ class RequestHead:
     it in the connection's decoder)."""
 
     __slots__ = ("authority", "error", "forward", "forwarded_for", "has_request_id",
-                 "metadata", "timeout")  # fmt: skip
+                 "health", "metadata", "timeout")  # fmt: skip
 
     def __init__(self, block: Block) -> None:
         authority = path = method = None
@@ -202,6 +187,8 @@ class RequestHead:
             host = host[:colon]
         self.authority = host.lower()
         self.timeout = timeout
+        # A grpc.health.v1.Health method: the gateway answers it (gateway.h2.health).
+        self.health = path if path and path.startswith(health.PREFIX) else None
         self.metadata = Metadata(block.headers)
         self.forward = block.encoded() if self.forwarded_for is None else encode(forward)
 
@@ -251,6 +238,8 @@ class GrpcProxy:
         handler = stream.handler
         if isinstance(handler, GrpcCall):
             handler.client_trailers(block)
+        elif isinstance(handler, health.HealthCall):
+            handler.request_end()
 
     async def close(self) -> None:
         await self.mirroring.close()
@@ -339,6 +328,19 @@ class GrpcCall:
                 NOT_FOUND, f"no model endpoint or version endpoint at {head.authority!r}", b""
             )
             self.done = True
+            return
+        if not target.grpc:
+            # Sent on, it would reach an HTTP/1.1 replica that can't read it (and be
+            # ejected for it). Counted as its HTTP counterpart is.
+            proxy.metrics.count_unrouted(WRONG_PROTOCOL)
+            self._answer(
+                UNIMPLEMENTED, f"{describe(target)} serves HTTP_JSON; call it over HTTP", b""
+            )
+            self.done = True
+            return
+        if head.health is not None:
+            self.done = True
+            health.begin(proxy, self.client, target, head.health, block, head.timeout)
             return
         mirror = None
         if type(target) is ModelTarget:
