@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from autoscaler.scaler import add_timing_arguments, timings_from
@@ -26,9 +27,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="share state through Redis (default: a file in --state-dir)")  # fmt: skip
     p.add_argument("--tokens", type=Path, metavar="FILE",
                    help="bearer tokens (YAML); or set MERLIN_DP_TOKENS")  # fmt: skip
+    p.add_argument("--model-root", type=Path, action="append", default=[], metavar="DIR",
+                   help="tokens without host: true may deploy pyfunc / sklearn models from "
+                   "directories under DIR (repeat for more; docs/security.md)")  # fmt: skip
     p.add_argument("--max-versions", type=int, default=2,
                    help="version endpoints deployed at once per model")  # fmt: skip
-    p.add_argument("--domain", default="localhost")
+    p.add_argument("--domain", default="localhost", help="the gateways' domain, for model URLs")
+    p.add_argument("--public-http-port", type=int, default=8080, metavar="PORT",
+                   help="the gateways' public HTTP port, for model URLs")  # fmt: skip
+    p.add_argument("--public-grpc-port", type=int, default=8082, metavar="PORT",
+                   help="the gateways' public gRPC port, for UPI_V1 model URLs "
+                   "(0: no gateway serves gRPC)")  # fmt: skip
     p.add_argument("--runtime", choices=["local", "none"], default="local",
                    help="where replicas run; 'none' only records state")  # fmt: skip
     p.add_argument("--gateway-admin", action="append", default=[], metavar="URL",
@@ -70,11 +79,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from controller.server import ControllerConfig, serve
+    from controller.server import ControllerConfig, StartError, serve
 
     host, port = split_address(args.listen)
     config = ControllerConfig(
         state_dir=args.state_dir, host=host, port=port, tokens_file=args.tokens,
+        model_roots=tuple(args.model_root),
         max_versions=args.max_versions, domain=args.domain, runtime=args.runtime,
         store=args.store, gateway_admin_urls=tuple(args.gateway_admin),
         autoscaler_timings=timings_from(args), redis_signals=args.redis_signals,
@@ -82,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         namespace=args.namespace, leader_election=args.leader_election, identity=args.identity,
         lease_seconds=args.lease_seconds, resync_seconds=args.resync_seconds,
         gateway_admin_service=args.gateway_admin_service,
+        public_http_port=args.public_http_port, public_grpc_port=args.public_grpc_port or None,
     )  # fmt: skip
     if args.gateway_admin_service and not args.kubernetes:
         raise SystemExit("merlin-dp controller: --gateway-admin-service needs --kubernetes")
@@ -97,5 +108,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("merlin-dp controller: --redis-signals needs --store redis://...")
     if args.redis_signals and args.gateway_admin:
         raise SystemExit("merlin-dp controller: --gateway-admin or --redis-signals, not both")
-    uvloop.run(serve(config))
+    if not 0 < args.public_http_port < 65536 or not 0 <= args.public_grpc_port < 65536:
+        raise SystemExit("merlin-dp controller: --public-http-port is 1-65535, "
+                         "--public-grpc-port 0-65535")  # fmt: skip
+    try:
+        uvloop.run(serve(config))
+    except StartError as exc:
+        print(f"merlin-dp controller: {exc}", file=sys.stderr)
+        return 1
     return 0

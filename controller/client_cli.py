@@ -4,15 +4,19 @@ Each command is one or two API calls; output is a readable table, or the API's J
 ``-o json``. The controller's address comes from ``--controller`` or
 ``$MERLIN_DP_CONTROLLER`` (default http://127.0.0.1:8090), the token from ``--token`` or
 ``$MERLIN_DP_TOKEN``. API errors are printed as the API states them, exit code 1.
+Every command works from any directory: nothing is read from the state directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
+import shlex
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -32,6 +36,13 @@ class CliError(Exception):
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    with _open(args, method, path, body) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def _open(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float | None = 30
+) -> http.client.HTTPResponse:
     url = args.controller.rstrip("/") + path
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
@@ -39,8 +50,8 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     if args.token:
         req.add_header("Authorization", f"Bearer {args.token}")
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
+        resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
+        return resp
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())["error"]
@@ -78,12 +89,26 @@ def show(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2) if args.output == "json" else text)
 
 
-def version_rows(versions: list[dict[str, Any]]) -> list[list[str]]:
-    return [
-        [v["version"], v["status"], str(len(v["replicas"])), v["spec"]["protocol"],
-         (v["message"].splitlines() or [""])[0][:60]]
-        for v in sorted(versions, key=lambda v: v["version"])
-    ]  # fmt: skip
+def versions_text(versions: list[dict[str, Any]]) -> str:
+    """A table of versions, then each one's message in full: a failure's reason and the
+    log lines it quotes are the point, so they are not cut to fit a column."""
+    ordered = sorted(versions, key=lambda v: v["version"])
+    rows = [[v["version"], v["status"], str(len(v["replicas"])), v["spec"]["protocol"],
+             v["url"] or "-"] for v in ordered]  # fmt: skip
+    text = table(rows, ["version", "status", "ready", "protocol", "url"])
+    for v in ordered:
+        if v["message"]:
+            first, *rest = v["message"].splitlines()
+            text += f"\n\nversion {v['version']} ({v['status']}): {first}"
+            text += "".join(f"\n    {line}" for line in rest)
+    return text
+
+
+def version_line(name: str, v: dict[str, Any]) -> str:
+    line = f"{name}: {v['status']}  {v['url']}"
+    if v["spec"]["protocol"] == "UPI_V1" and v["url"]:
+        line += "  (a gRPC target; its host is the :authority the gateway routes by)"
+    return line + (f"\n{v['message']}" if v["message"] else "")
 
 
 def describe_rule(rule: dict[str, Any]) -> str:
@@ -106,6 +131,8 @@ def describe_rule(rule: dict[str, Any]) -> str:
 
 def cmd_deploy(args: argparse.Namespace) -> None:
     project, model, version = split_name(args.name, 3)
+    if args.wait < 0:
+        raise CliError("--wait is a number of seconds, 0 or more")
     body: dict[str, Any] = {
         "type": args.type,
         "protocol": args.protocol,
@@ -114,26 +141,42 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         "autoscaling_policy": {"metrics_type": args.metric, "target_value": args.target},
         "env_vars": dict(parse_pair(e, "=") for e in args.env),
     }  # fmt: skip
+    if args.ready_deadline is not None:
+        body["ready_deadline_seconds"] = args.ready_deadline
     if args.type == "custom":
         if not args.command:
             raise CliError("type custom needs --command 'program args…'")
-        import shlex
-
         body["command"] = shlex.split(args.command)
+        # The command runs where it was typed, as it would in this shell: relative paths in
+        # it (and those its program opens) are this directory's, wherever the controller
+        # runs. Like --model-dir, resolved here, where the caller's directory is known.
+        body["workdir"] = str(Path(args.workdir or ".").resolve())
     else:
+        if args.workdir:
+            raise CliError(f"--workdir is for --type custom; {args.type} reads --model-dir")
         body["model_dir"] = str(Path(args.model_dir).resolve()) if args.model_dir else ""
         body["pyfunc_class"] = args.pyfunc_class or ""
     path = f"/v1/projects/{project}/models/{model}/versions/{version}/endpoint"
     result = call(args, "PUT", path, body)
-    if args.wait:
-        import time
-
-        deadline = time.monotonic() + args.wait
-        while result["status"] == "pending" and time.monotonic() < deadline:
-            time.sleep(0.5)
-            result = call(args, "GET", path)
-    show(args, result, f"{args.name}: {result['status']}  {result['url']}"
-                       + (f"\n{result['message']}" if result["message"] else ""))  # fmt: skip
+    if not args.wait:
+        show(args, result, version_line(args.name, result))
+        return
+    deadline = time.monotonic() + args.wait
+    while result["status"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        result = call(args, "GET", path)
+    if result["status"] in ("running", "serving"):
+        show(args, result, version_line(args.name, result))
+        return
+    if args.output == "json":
+        show(args, result, "")
+    if result["status"] == "pending":
+        raise CliError(
+            f"{args.name} is still pending after {args.wait:g} s: no replica has passed its "
+            f"readiness check yet (its output: merlin-dp logs {args.name})"
+        )
+    first, *rest = result["message"].splitlines() or [""]
+    raise CliError(f"{args.name} {result['status']}: {first}" + "".join(f"\n    {r}" for r in rest))
 
 
 def parse_pair(text: str, sep: str) -> tuple[str, str]:
@@ -153,8 +196,7 @@ def cmd_undeploy(args: argparse.Namespace) -> None:
 
 def cmd_versions(args: argparse.Namespace) -> None:
     result = call(args, "GET", model_path(args.name) + "/versions")
-    rows = version_rows(result["versions"])
-    show(args, result, table(rows, ["version", "status", "ready", "protocol", "message"]))
+    show(args, result, versions_text(result["versions"]))
 
 
 def build_rule(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,8 +263,6 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def cmd_history(args: argparse.Namespace) -> None:
-    import time
-
     result = call(args, "GET", model_path(args.name) + "/endpoint/history")
     rows = [
         [str(h["revision"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"])), h["by"],
@@ -241,15 +281,38 @@ def cmd_status(args: argparse.Namespace) -> None:
         if not str(exc).startswith("404"):
             raise
         endpoint = None
+    if endpoint is None and not versions["versions"]:
+        raise CliError(f"no model endpoint or version endpoints for {args.name}")
     data = {"endpoint": endpoint, "versions": versions["versions"]}
     head = (f"{endpoint['url']}  revision {endpoint['revision']}: {describe_rule(endpoint['rule'])}"
             if endpoint else f"{args.name}: no model endpoint yet")  # fmt: skip
-    rows = version_rows(versions["versions"])
-    show(
-        args,
-        data,
-        head + "\n\n" + table(rows, ["version", "status", "ready", "protocol", "message"]),
-    )
+    show(args, data, head + "\n\n" + versions_text(versions["versions"]))
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    project, model, version = split_name(args.name, 3)
+    if args.lines < 0:
+        raise CliError("--lines is 0 or more")
+    path = f"/v1/projects/{project}/models/{model}/versions/{version}/logs?lines={args.lines}"
+    if args.follow:
+        try:
+            # No timeout: a quiet log sends nothing for as long as it is quiet.
+            with _open(args, "GET", path + "&follow=1", timeout=None) as resp:
+                for line in resp:
+                    sys.stdout.write(line.decode("utf-8", "replace"))
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            return
+        except OSError as exc:
+            raise CliError(f"lost the controller at {args.controller}: {exc}") from None
+        raise CliError(f"the controller at {args.controller} ended the stream (stopping?)")
+    result = call(args, "GET", path)
+    if not result["logs"]:
+        raise CliError(f"no replica logs for {args.name} yet")
+    blocks = [f"==> {entry['name']} <==\n" + "\n".join(entry["lines"]) for entry in result["logs"]]
+    if result["omitted"]:
+        blocks.insert(0, f"({result['omitted']} older log files not shown)")
+    show(args, result, "\n\n".join(blocks))
 
 
 # --- wiring ---------------------------------------------------------------------------
@@ -280,8 +343,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--metric", default="concurrency", choices=metrics)
     p.add_argument("--target", type=float, default=1.0, help="autoscaling target value")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="custom: where the command runs (default: this directory)")  # fmt: skip
+    p.add_argument("--ready-deadline", type=float, metavar="SECONDS",
+                   help="fail it if no replica is ready by then (default 120)")  # fmt: skip
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                   help="wait this long for it to leave pending")  # fmt: skip
+                   help="wait up to this long for it to run; exit 1 if it failed or is still "
+                   "pending")  # fmt: skip
     p.set_defaults(run=_wrap(cmd_deploy))
 
     p = sub.add_parser("undeploy", parents=[common], help="undeploy a version endpoint")
@@ -329,6 +397,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("status", parents=[common], help="a model's endpoint and versions")
     p.add_argument("name", metavar="PROJECT/MODEL")
     p.set_defaults(run=_wrap(cmd_status))
+
+    p = sub.add_parser(
+        "logs", parents=[common], help="a version endpoint's replica logs (from the controller)"
+    )
+    p.add_argument("name", metavar="PROJECT/MODEL/VERSION")
+    p.add_argument("-n", "--lines", type=int, default=50, help="lines from the end of each log")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="then print new lines as they are written (Ctrl-C stops)")  # fmt: skip
+    p.set_defaults(run=_wrap(cmd_logs))
 
 
 def _wrap(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:

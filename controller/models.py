@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from gateway.rule import Name, Protocol, Rule, StrictModel, VersionId
 
@@ -68,7 +75,17 @@ class VersionEndpointSpec(StrictModel):
     resource_request: ResourceRequest = Field(default_factory=ResourceRequest)
     autoscaling_policy: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy)
     env_vars: dict[str, str] = Field(default_factory=dict)
-    ready_deadline_seconds: float = Field(default=120.0, gt=0, le=3600)
+    ready_deadline_seconds: float = Field(
+        default=120.0, gt=0, le=3600,
+        description="Fails the version if no replica is ready by then (a crash loop fails "
+        "it sooner).",
+    )  # fmt: skip
+    workdir: str = Field(
+        default="", max_length=4096,
+        description="custom: the absolute directory the command runs in, so relative paths "
+        "in it mean what they meant where it was deployed from (merlin-dp deploy sends the "
+        "caller's current directory). Empty: the controller's working directory.",
+    )  # fmt: skip
 
     @field_validator("env_vars")
     @classmethod
@@ -90,6 +107,10 @@ class VersionEndpointSpec(StrictModel):
             raise ValueError("type pyfunc needs pyfunc_class as 'module:Class'")
         if self.type == "sklearn" and self.protocol == "UPI_V1":
             raise ValueError("type sklearn serves HTTP_JSON; for UPI_V1 wrap it as pyfunc")
+        if self.workdir and self.type != "custom":
+            raise ValueError(f"workdir is for type custom; type {self.type} reads model_dir")
+        if self.workdir and not self.workdir.startswith("/"):
+            raise ValueError(f"workdir must be an absolute path, not {self.workdir!r}")
         return self
 
 
@@ -97,6 +118,14 @@ class StateModel(StrictModel):
     """Persisted records: changed only on a deep copy inside a state transition."""
 
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
+
+URL_DESCRIPTION = (
+    "Where clients reach it through the gateway (filled in answers, not stored): "
+    "http://<name>.<project>.<domain>:<port> for HTTP_JSON; for UPI_V1 the gRPC target "
+    "<name>.<project>.<domain>:<port>, whose host is the :authority the gateway routes by. "
+    "Empty for UPI_V1 when no gateway serves gRPC."
+)
 
 
 class VersionEndpoint(StateModel):
@@ -110,7 +139,19 @@ class VersionEndpoint(StateModel):
     message: str = ""
     replicas: list[str] = Field(default_factory=list, description="Ready replicas, host:port.")
     generation: int = 1
-    url: str = ""
+    url: str = Field(default="", description=URL_DESCRIPTION)
+
+
+class ReplicaLog(StrictModel):
+    name: str = Field(description="The log file's name; one file per replica slot.")
+    lines: list[str] = Field(description="Its last lines, oldest first.")
+
+
+class VersionLogs(StrictModel):
+    """A version endpoint's replica logs (local runtime), as GET .../logs returns them."""
+
+    logs: list[ReplicaLog] = Field(description="Oldest file first.")
+    omitted: int = Field(default=0, description="Older files left out.")
 
 
 class ModelEndpointBody(StrictModel):
@@ -133,7 +174,7 @@ class ModelEndpoint(StateModel):
     protocol: Protocol
     rule: Rule
     revision: int = Field(description="The rule's revision; send it back as If-Match.")
-    url: str = ""
+    url: str = Field(default="", description=URL_DESCRIPTION)
 
 
 class SwitchBody(StrictModel):
@@ -164,11 +205,76 @@ class ControllerState(StateModel):
     history: dict[str, list[RuleRevision]] = Field(default_factory=dict)  # "p/m"
 
 
-class ErrorBody(StrictModel):
-    code: str
+# --- answers: what the API returns (the handlers build them, so the document can't drift) ---
+
+
+class FieldError(StrictModel):
+    path: str = Field(
+        description="Where: a body field path (rule.destinations.0.weight), "
+        "a path or query parameter's name, or (body) for the body as a whole."
+    )
     message: str
-    fields: list[dict[str, str]] = Field(default_factory=list)
+
+
+class ErrorBody(StrictModel):
+    code: str = Field(
+        description="Machine-readable: invalid, not_found, conflict, "
+        "stale_revision, unauthorized, forbidden, method_not_allowed, ..."
+    )
+    message: str = Field(description="For people: what was wrong and, where it helps, what to do.")
+    fields: list[FieldError] = Field(default_factory=list)
 
 
 class ErrorResponse(StrictModel):
+    """Every error answer (4xx, 5xx) has this body."""
+
     error: ErrorBody
+
+
+class VersionEndpointList(StrictModel):
+    versions: list[VersionEndpoint]
+
+
+class RuleHistory(StrictModel):
+    history: list[RuleRevision] = Field(description="Oldest first; at most the last 100.")
+
+
+class EndpointDeleted(StrictModel):
+    deleted: str = Field(description="project/model")
+    revision: int = Field(description="The state revision that removed it.")
+
+
+class ActivationAccepted(StrictModel):
+    accepted: str = Field(description="project/model/version")
+    waiting: int
+
+
+class AuditEntry(BaseModel):
+    """One accepted change. Entries are returned as stored, so newer ones may carry more
+    fields than listed here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    at: float = Field(description="Unix time.")
+    revision: int
+    who: str = Field(description="The token's name (anonymous without tokens; runtime).")
+    action: str = Field(
+        description="deploy, undeploy, set_endpoint, delete_endpoint, switch, rollback, failed, ..."
+    )
+    target: str = Field(description="project/model or project/model/version")
+    rule: Rule | None = Field(default=None, description="set_endpoint: the rule sent.")
+
+
+class AuditLog(StrictModel):
+    entries: list[AuditEntry] = Field(description="Oldest first.")
+
+
+class Health(StrictModel):
+    status: Literal["ok"]
+    revision: int = Field(description="The controller's current state revision.")
+
+
+class Readiness(StrictModel):
+    ready: bool
+    reason: str
+    revision: int

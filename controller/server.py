@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +17,14 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from autoscaler.policy import PolicyConfig
 from controller.api import make_app
-from controller.auth import Tokens
+from controller.auth import Tokens, model_roots
+from controller.http_server import ApiRunner
 from controller.redis_store import RedisStore
 from controller.runtime.local import LocalRuntime, LocalTimings
 from controller.service import Controller
-from controller.store import FileStore, Store
+from controller.statedir import StateDirInUse, StateDirLock
+from controller.store import FileStore, Store, StoreError
+from controller.urls import PublicGateway
 from gateway.worker import bind_socket
 
 log = logging.getLogger("controller")
@@ -31,8 +36,13 @@ class ControllerConfig:
     host: str = "127.0.0.1"
     port: int = 8090
     tokens_file: Path | None = None
+    # Where tokens without host may deploy pyfunc / sklearn models from (docs/security.md).
+    model_roots: tuple[Path, ...] = ()
     max_versions: int = 2
     domain: str = "localhost"
+    # Where clients reach the gateway(s), for the URLs the API answers with.
+    public_http_port: int = 8080
+    public_grpc_port: int | None = 8082
     runtime: str = "local"  # local | none
     store: str = ""  # "" (a file under state_dir) or redis://host:port/db
     drain_seconds: float = 2.0
@@ -56,6 +66,18 @@ class ControllerConfig:
     gateway_admin_service: str = ""
 
 
+class StartError(Exception):
+    """The controller could not start, and nothing it began is left running; the message
+    is one line for the user."""
+
+
+def listen_error(host: str, port: int, what: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason += f" (ss -ltnp 'sport = :{port}' shows by whom)"
+    return f"cannot listen on {host}:{port} for {what}: {reason}"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -77,47 +99,86 @@ class _ClientFaultFilter(logging.Filter):
         return True
 
 
-async def start_controller(config: ControllerConfig) -> tuple[Controller, web.AppRunner, int]:
+async def start_controller(
+    config: ControllerConfig, *, before_start: Callable[[], None] | None = None
+) -> tuple[Controller, web.AppRunner, int]:
+    """Lock the state directory, bind the API's socket, then start; raises StartError
+    (state directory in use, address taken) before touching anything.
+    ``before_start`` runs between the bind and the start: more checks of the caller's."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ClientFaultFilter) for f in server_log.filters):
         server_log.addFilter(_ClientFaultFilter())
     tokens = Tokens.load(config.tokens_file, os.environ.get("MERLIN_DP_TOKENS"))
-    if not tokens.enabled:
-        if not is_loopback(config.host):
-            raise SystemExit(
-                f"merlin-dp controller: refusing to serve {config.host} with no tokens; "
-                "give --tokens FILE (or MERLIN_DP_TOKENS), or listen on 127.0.0.1"
-            )
-        log.warning("no API tokens configured: the API is open, bound to %s only", config.host)
-    store: Store
-    if config.store.startswith(("redis://", "rediss://", "unix://")):
-        store = RedisStore(config.store)
-    elif config.store:
-        raise SystemExit(f"merlin-dp controller: --store {config.store!r} is not redis://…")
-    else:
-        store = FileStore(config.state_dir)
-    controller = Controller(store, None, max_versions=config.max_versions, domain=config.domain)
-    if config.runtime == "local" and not config.kubernetes:
-        runtime = LocalRuntime(
-            config.state_dir / "runtime",
-            controller.on_runtime_event,
-            LocalTimings(drain_seconds=config.drain_seconds),
+    if not tokens.enabled and not is_loopback(config.host):
+        raise SystemExit(
+            f"merlin-dp controller: refusing to serve {config.host} with no tokens; "
+            "give --tokens FILE (or MERLIN_DP_TOKENS), or listen on 127.0.0.1"
         )
-        runtime.reap_orphans()
-        controller.runtime = runtime
-    await controller.start()
-    if config.kubernetes:
-        await _follow_cluster(controller, config)
-    # A watcher that went away cancels its handler; stopping waits for requests briefly.
-    runner = web.AppRunner(
-        make_app(controller, tokens),
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=5.0,
-    )
-    await runner.setup()
-    sock = bind_socket(config.host, config.port, reuse_port=False)
-    await web.SockSite(runner, sock).start()
+    try:
+        roots = model_roots(config.model_roots)
+    except ValueError as exc:
+        raise SystemExit(f"merlin-dp controller: {exc}") from None
+    redis = config.store.startswith(("redis://", "rediss://", "unix://"))
+    if config.store and not redis:
+        raise SystemExit(f"merlin-dp controller: --store {config.store!r} is not redis://…")
+    local_runtime = config.runtime == "local" and not config.kubernetes
+    lock = None
+    if not redis or local_runtime:  # the file store or the replica records live there
+        lock = StateDirLock(config.state_dir)
+        try:
+            lock.acquire()
+        except StateDirInUse as exc:
+            raise StartError(str(exc)) from None
+    sock = None
+    controller: Controller | None = None
+    runner: web.AppRunner | None = None
+    try:
+        try:
+            sock = bind_socket(config.host, config.port, reuse_port=False)
+        except OSError as exc:
+            raise StartError(listen_error(config.host, config.port, "the API", exc)) from None
+        if before_start is not None:
+            before_start()
+        if not tokens.enabled:
+            log.warning("no API tokens configured: the API is open, bound to %s only", config.host)
+        store: Store = RedisStore(config.store) if redis else FileStore(config.state_dir)
+        public = PublicGateway(config.domain, config.public_http_port, config.public_grpc_port)
+        controller = Controller(store, None, max_versions=config.max_versions, public=public)
+        controller.state_dir_lock, lock = lock, None  # released by controller.close()
+        if local_runtime:
+            runtime = LocalRuntime(
+                config.state_dir / "runtime",
+                controller.on_runtime_event,
+                LocalTimings(drain_seconds=config.drain_seconds),
+            )
+            runtime.reap_orphans()
+            controller.runtime = runtime
+        try:
+            await controller.start()
+        except StoreError as exc:
+            raise StartError(str(exc)) from None
+        if config.kubernetes:
+            await _follow_cluster(controller, config)
+        # A watcher that went away cancels its handler; stopping waits for requests briefly.
+        runner = ApiRunner(
+            make_app(controller, tokens, roots),
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=5.0,
+        )
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        # Nothing half-started stays behind: replicas, orphans taken over, the lock.
+        if runner is not None:
+            await runner.cleanup()
+        if sock is not None:
+            sock.close()
+        if controller is not None:
+            await controller.close()
+        if lock is not None:
+            lock.release()
+        raise
     port: int = sock.getsockname()[1]
     log.info("controller API on http://%s:%d (state in %s)", config.host, port, config.state_dir)
     return controller, runner, port

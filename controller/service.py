@@ -19,7 +19,9 @@ from controller.feed import RouteFeed
 from controller.models import ControllerState, VersionEndpoint
 from controller.runtime import DeploySpec, Runtime, RuntimeEvent
 from controller.state import route_table, runtime_update, version_key
+from controller.statedir import StateDirLock
 from controller.store import Store, StoreError
+from controller.urls import PublicGateway, model_url
 from gateway.aio import cancel_and_wait
 
 log = logging.getLogger("controller")
@@ -44,12 +46,15 @@ class Controller:
         runtime: Runtime | None,
         *,
         max_versions: int = 2,
-        domain: str = "localhost",
+        public: PublicGateway | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
         self.max_versions = max_versions
-        self.domain = domain
+        # Where clients reach the gateway, for the URLs in answers (`up` sets its own).
+        self.public = public or PublicGateway()
+        # The state directory's lock, released last when the controller closes.
+        self.state_dir_lock: StateDirLock | None = None
         self.state = ControllerState()
         self.feed = RouteFeed()
         self._lock = asyncio.Lock()
@@ -195,15 +200,20 @@ class Controller:
             log.exception("controller background task failed")
 
     async def close(self) -> None:
-        if self.cluster is not None:
-            await self.cluster.close()
-        await cancel_and_wait(list(self._pending_events))
-        if self.runtime is not None:
-            await self.runtime.close()
-        await self.store.close()
+        try:
+            if self.cluster is not None:
+                await self.cluster.close()
+            await cancel_and_wait(list(self._pending_events))
+            if self.runtime is not None:
+                await self.runtime.close()
+            await self.store.close()
+        finally:
+            # Only once its replicas are stopped may another process take the directory.
+            if self.state_dir_lock is not None:
+                self.state_dir_lock.release()
 
-    def url(self, project: str, name: str) -> str:
-        return f"http://{name}.{project}.{self.domain}"
+    def url(self, project: str, name: str, protocol: str) -> str:
+        return model_url(self.public, project, name, protocol)
 
 
 def deploy_spec(rec: VersionEndpoint) -> DeploySpec:
@@ -229,6 +239,7 @@ def deploy_spec(rec: VersionEndpoint) -> DeploySpec:
         cpu_request=spec.resource_request.cpu_request,
         memory_request=spec.resource_request.memory_request,
         ready_deadline_s=spec.ready_deadline_seconds,
+        workdir=spec.workdir,
     )
 
 

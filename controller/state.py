@@ -52,6 +52,13 @@ def model_key(project: str, model: str) -> str:
 
 def check_if_match(current: int | None, if_match: int | None) -> None:
     """Optimistic concurrency: a writer that read revision R may only replace R."""
+    if if_match is not None and current is None:
+        raise ApiError(
+            412,
+            "stale_revision",
+            f"If-Match {if_match} is stale: there is nothing to match (not created yet, or "
+            "deleted); send no If-Match to create it",
+        )
     if if_match is not None and current != if_match:
         raise ApiError(
             412,
@@ -275,7 +282,7 @@ def rollback(
     else:
         found = [h for h in history if h.revision == to_revision]
         if not found:
-            kept = ", ".join(str(h.revision) for h in history[-10:])
+            kept = ", ".join(str(h.revision) for h in history[-10:]) or "none kept"
             raise not_found(f"rule revision {to_revision} of {key} (recent: {kept})")
         chosen = found[0]
     return set_endpoint(

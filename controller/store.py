@@ -78,7 +78,7 @@ class FileStore:
 
     async def save(self, state: ControllerState, expected: int, routes: bytes) -> None:
         data = state.model_dump_json().encode()
-        await asyncio.to_thread(_atomic_write, self.path, data)
+        await asyncio.to_thread(atomic_write, self.path, data)
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[None]:
@@ -103,7 +103,9 @@ class FileStore:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash at any point (power loss too) leaves
+    the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -7,7 +7,9 @@ in two versions (if not already there), deploys both with the sklearn server, ro
 90/10, and prints where everything is.
 Ctrl-C (or SIGTERM) stops the gateway, the API and every replica.
 
-Also ``merlin-dp logs PROJECT/MODEL/VERSION``: a version's replica logs.
+Before it starts anything it takes the state directory's lock (a second ``up`` on the
+same directory is refused, naming the first) and checks that its ports are free, so a
+refusal leaves nothing running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -25,8 +28,8 @@ import aiohttp
 
 from autoscaler.collector import GatewaySignals
 from autoscaler.scaler import Autoscaler, add_timing_arguments, attach_autoscaler, timings_from
-from controller.runtime.local import log_files
-from controller.server import ControllerConfig, start_controller
+from controller.server import ControllerConfig, StartError, listen_error, start_controller
+from controller.urls import PublicGateway, model_url
 from gateway.admin import admin_app, start_admin
 from gateway.cli import split_address
 from gateway.config import GatewayConfig
@@ -64,20 +67,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run_up)
 
-    p = sub.add_parser("logs", help="show a version endpoint's replica logs")
-    p.add_argument("name", metavar="PROJECT/MODEL/VERSION")
-    p.add_argument("--state-dir", type=Path, default=Path(".merlin-dp"))
-    p.add_argument("-n", "--lines", type=int, default=50, help="lines from the end of each log")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing the newest log")
-    p.set_defaults(run=run_logs)
-
 
 def run_up(args: argparse.Namespace) -> int:
     import uvloop
 
     try:
         uvloop.run(_up(args))
-    except _Failed as exc:
+    except (_Failed, StartError) as exc:
         print(f"merlin-dp up: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -91,6 +87,10 @@ async def _up(args: argparse.Namespace) -> None:
     api_host, api_port = split_address(args.api)
     host, port = split_address(args.listen)
     admin_host, admin_port = split_address(args.admin)
+    grpc_port = args.grpc_port if args.grpc else None
+    ports = [("traffic (--listen)", host, port), ("admin (--admin)", admin_host, admin_port)]
+    if grpc_port is not None:
+        ports.append(("gRPC (--grpc-port)", host, grpc_port))
     controller, api_runner, api_port = await start_controller(
         ControllerConfig(
             state_dir=args.state_dir,
@@ -98,22 +98,31 @@ async def _up(args: argparse.Namespace) -> None:
             port=api_port,
             domain=args.domain,
             drain_seconds=1.0,
-        )
+            public_http_port=port,
+            public_grpc_port=grpc_port,
+        ),
+        before_start=lambda: _check_free(ports),
     )
     api_url = f"http://{api_host}:{api_port}"
     config = GatewayConfig(host=host, port=port, admin_host=admin_host, admin_port=admin_port,
                            domain=args.domain, controller_url=api_url,
-                           grpc_port=args.grpc_port if args.grpc else None)  # fmt: skip
+                           grpc_port=grpc_port)  # fmt: skip
     worker = GatewayWorker(config, ControllerRouteSource(api_url))
     admin_runner = None
     autoscaler: Autoscaler | None = None
     try:
-        await worker.start()
+        try:
+            await worker.start()
 
-        async def reports() -> list[Report]:
-            return [worker.report()]
+            async def reports() -> list[Report]:
+                return [worker.report()]
 
-        admin_runner, admin_port = await start_admin(admin_app(reports), admin_host, admin_port)
+            admin_runner, admin_port = await start_admin(admin_app(reports), admin_host, admin_port)
+        except OSError as exc:  # a port taken since _check_free looked
+            raise _Failed(f"cannot start the gateway: {exc}") from None
+        # The real ports (0 picks one): the URLs the API answers with name them.
+        served_grpc = worker.grpc_port if worker.grpc is not None else None
+        controller.public = PublicGateway(args.domain, worker.port, served_grpc)
         autoscaler = attach_autoscaler(
             controller,
             GatewaySignals([f"http://{admin_host}:{admin_port}"]),
@@ -129,9 +138,7 @@ async def _up(args: argparse.Namespace) -> None:
                                return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             if demo.done():
                 demo.result()
-        gateway = f"{args.domain}:{worker.port}"
-        grpc = f"{args.domain}:{worker.grpc_port}" if worker.grpc is not None else None
-        print(_banner(args, gateway, api_url, f"http://{admin_host}:{admin_port}", grpc),
+        print(_banner(args, controller.public, api_url, f"http://{admin_host}:{admin_port}"),
               flush=True)  # fmt: skip
         await stop.wait()
         print("merlin-dp: stopping (in-flight requests finish, replicas drain)", flush=True)
@@ -146,24 +153,46 @@ async def _up(args: argparse.Namespace) -> None:
         await controller.close()
 
 
-def _banner(args: argparse.Namespace, gateway: str, api: str, admin: str, grpc: str | None) -> str:
+def _check_free(ports: list[tuple[str, str, int]]) -> None:
+    """Refuse a taken port before anything starts (the gateway binds only later)."""
+    for what, host, port in ports:
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            # As the gateway binds it. Without SO_REUSEPORT this also fails on a port a
+            # multi-worker gateway shares, which the gateway's own bind would silently join.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise StartError(listen_error(host, port, what, exc)) from None
+
+
+def _banner(args: argparse.Namespace, public: PublicGateway, api: str, admin: str) -> str:
     lines = ["", "merlin-dp is up."]
     if args.demo:
-        url = f"http://{DEMO_MODEL}.{DEMO_PROJECT}.{gateway}/v1/predict"
+        url = model_url(public, DEMO_PROJECT, DEMO_MODEL, "HTTP_JSON") + "/v1/predict"
         lines += [
             f"  Stable URL:  {url}   (iris version 1 at 90%, version 2 at 10%)",
             f"  Try:         curl -si {url} -d '{{\"instances\": [[5.1, 3.5, 1.4, 0.2]]}}'",
+            # requests/httpx/grpcio don't resolve *.localhost here; curl and browsers do.
+            f"  No DNS:      http://{args.listen}/serving/{DEMO_PROJECT}/{DEMO_MODEL}/v1/predict"
+            "   (path form, for requests/httpx)",
             f"  Status:      merlin-dp status {DEMO_PROJECT}/{DEMO_MODEL} --controller {api}",
             f"  Move traffic: merlin-dp route {DEMO_PROJECT}/{DEMO_MODEL} --weights 1=50,2=50 "
             f"--controller {api}",
         ]
     else:
-        lines.append(f"  Gateway:     http://<model>.<project>.{gateway}/v1/predict")
+        pattern = model_url(public, "<project>", "<model>", "HTTP_JSON")
+        lines.append(f"  Gateway:     {pattern}/v1/predict")
+        lines.append(f"  No DNS:      http://{args.listen}/serving/<project>/<model>/v1/predict")
         lines.append(
             f"  Deploy:      merlin-dp deploy PROJECT/MODEL/1 --command '…' --controller {api}"
         )
-    if grpc is not None:
-        lines.append(f"  UPI (gRPC):  <model>.<project>.{grpc}  (h2c; :authority picks the model)")
+    grpc = model_url(public, "<project>", "<model>", "UPI_V1")
+    if grpc:
+        lines.append(f"  UPI (gRPC):  {grpc}  (h2c; :authority picks the model)")
     lines += [
         f"  API:         {api}  (OpenAPI: {api}/openapi.json)",
         f"  Metrics:     {admin}/metrics",
@@ -220,31 +249,3 @@ async def _demo(api: str, state_dir: Path) -> None:
         async with s.put(f"{base}/endpoint", json=rule) as r:
             if r.status not in (200, 201):
                 raise _Failed(f"routing the demo: {r.status} {await r.text()}")
-
-
-def run_logs(args: argparse.Namespace) -> int:
-    parts = args.name.split("/")
-    if len(parts) != 3 or not all(parts):
-        print(f"merlin-dp logs: {args.name!r} is not PROJECT/MODEL/VERSION", file=sys.stderr)
-        return 2
-    files = log_files(args.state_dir / "runtime" / "logs", args.name)
-    if not files:
-        print(f"merlin-dp logs: no logs for {args.name} under {args.state_dir}", file=sys.stderr)
-        return 1
-    for path in files:
-        print(f"==> {path} <==")
-        print("\n".join(path.read_text(errors="replace").splitlines()[-args.lines :]))
-    if args.follow:
-        newest = files[-1]
-        with newest.open() as f:
-            f.seek(0, 2)
-            try:
-                while True:
-                    line = f.readline()
-                    if line:
-                        print(line, end="", flush=True)
-                    else:
-                        time.sleep(0.2)
-            except KeyboardInterrupt:
-                pass
-    return 0

@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig
 from gateway.sources import ControllerRouteSource
 from gateway.worker import GatewayWorker
 from tests.conftest import ROOT
+from tests.test_controller_auth import ControllerProcess
 
 EXAMPLE = [sys.executable, str(ROOT / "examples" / "custom_model.py")]
 BASE = "/v1/projects/fraud/models/scorer"
@@ -67,7 +68,7 @@ async def ctl(tmp_path: Path) -> AsyncIterator[Any]:
 async def test_deploy_route_and_serve_through_a_following_gateway(ctl: Api) -> None:
     status, body, _ = await ctl.call("PUT", f"{BASE}/versions/1/endpoint", deployment())
     assert status == 202 and body["status"] == "pending"
-    assert body["url"] == "http://scorer-1.fraud.localhost"
+    assert body["url"] == "http://scorer-1.fraud.localhost:8080"  # the default public port
     await ctl.call("PUT", f"{BASE}/versions/2/endpoint", deployment())
     v1 = await ctl.wait_status("1", "running")
     assert len(v1["replicas"]) == 1
@@ -219,7 +220,7 @@ async def test_tokens_scope_projects_and_access(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(
         "tokens:\n"
-        "  - {name: ci, token: write-fraud-0001, access: write, projects: [fraud]}\n"
+        "  - {name: ci, token: write-fraud-0001, access: write, projects: [fraud], host: true}\n"
         "  - {name: gateways, token: read-all-0001, access: read, projects: ['*']}\n"
     )
     config = ControllerConfig(state_dir=tmp_path / "s", port=0, tokens_file=tokens, runtime="none")
@@ -359,3 +360,42 @@ async def test_a_serving_version_that_fails_is_recorded_failed(ctl: Api) -> None
     assert (
         status == 200 and routes["model_endpoints"][0]["rule"]["destinations"][0]["version"] == "1"
     )
+
+
+def test_a_key_given_twice_is_refused_in_every_body(tmp_path: Path) -> None:
+    """Duplicate keys were accepted, the last one winning: a reviewer, a proxy or a log
+    reading the first saw another body than the controller acted on."""
+    ctl = ControllerProcess(tmp_path, "--runtime", "none")
+    path = "/v1/projects/fraud/models/scorer"
+    try:
+        cases = [
+            ("PUT", f"{path}/versions/1/endpoint",
+             b'{"type": "custom", "command": ["true"], "command": ["/bin/sh", "-c", "id"]}',
+             ["command"]),
+            ("PUT", f"{path}/endpoint",
+             b'{"rule": {"destinations": [{"version": "1", "weight": 100, "weight": 0}]}}',
+             ["rule.destinations.0.weight"]),
+            ("POST", f"{path}/endpoint:switch", b'{"to_version": "1", "to_version": "2"}',
+             ["to_version"]),
+            ("POST", f"{path}/endpoint:rollback", b'{"to_revision": 1, "to_revision": 2}',
+             ["to_revision"]),
+            ("POST", "/v1/activations",
+             b'{"project": "fraud", "model": "scorer", "version": "1", "waiting": 1, '
+             b'"waiting": 1, "model": "x", "model": "y"}', ["waiting", "model"]),
+        ]  # fmt: skip
+        for method, where, body, paths in cases:
+            status, answer = ctl.call(method, where, None, body)
+            assert status == 422, (where, answer)
+            assert answer["error"]["code"] == "invalid"
+            assert [f["path"] for f in answer["error"]["fields"]] == paths, answer
+            assert {f["message"] for f in answer["error"]["fields"]} == {
+                "given more than once in one object"
+            }
+        # Nothing was deployed; one key in each of two objects is no repetition.
+        assert ctl.call("GET", f"{path}/versions/1/endpoint")[0] == 404
+        rule = (b'{"rule": {"destinations": [{"version": "1", "weight": 50}, '
+                b'{"version": "2", "weight": 50}]}}')  # fmt: skip
+        status, answer = ctl.call("PUT", f"{path}/endpoint", None, rule)
+        assert status == 409 and answer["error"]["code"] == "conflict", answer
+    finally:
+        ctl.stop()

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +20,7 @@ import pytest
 
 from controller.runtime import DeploySpec, ReplicaInfo, RuntimeEvent
 from controller.runtime.local import LocalRuntime, LocalTimings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 EXAMPLE = (sys.executable, str(ROOT / "examples" / "custom_model.py"))
 FAST = LocalTimings(probe_interval=0.05, liveness_interval=0.3, drain_seconds=0.2,
@@ -112,6 +118,50 @@ async def test_never_ready_version_fails_with_its_reason(
     assert rt.replicas("fraud/scorer/1") == []
 
 
+async def test_a_crash_loop_fails_before_the_deadline(
+    runtime: tuple[LocalRuntime, Recorder],
+) -> None:
+    rt, rec = runtime
+    crash = (sys.executable, "-c", "import sys; print('no weights here'); sys.exit(5)")
+    await rt.deploy(spec(command=crash, ready_deadline_s=3600))
+    await until(lambda: "failed" in rec.kinds())  # long before the deadline
+    failure = next(e for e in rec.events if e.kind == "failed")
+    assert failure.message.startswith("crash loop: 3 replica starts ended within 10 s each")
+    assert "exit code 5" in failure.message and "no weights here" in failure.message
+    assert rec.kinds().count("replica_exited") == 3  # no start after the third exit
+    assert rt.replicas("fraud/scorer/1") == []
+
+
+async def test_a_replica_that_never_gets_ready_fails_at_its_deadline(
+    runtime: tuple[LocalRuntime, Recorder],
+) -> None:
+    rt, rec = runtime
+    quiet = (sys.executable, "-c", "import time; print('warming up', flush=True); time.sleep(60)")
+    await rt.deploy(spec(command=quiet, ready_deadline_s=1))
+    await until(lambda: "failed" in rec.kinds())
+    failure = next(e for e in rec.events if e.kind == "failed")
+    assert failure.message.startswith("no replica became ready within 1 s")
+    assert "warming up" in failure.message
+    assert rt.replicas("fraud/scorer/1") == []
+
+
+async def test_the_command_runs_in_its_workdir(
+    runtime: tuple[LocalRuntime, Recorder], tmp_path: Path
+) -> None:
+    rt, rec = runtime
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "serve.py").write_text(
+        f"import runpy\nrunpy.run_path({EXAMPLE[1]!r}, run_name='__main__')\n"
+    )
+    await rt.deploy(spec(command=(sys.executable, "serve.py"), workdir=str(app)))
+    await until(lambda: len(ready(rt)) == 1)
+    await rt.deploy(spec(version="2", command=EXAMPLE, workdir=str(tmp_path / "gone")))
+    await until(lambda: "failed" in rec.kinds())
+    failure = next(e for e in rec.events if e.kind == "failed")
+    assert f"its working directory {tmp_path / 'gone'} does not exist here" in failure.message
+
+
 async def test_scale_up_and_down_drains_then_stops(runtime: tuple[LocalRuntime, Recorder]) -> None:
     rt, rec = runtime
     await rt.deploy(spec())
@@ -175,6 +225,32 @@ async def test_orphans_from_a_crashed_run_serve_until_the_new_replicas_are_ready
         await first.close()
 
 
+async def test_an_orphan_whose_command_line_changed_is_still_found(tmp_path: Path) -> None:
+    """Orphans were known by pid and command line only: a replica whose command line
+    changed after it was recorded (a shell that execs its server, a server that sets its
+    process title) counted as gone, and ran on unrecorded."""
+    rec = Recorder()
+    first = LocalRuntime(tmp_path / "state", rec, FAST)
+    shell = ("/bin/sh", "-c", f"sleep 0.3; exec {sys.executable} {EXAMPLE[1]}")
+    await first.deploy(spec(command=shell))
+    await until(lambda: len(ready(first)) == 1)
+    [orphan] = first.replicas("fraud/scorer/1")
+    assert orphan.pid is not None and "/bin/sh" not in _cmdline(orphan.pid)
+    second = LocalRuntime(tmp_path / "state", rec, FAST)
+    try:
+        assert second.reap_orphans() == 1
+        await second.deploy(spec())
+        await until(lambda: not _alive(orphan.pid))
+    finally:
+        await second.close()
+        await first.close()
+    assert list((tmp_path / "state" / "replicas").iterdir()) == []
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 def _alive(pid: int | None) -> bool:
     status = Path(f"/proc/{pid}/status")
     return status.exists() and "zombie" not in status.read_text()
@@ -216,3 +292,142 @@ async def test_stopping_during_a_hand_over_stops_the_earlier_runs_replicas(
         await second.close()  # before its own replicas (none) were ever ready
     await until(lambda: not _alive(orphan.pid))
     await first.close()
+
+
+# --- a controller killed again and again: no replica of any generation is left -----------
+
+# A replica small enough that dozens of them start quickly on two shared cores: the
+# contract's readiness and liveness, nothing else.
+TINY_REPLICA = """
+import http.server, json, os
+name = os.environ["CARAML_MODEL_FULL_NAME"]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "alive"} if self.path == "/" else {"name": name}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+port = int(os.environ["CARAML_HTTP_PORT"])
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+HANDING_OVER = "left running by an earlier run serve until the new ones are ready"
+HANDED_OVER = "left running by an earlier run\n"  # "stopped N replica(s) left running by …"
+SERVING = "controller API on"
+VERSION = "/v1/projects/fraud/models/scorer/versions/1/endpoint"
+
+
+def probe_pids(probe: str) -> set[int]:
+    """Live processes whose environment carries this test's probe variable."""
+    needle = f"LEAK_PROBE={probe}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.add(int(entry.name))
+    return found
+
+
+class ControllerProcess:
+    """`merlin-dp controller` on a state directory, its log in a file of its own."""
+
+    def __init__(self, tmp: Path, state: Path, n: int) -> None:
+        self.port = free_port()
+        self.log = tmp / f"controller-{n}.log"
+        self._out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+             "--listen", f"127.0.0.1:{self.port}"],
+            cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def wait_log(self, *texts: str, timeout: float = 60) -> str:
+        """Wait until the log says one of ``texts``; returns the log."""
+        deadline = time.monotonic() + timeout
+        while not any(t in (text := self.log.read_text()) for t in texts):
+            assert self.proc.poll() is None, text
+            assert time.monotonic() < deadline, text
+            time.sleep(0.01)
+        return text
+
+    def call(self, method: str, path: str, body: object = None) -> dict[str, object]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer: dict[str, object] = json.loads(resp.read())
+            return answer
+
+    def wait_replicas(self, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(self.call("GET", VERSION)["replicas"]) != count:  # type: ignore[arg-type]
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._out.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self._out.close()
+
+
+def test_a_controller_killed_during_hand_overs_leaves_no_replica_behind(tmp_path: Path) -> None:
+    """Killed during a hand-over, a controller had already deleted the earlier run's pid
+    records: that generation ran on under init, found by no later start (50 cycles left
+    147 replica processes)."""
+    state = tmp_path / "state"
+    tiny = tmp_path / "tiny_replica.py"
+    tiny.write_text(TINY_REPLICA)
+    probe = uuid.uuid4().hex
+    spec = {"type": "custom", "command": [sys.executable, str(tiny)],
+            "env_vars": {"LEAK_PROBE": probe}, "ready_deadline_seconds": 60,
+            "resource_request": {"min_replica": 2, "max_replica": 2}}  # fmt: skip
+    records = state / "runtime" / "replicas"
+    started: list[ControllerProcess] = []
+
+    def start() -> ControllerProcess:
+        started.append(ControllerProcess(tmp_path, state, len(started)))
+        return started[-1]
+
+    try:
+        first = start()
+        first.wait_log(SERVING)
+        first.call("PUT", VERSION, spec)
+        first.wait_replicas(2)
+        assert len(probe_pids(probe)) == 2
+        first.kill9()
+        # Each next controller is killed once its hand-over has begun: at once, or a
+        # little later (while it starts its own replicas, or once they run).
+        for delay in (0, 0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 0):
+            ctl = start()
+            ctl.wait_log(HANDING_OVER, SERVING)
+            time.sleep(delay)
+            ctl.kill9()
+        last = start()
+        if HANDING_OVER in last.wait_log(HANDING_OVER, SERVING):
+            last.wait_log(HANDED_OVER, timeout=120)  # its own ready, every earlier one stopped
+        last.wait_replicas(2)
+        assert len(probe_pids(probe)) == 2
+        last.stop()
+        assert last.proc.returncode == 0, last.log.read_text()
+        assert probe_pids(probe) == set()
+        assert list(records.iterdir()) == []
+    finally:
+        for ctl in started:
+            if ctl.proc.poll() is None:
+                ctl.kill9()
+        for pid in probe_pids(probe):  # a failed run leaves nothing for the next test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -463,7 +463,8 @@ def _api_error(exc: ApiException, what: str) -> ApiError:
     if exc.status == 409:
         return ApiError(409, "conflict", f"{what} changed meanwhile; read it again and retry")
     if exc.status == 422:
-        return ApiError(422, "invalid", f"the Kubernetes API refused {what}: {exc.reason}")
+        why = exc.reason or f"status {exc.status}"  # the client leaves reason None at times
+        return ApiError(422, "invalid", f"the Kubernetes API refused {what}: {why}")
     return ApiError(503, "kubernetes_unavailable",
                     f"the Kubernetes API could not change {what} ({exc.status})")  # fmt: skip
 

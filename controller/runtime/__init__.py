@@ -35,6 +35,7 @@ class DeploySpec:
     cpu_request: str = "500m"
     memory_request: str = "512Mi"
     ready_deadline_s: float = 60.0
+    workdir: str = ""  # where the command runs (absolute); "": the controller's own cwd
 
     @property
     def key(self) -> str:

@@ -11,12 +11,21 @@ traffic address while probes and ``/metrics`` stay on HTTP — ``CARAML_MODEL_NA
 - liveness (``GET /``) failing three times in a row, or the process exiting, restarts it
   with exponential back-off;
 - a version endpoint none of whose replicas becomes ready within its deadline fails,
-  with the last exit code and the last lines of the log in the message;
+  with the last exit code and the last lines of the log in the message; so does one
+  whose replicas keep exiting at once before any was ever ready (a crash loop:
+  ``crash_loop_exits`` exits, each within ``quick_exit_seconds`` of its start), without
+  waiting for the deadline;
+- a replica runs in its version's ``workdir`` (the deploying user's directory), so
+  relative paths in its command mean what they meant where it was deployed from;
 - scale-down and undeploy drain: the replica is reported draining (it leaves the route
   table), and only after ``drain_seconds`` gets SIGTERM, then SIGKILL after a grace.
 
-Every replica's pid and command line are recorded under the state directory, so
-replicas that outlive a crashed supervisor are found and killed at the next start.
+Every replica is recorded under the state directory before it is started, and the
+record is deleted only once nothing it names is alive, so replicas that outlive a
+crashed supervisor — or several in a row — are found and stopped at a later start.
+A record names the replica by a marker in its environment (``MERLIN_DP_REPLICA``),
+which its processes keep through ``exec``, title changes and forks, and by its pid
+and command line once it runs.
 """
 
 from __future__ import annotations
@@ -26,10 +35,12 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+import uuid
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,11 +55,19 @@ from controller.runtime import (
     ReplicaState,
     RuntimeEvent,
 )
+from controller.runtime.logtail import log_tail
+from controller.statedir import process_cmdline
+from controller.store import atomic_write
 from gateway.aio import cancel_and_wait, raise_if_cancelling
 
 log = logging.getLogger("controller.runtime")
 
 LOG_TAIL_LINES = 15
+# Every process of a replica carries this in its environment, valued with the replica's
+# own marker: what finds it after a crash, whatever its pid and command line became.
+MARKER_ENV = "MERLIN_DP_REPLICA"
+# The controller's secrets are no business of a replica's.
+NOT_INHERITED = ("MERLIN_DP_TOKENS",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +79,11 @@ class LocalTimings:
     stop_grace_seconds: float = 10.0
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    # A version never ready whose replicas exit this many times, each this soon after
+    # its start, fails at once: a program that dies on start won't start on the tenth
+    # try either, and waiting out the ready deadline only hides why.
+    crash_loop_exits: int = 3
+    quick_exit_seconds: float = 10.0
 
 
 @dataclass(eq=False)
@@ -76,6 +100,7 @@ class _Replica:
     stopping: bool = False
     asked_at: float = field(default_factory=time.monotonic)  # when it was asked for
     ready_after: float | None = None  # seconds from asked_at to first ready
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)  # MARKER_ENV, every start
 
     def info(self) -> ReplicaInfo:
         pid = self.process.pid if self.process is not None else None
@@ -89,10 +114,14 @@ ORPHAN_SETTLE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
-class _Orphan:
-    """A replica an earlier run of the controller left alive (from its pid record)."""
+class _Record:
+    """A replica's record: what finds its processes, and where it is kept. Written before
+    the replica starts (no pid yet) and again once it runs; deleted once nothing it names
+    is alive. An earlier run's records are its orphans."""
 
-    pid: int
+    path: Path
+    marker: str  # "" in records written before markers existed: pid and cmdline only
+    pid: int | None
     cmdline: str
     key: str
     replica: str
@@ -107,6 +136,7 @@ class _Version:
     failed: bool = False
     deadline_task: asyncio.Task[None] | None = None
     last_exit: str = ""
+    quick_exits: int = 0  # exits soon after start, while never ready
 
 
 class LocalRuntime:
@@ -127,7 +157,7 @@ class LocalRuntime:
         self._background: set[asyncio.Task[None]] = set()
         # An earlier run's replicas (reap_orphans): in the view while they serve, stopped
         # by close() if still alive.
-        self._handing_over: list[_Orphan] = []
+        self._handing_over: list[_Record] = []
         self._orphans_serve = False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -202,8 +232,7 @@ class LocalRuntime:
         await cancel_and_wait(list(self._background))
         if self._handing_over:
             # Stopped before the hand-over finished: the earlier run's replicas go too.
-            _signal_orphans(self._handing_over, signal.SIGKILL)
-            self._handing_over.clear()
+            self._handing_over = await self._end(self._handing_over, grace=0)
         versions = [*self._versions.values(), *self._retiring]
         self._versions.clear()
         await asyncio.gather(*(self._retire(v, drain=False) for v in versions))
@@ -213,7 +242,7 @@ class LocalRuntime:
                 if replica.process is not None and replica.process.returncode is None:
                     _signal(replica.process, signal.SIGKILL)
                     await replica.process.wait()
-                (self.pids_dir / f"{replica.id}.json").unlink(missing_ok=True)
+                await self._end([self._record(version, replica)], grace=0)
         if self._session is not None:
             await self._session.close()
 
@@ -227,20 +256,22 @@ class LocalRuntime:
         until every version this run deploys has its own replicas ready (or failed, or a
         minute passed); then they leave the view (gateways drop them from their tables),
         and after ``drain_seconds`` get SIGTERM, and SIGKILL after the stop grace.
-        Returns how many there were.
+        Their records stay until they are gone: a run killed during the hand-over leaves
+        them to the next. Returns how many there were.
         """
-        orphans: list[_Orphan] = []
-        for record in self.pids_dir.glob("*.json"):
+        for leftover in self.pids_dir.glob(".*.tmp"):  # a write a crash cut short
+            leftover.unlink(missing_ok=True)
+        records: list[_Record] = []
+        for path in sorted(self.pids_dir.glob("*.json")):
             try:
-                data = json.loads(record.read_text())
-                orphan = _Orphan(int(data["pid"]), data["cmdline"], data.get("key", ""),
-                                 data.get("replica", ""), data.get("address", ""))  # fmt: skip
-            except (OSError, ValueError, KeyError):
-                record.unlink(missing_ok=True)
-                continue
-            if _cmdline(orphan.pid) == orphan.cmdline:
-                orphans.append(orphan)
-            record.unlink(missing_ok=True)
+                records.append(_read_record(path))
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)  # names nothing it could find
+        live = _live_pids(records)
+        orphans = [r for r in records if live[r]]
+        for record in records:
+            if not live[record]:
+                record.path.unlink(missing_ok=True)
         if orphans:
             log.warning("%d replica(s) left running by an earlier run serve until the new "
                         "ones are ready, then stop", len(orphans))  # fmt: skip
@@ -249,7 +280,7 @@ class LocalRuntime:
             self._spawn(self._hand_over(orphans))
         return len(orphans)
 
-    async def _hand_over(self, orphans: list[_Orphan], limit: float = 60.0) -> None:
+    async def _hand_over(self, orphans: list[_Record], limit: float = 60.0) -> None:
         keys = {o.key for o in orphans if o.key and o.address}
         started = time.monotonic()
         while time.monotonic() - started < limit:
@@ -260,13 +291,35 @@ class LocalRuntime:
         for key in keys:  # out of the view: gateways drop them, then they stop
             self._emit(key, "replica_unready", "an earlier run's replicas hand over")
         await asyncio.sleep(self.timings.drain_seconds)
-        _signal_orphans(orphans, signal.SIGTERM)
-        deadline = time.monotonic() + self.timings.stop_grace_seconds
-        while time.monotonic() < deadline and any(_cmdline(o.pid) == o.cmdline for o in orphans):
-            await asyncio.sleep(0.1)
-        _signal_orphans(orphans, signal.SIGKILL)
-        self._handing_over.clear()
+        self._handing_over = await self._end(orphans, grace=self.timings.stop_grace_seconds)
         log.info("stopped %d replica(s) left running by an earlier run", len(orphans))
+
+    async def _end(self, records: Sequence[_Record], grace: float) -> list[_Record]:
+        """Stop every process the records name — SIGTERM, and SIGKILL after ``grace``
+        (at once when 0) — and delete each record once nothing it names is alive.
+        Returns the records whose processes outlived it all (kept for a later try)."""
+        live = await asyncio.to_thread(_live_pids, records)
+        if grace > 0:
+            _signal_pids((p for pids in live.values() for p in pids), signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(live.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            live = await asyncio.to_thread(_live_pids, records)
+        # SIGKILL can't be refused, but a process in the kernel (D state) dies later:
+        # look a few seconds, and keep the records of any that haven't.
+        for _ in range(50):
+            if not any(live.values()):
+                break
+            _signal_pids((p for pids in live.values() for p in pids), signal.SIGKILL)
+            await asyncio.sleep(0.1)
+            live = await asyncio.to_thread(_live_pids, records)
+        for record, pids in live.items():
+            if pids:
+                log.warning("replica %s (pids %s) outlived SIGKILL; its record stays for the "
+                            "next start", record.replica, sorted(pids))  # fmt: skip
+            else:
+                record.path.unlink(missing_ok=True)
+        return [r for r, pids in live.items() if pids]
 
     def _taken_over(self, key: str, waited: float) -> bool:
         """This run serves ``key`` now (or never will: failed, or not deployed at all once
@@ -281,9 +334,12 @@ class LocalRuntime:
 
     def _add_replica(self, version: _Version) -> _Replica:
         spec = version.spec
-        self._next_index += 1
+        rid = ""
+        while not rid or (self.pids_dir / f"{rid}.json").exists():
+            # An earlier run's record may still name this id: never write over it.
+            self._next_index += 1
+            rid = f"{spec.full_name}-{self._next_index}"
         index = self._next_index
-        rid = f"{spec.full_name}-{index}"
         log_path = self.logs_dir / f"{spec.key.replace('/', '_')}-{index}.log"
         replica = _Replica(rid, log_path, index)
         version.replicas[rid] = replica
@@ -304,7 +360,13 @@ class LocalRuntime:
                 await self._watch(version, replica)
             if replica.stopping or version.failed:
                 break
-            if time.monotonic() - started > 30:
+            ran = time.monotonic() - started
+            if not version.ever_ready and ran < t.quick_exit_seconds:
+                version.quick_exits += 1
+                if version.quick_exits >= t.crash_loop_exits:
+                    self._crash_loop(version, replica)
+                    break
+            if ran > 30:
                 failures = 0  # it ran a good while: start the back-off afresh
             delay = min(t.backoff_base * 2**failures, t.backoff_max)
             failures += 1
@@ -320,20 +382,30 @@ class LocalRuntime:
         if spec.protocol == "UPI_V1":
             ports["CARAML_GRPC_PORT"] = str(replica.port)
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in NOT_INHERITED},
             **spec.env,
             **ports,
+            MARKER_ENV: replica.marker,
             "CARAML_MODEL_NAME": spec.model,
             "CARAML_MODEL_VERSION": spec.version,
             "CARAML_MODEL_FULL_NAME": spec.full_name,
             "CARAML_ARTIFACT_LOCATION": spec.artifact,
             "STORAGE_URI": spec.artifact,
         }
+        if spec.workdir and not await asyncio.to_thread(os.path.isdir, spec.workdir):
+            raise NotADirectoryError(f"its working directory {spec.workdir} does not exist here")
+        where = f" in {spec.workdir}" if spec.workdir else ""
+        # Recorded before it exists, so no crash can leave it running unrecorded: a start
+        # finds it by its marker even if its pid never made it into the record.
+        self._write_record(version, replica, None)
         with replica.log_path.open("ab") as out:
-            out.write(f"--- starting {' '.join(spec.command)} on port {replica.port}\n".encode())
+            out.write(
+                f"--- starting {shlex.join(spec.command)}{where} on port {replica.port}\n".encode()
+            )
             out.flush()
             replica.process = await asyncio.create_subprocess_exec(
                 *spec.command,
+                cwd=spec.workdir or None,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
@@ -341,9 +413,10 @@ class LocalRuntime:
                 start_new_session=True,
             )
         pid = replica.process.pid
-        record = {"pid": pid, "cmdline": _cmdline(pid), "replica": replica.id,
-                  "key": spec.key, "address": f"127.0.0.1:{replica.port}"}  # fmt: skip
-        (self.pids_dir / f"{replica.id}.json").write_text(json.dumps(record))
+        try:
+            self._write_record(version, replica, pid)
+        except OSError as exc:  # the record written before the start still finds it
+            log.warning("replica %s: could not record its pid: %s", replica.id, exc)
         replica.state = "starting"
         self._emit(spec.key, "replica_started", f"pid {pid} on port {replica.port}", replica.id)
 
@@ -396,10 +469,10 @@ class LocalRuntime:
             return
         was_ready = replica.state == "ready"
         replica.state = "starting"
-        version.last_exit = f"exit code {code}"
+        version.last_exit = _exit_reason(code)
         if was_ready:
             self._emit(spec.key, "replica_unready", "process exited", replica.id)
-        self._emit(spec.key, "replica_exited", f"exit code {code}", replica.id)
+        self._emit(spec.key, "replica_exited", version.last_exit, replica.id)
 
     async def _probe(self, url: str) -> bool:
         if self._session is None:
@@ -422,14 +495,30 @@ class LocalRuntime:
             return
         version.failed = True
         newest = max(version.replicas.values(), key=lambda r: r.index, default=None)
-        tail = _tail(newest.log_path) if newest is not None else ""
+        tail = _tail_text(newest.log_path) if newest is not None else ""
         reason = version.last_exit or "the readiness check never passed"
         message = (
             f"no replica became ready within {version.spec.ready_deadline_s:g} s "
             f"({reason}); last log lines:\n{tail}"
         )
+        await self._fail(version, message)
+
+    def _crash_loop(self, version: _Version, replica: _Replica) -> None:
+        """Fail a version whose replicas exit at once; called from a replica's own
+        supervising task, which the stop must not cancel, so the rest runs apart."""
+        version.failed = True  # no replica restarts from here on
+        t = self.timings
+        message = (
+            f"crash loop: {version.quick_exits} replica starts ended within "
+            f"{t.quick_exit_seconds:g} s each and none became ready "
+            f"(last: {version.last_exit}); last log lines:\n{_tail_text(replica.log_path)}"
+        )
+        self._spawn(self._fail(version, message))
+
+    async def _fail(self, version: _Version, message: str) -> None:
         await self._retire(version, drain=False)
-        self._emit(version.spec.key, "failed", message)
+        if self._versions.get(version.spec.key) is version:  # not replaced meanwhile
+            self._emit(version.spec.key, "failed", message)
 
     async def _retire(self, version: _Version, drain: bool = True) -> None:
         if (
@@ -456,6 +545,7 @@ class LocalRuntime:
             self._emit(key, "replica_unready", "draining", replica.id)
             await asyncio.sleep(self.timings.drain_seconds)
         proc = replica.process
+        grace_ends = time.monotonic() + self.timings.stop_grace_seconds
         if proc is not None and proc.returncode is None:
             _signal(proc, signal.SIGTERM)
             try:
@@ -468,10 +558,27 @@ class LocalRuntime:
             replica.task.cancel()
             # wait() doesn't raise the task's own CancelledError, and lets ours through.
             await asyncio.wait([replica.task])
+        # Whatever else carries its marker (children that left its group, a start the
+        # cancelled task had under way) gets the rest of the grace; only then does the
+        # record go.
+        await self._end([self._record(version, replica)], max(0.0, grace_ends - time.monotonic()))
         replica.state = "stopped"
         version.replicas.pop(replica.id, None)
-        (self.pids_dir / f"{replica.id}.json").unlink(missing_ok=True)
         self._emit(key, "replica_stopped", "", replica.id)
+
+    def _record(self, version: _Version, replica: _Replica) -> _Record:
+        pid = replica.process.pid if replica.process is not None else None
+        return _Record(self.pids_dir / f"{replica.id}.json", replica.marker, pid, "",
+                       version.spec.key, replica.id, f"127.0.0.1:{replica.port}")  # fmt: skip
+
+    def _write_record(self, version: _Version, replica: _Replica, pid: int | None) -> None:
+        # Synchronous on purpose: a write finishing in a thread after the replica's stop
+        # had deleted the record would bring it back.
+        record = {"marker": replica.marker, "pid": pid,
+                  "cmdline": process_cmdline(pid) if pid is not None else "",
+                  "replica": replica.id, "key": version.spec.key,
+                  "address": f"127.0.0.1:{replica.port}"}  # fmt: skip
+        atomic_write(self.pids_dir / f"{replica.id}.json", json.dumps(record).encode())
 
     def _emit(self, key: str, kind: EventKind, message: str = "", replica: str = "") -> None:
         try:
@@ -481,7 +588,7 @@ class LocalRuntime:
 
 
 def log_files(logs_dir: Path, key: str) -> list[Path]:
-    """A version endpoint's replica logs, oldest first (``merlin-dp logs`` reads these)."""
+    """A version endpoint's replica logs, oldest first (the API's ``…/logs`` reads these)."""
     files = logs_dir.glob(key.replace("/", "_") + "-*.log")
     return sorted(files, key=lambda p: p.stat().st_mtime)
 
@@ -498,28 +605,82 @@ def _free_port() -> int:
         return port
 
 
-def _signal_orphans(orphans: list[_Orphan], sig: int) -> None:
-    """Signal each orphan's process group, if the pid is still that replica (a zombie or
-    a reused pid has another command line)."""
-    for o in orphans:
-        if _cmdline(o.pid) == o.cmdline:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(o.pid, sig)
+def _read_record(path: Path) -> _Record:
+    data = json.loads(path.read_text())
+    pid = data.get("pid")
+    return _Record(path, str(data.get("marker", "")), None if pid is None else int(pid),
+                   str(data.get("cmdline", "")), str(data.get("key", "")),
+                   str(data.get("replica", "")), str(data.get("address", "")))  # fmt: skip
 
 
-def _cmdline(pid: int) -> str:
+def _live_pids(records: Sequence[_Record]) -> dict[_Record, set[int]]:
+    """The live processes each record names: every process carrying its marker (one
+    pass over /proc for all of them), and its recorded pid if that is still the
+    replica. Zombies count as gone."""
+    needles = {f"{MARKER_ENV}={r.marker}".encode(): r.marker for r in records if r.marker}
+    marked: dict[str, set[int]] = {}
+    if needles:
+        prefix = f"{MARKER_ENV}=".encode()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            env = _environ(int(entry.name))
+            if not env or prefix not in env:
+                continue
+            for var in env.split(b"\0"):
+                if var in needles:
+                    marked.setdefault(needles[var], set()).add(int(entry.name))
+    live: dict[_Record, set[int]] = {}
+    for record in records:
+        pids = set(marked.get(record.marker, ())) if record.marker else set()
+        if record.pid is not None and record.pid not in pids and _still_it(record):
+            pids.add(record.pid)
+        live[record] = pids
+    return live
+
+
+def _still_it(record: _Record) -> bool:
+    """Whether the recorded pid is still the replica, for processes whose environment
+    can't say: a record from before markers, or an environment we may not read (a
+    process that made itself non-dumpable). Then, as before markers, by command line:
+    a reused pid or a zombie has another."""
+    assert record.pid is not None
+    if record.marker:
+        try:
+            Path(f"/proc/{record.pid}/environ").read_bytes()
+            return False  # readable, and the scan found no marker in it
+        except PermissionError:
+            pass
+        except OSError:
+            return False
+    return bool(record.cmdline) and process_cmdline(record.pid) == record.cmdline
+
+
+def _environ(pid: int) -> bytes:
+    """A process's initial environment ("" if gone, a zombie, or not ours to read)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
     except OSError:
-        return ""
+        return b""
 
 
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+def _signal_pids(pids: Iterable[int], sig: int) -> None:
+    """Signal each process and the group it leads (a replica leads its own session, so
+    a child that dropped the marker from its environment still goes)."""
+    for pid in set(pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _tail_text(path: Path) -> str:
+    return "\n".join(log_tail(path, LOG_TAIL_LINES)[0])
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
