@@ -35,6 +35,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 
 from controller.servers import v2
 
+# Holds the load task, so it isn't collected while it runs.
+LOADER: web.AppKey[asyncio.Task[None]] = web.AppKey("loader")
+
 log = logging.getLogger("model")
 
 try:
@@ -179,7 +182,7 @@ def make_app(model: Model, full_name: str, model_name: str | None = None) -> web
             state["ready"] = True
             log.info("model %s loaded", full_name)
 
-        app["loader"] = asyncio.create_task(run())
+        app[LOADER] = asyncio.create_task(run())
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post(f"/v1/models/{full_name}:predict", counted(predict))
