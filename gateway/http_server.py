@@ -73,13 +73,14 @@ class JsonErrorRequestHandler(RequestHandler):
       started): only then 408 and close, after the answers to earlier requests.
     """
 
-    __slots__ = ("_body", "_head_sure", "_head_timer", "_header_timeout")
+    __slots__ = ("_body", "_clock_count", "_head_sure", "_head_timer", "_header_timeout")
 
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_sure = False
+        self._clock_count = 0  # requests parsed when the clock started
         # The body still arriving, if any: bytes that go to it are not a head's.
         self._body: StreamReader | None = None
 
@@ -177,6 +178,7 @@ class JsonErrorRequestHandler(RequestHandler):
 
     def _start_head_clock(self, sure: bool) -> None:
         self._head_sure = sure
+        self._clock_count = self._request_count
         self._head_timer = self._loop.call_later(self._header_timeout, self._head_late)
 
     def _head_late(self) -> None:
@@ -190,6 +192,12 @@ class JsonErrorRequestHandler(RequestHandler):
             self._head_timer = self._loop.call_later(
                 min(1.0, self._header_timeout), self._head_late
             )
+            return
+        if self._request_count != self._clock_count:
+            # The head this clock was for was completed out of our sight (aiohttp parses
+            # what arrived behind a declined websocket upgrade in finish_response, not in
+            # data_received): a head now under way gets a clock of its own, unsure.
+            self._start_head_clock(sure=False)
             return
         if not self._head_under_way():
             return  # the read that started the clock ended at a message's end after all
