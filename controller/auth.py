@@ -204,5 +204,7 @@ def _module_in(pyfunc_class: str, model_dir: str) -> bool:
     except OSError:
         return False
     suffixes = importlib.machinery.all_suffixes()
-    package = top in names and os.path.isdir(os.path.join(model_dir, top))
+    # A regular package: a bare directory is only a namespace portion, which an import
+    # by name would pass over for a module of that name elsewhere on sys.path.
+    package = top in names and os.path.isfile(os.path.join(model_dir, top, "__init__.py"))
     return top.isidentifier() and (package or any(top + s in names for s in suffixes))

@@ -123,6 +123,7 @@ class _Record:
     marker: str  # "" in records written before markers existed: pid and cmdline only
     pid: int | None
     cmdline: str
+    started: str  # the pid's start time (/proc/<pid>/stat), "" if unknown
     key: str
     replica: str
     address: str
@@ -568,7 +569,7 @@ class LocalRuntime:
 
     def _record(self, version: _Version, replica: _Replica) -> _Record:
         pid = replica.process.pid if replica.process is not None else None
-        return _Record(self.pids_dir / f"{replica.id}.json", replica.marker, pid, "",
+        return _Record(self.pids_dir / f"{replica.id}.json", replica.marker, pid, "", "",
                        version.spec.key, replica.id, f"127.0.0.1:{replica.port}")  # fmt: skip
 
     def _write_record(self, version: _Version, replica: _Replica, pid: int | None) -> None:
@@ -576,6 +577,7 @@ class LocalRuntime:
         # had deleted the record would bring it back.
         record = {"marker": replica.marker, "pid": pid,
                   "cmdline": process_cmdline(pid) if pid is not None else "",
+                  "started": _start_time(pid) if pid is not None else "",
                   "replica": replica.id, "key": version.spec.key,
                   "address": f"127.0.0.1:{replica.port}"}  # fmt: skip
         atomic_write(self.pids_dir / f"{replica.id}.json", json.dumps(record).encode())
@@ -609,7 +611,8 @@ def _read_record(path: Path) -> _Record:
     data = json.loads(path.read_text())
     pid = data.get("pid")
     return _Record(path, str(data.get("marker", "")), None if pid is None else int(pid),
-                   str(data.get("cmdline", "")), str(data.get("key", "")),
+                   str(data.get("cmdline", "")), str(data.get("started", "")),
+                   str(data.get("key", "")),
                    str(data.get("replica", "")), str(data.get("address", "")))  # fmt: skip
 
 
@@ -645,6 +648,11 @@ def _still_it(record: _Record) -> bool:
     process that made itself non-dumpable). Then, as before markers, by command line:
     a reused pid or a zombie has another."""
     assert record.pid is not None
+    if record.started:
+        # A pid with the recorded start time is the same process, whatever its
+        # environment and command line read now: a replica that sets its process title
+        # (nginx, PostgreSQL, setproctitle) overwrites both.
+        return _start_time(record.pid) == record.started
     if record.marker:
         try:
             Path(f"/proc/{record.pid}/environ").read_bytes()
@@ -654,6 +662,21 @@ def _still_it(record: _Record) -> bool:
         except OSError:
             return False
     return bool(record.cmdline) and process_cmdline(record.pid) == record.cmdline
+
+
+def _start_time(pid: int) -> str:
+    """When the process started, in clock ticks since boot ("" if gone or a zombie): with
+    the pid, it names one process for the life of the machine."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count after its end.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) < 20 or fields[0] == b"Z":
+        return ""
+    return fields[19].decode()  # field 22, starttime
 
 
 def _environ(pid: int) -> bytes:

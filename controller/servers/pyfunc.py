@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
+import importlib.util
 import os
 import sys
 
@@ -28,10 +29,10 @@ def load_class(spec: str, model_dir: str) -> Model:
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
         raise SystemExit(f"pyfunc: {spec!r} is not module:Class")
-    if model_dir:
-        _confine(module_name, model_dir)
-        sys.path.insert(0, model_dir)
     try:
+        if model_dir:
+            _load_top(module_name, model_dir)
+            sys.path.insert(0, model_dir)  # the model's own imports of its siblings
         module = importlib.import_module(module_name)
         cls = getattr(module, class_name)
     except (ImportError, AttributeError) as exc:
@@ -43,17 +44,32 @@ def load_class(spec: str, model_dir: str) -> Model:
     return model  # type: ignore[no-any-return]
 
 
-def _confine(module_name: str, model_dir: str) -> None:
-    """The class comes from the model directory and nowhere else: that directory is what
-    the deployer was allowed to name (a --model-root), not every module this interpreter
-    could import."""
+def _load_top(module_name: str, model_dir: str) -> None:
+    """Load the class's top-level module from the model directory and nowhere else: that
+    directory is what the deployer was allowed to name (a --model-root), not every
+    module this interpreter could import. Loaded from the spec found there, not by name:
+    a bare directory is only a namespace portion, and an import by name would let a
+    module of that name elsewhere on sys.path (the standard library, the working
+    directory) win."""
     top = module_name.partition(".")[0]
-    if importlib.machinery.PathFinder.find_spec(top, [model_dir]) is None:
-        raise SystemExit(f"pyfunc: no module {top} in the model directory {model_dir}; "
-                         "the class must live there")  # fmt: skip
+    found = importlib.machinery.PathFinder.find_spec(top, [model_dir])
+    root = os.path.realpath(model_dir)
+    origin = found.origin if found is not None else None
+    if (found is None or found.loader is None or origin is None
+            or os.path.commonpath([os.path.realpath(origin), root]) != root):  # fmt: skip
+        raise SystemExit(f"pyfunc: no module {top} in the model directory {model_dir} "
+                         "(a module file or a package with __init__.py); the class must "
+                         "live there")  # fmt: skip
     if top in sys.modules:  # nothing was imported from model_dir yet: this one is not
         raise SystemExit(f"pyfunc: the module name {top} is taken by the server's own "
                          f"{sys.modules[top]!r}; rename the model's module")  # fmt: skip
+    module = importlib.util.module_from_spec(found)
+    sys.modules[top] = module  # before running it: its own submodule imports find it
+    try:
+        found.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[top]
+        raise
 
 
 def main() -> None:
