@@ -1,6 +1,8 @@
 """The autoscaler: signals, windows, policies and actuation.
 
-Built so far: :mod:`autoscaler.policy`, the scaling decisions as pure functions (KPA for
-rps and concurrency, HPA for utilization). Signal collection, the decision loop,
-activation at zero and the simulator arrive with the rest of the autoscaler issue.
+`collector` (the gateways' per-second signals, pulled or read from Redis), `window`
+(per-second buckets), `resources` (replicas' CPU and memory from their `/metrics`),
+`policy` (the decisions as pure functions: KPA for rps and concurrency, HPA for
+utilization), `metrics` (its Prometheus text) and `scaler` (the loop that ties them to a
+runtime). The simulator that drives the same policy is `loadtests/autoscale_sim.py`.
 """

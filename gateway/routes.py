@@ -1,8 +1,8 @@
 """The route table as data: what a route source hands the gateway.
 
 A route table spec lists every model endpoint with its rule and every version endpoint
-with its ready replicas. It arrives from a YAML/JSON route file or, later, from the
-controller's watch stream; either way it is validated whole here, before the gateway
+with its ready replicas. It arrives from a YAML/JSON route file, the controller's watch
+stream or Redis; either way it is validated whole here, before the gateway
 compiles it. A spec that fails validation never replaces the table being served.
 """
 

@@ -1,10 +1,11 @@
 """The runtime interface: where version endpoints' replicas run.
 
 The controller deploys, scales and undeploys through a :class:`Runtime`; the autoscaler
-scales through the same interface. ``local`` (processes on this machine) implements it
-now, ``kubernetes`` later. A runtime reports what happens to replicas as
-:class:`RuntimeEvent` values through the callback it is given, and answers
-:meth:`Runtime.replicas` with its current view; it never decides routing.
+scales through the same interface. ``local`` (processes on this machine, here) and
+``controller.kubernetes.runtime`` (Deployments' scale subresource) implement it. A
+runtime reports what happens to replicas as :class:`RuntimeEvent` values through the
+callback it is given, and answers :meth:`Runtime.replicas` with its current view; it
+never decides routing.
 """
 
 from __future__ import annotations
