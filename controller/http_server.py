@@ -15,33 +15,22 @@ import logging
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from controller.api import error
 from gateway.errors import REASONS
-from gateway.http_server import describe_bad_request
+from gateway.http_server import JsonErrorHandler
 
 log = logging.getLogger("controller.api")
 
 
-class _ApiRequestHandler(RequestHandler):
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            log.error(
-                "unexpected error answering %s %s", request.method, request.path, exc_info=exc
-            )
+class _ApiRequestHandler(JsonErrorHandler):
+    __slots__ = ()
+    error_log = log
+
+    def json_error(self, status: int, text: str | None) -> web.StreamResponse:
+        if text is None:
             resp = error(500, "internal_error", "internal controller error")
         else:
-            log.debug("bad request: %s", exc)
-            status, text = describe_bad_request(status, exc)
             resp = error(status, REASONS.get(status, "bad_request"), text)
         resp.force_close()
         return resp

@@ -52,7 +52,39 @@ log = logging.getLogger("gateway")
 HEAD_END = b"\r\n\r\n"
 
 
-class JsonErrorRequestHandler(RequestHandler):
+class JsonErrorHandler(RequestHandler):
+    """A request handler that answers what aiohttp can't parse with the server's own
+    JSON error (the status that fits; 500 without the trace), never aiohttp's plain-text
+    page that repeats what it choked on. Subclasses say how their error looks."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if status >= 500:
+            self.error_log.error(
+                "unexpected error answering %s %s", request.method, request.path, exc_info=exc
+            )
+            return self.json_error(500, None)
+        self.error_log.debug("bad request: %s", exc)
+        status, text = describe_bad_request(status, exc)
+        return self.json_error(status, text)
+
+    error_log = log
+
+    def json_error(self, status: int, text: str | None) -> web.StreamResponse:
+        """The answer, closing the connection; ``text`` None: an internal error."""
+        return error_response(status, text or "internal gateway error", close=True)
+
+
+class JsonErrorRequestHandler(JsonErrorHandler):
     """aiohttp's connection handler with JSON errors, a clock on every request head, and
     upgrades declined.
 
@@ -224,23 +256,6 @@ class JsonErrorRequestHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            log.error("error handling request to %s", request.path, exc_info=exc)
-            text = "internal gateway error"
-        else:
-            log.debug("bad request: %s", exc)
-            status, text = describe_bad_request(status, exc)
-        return error_response(status, text, close=True)
 
 
 _aiohttp_data_received = RequestHandler.data_received
