@@ -1,7 +1,7 @@
 """The example version endpoint's replica (deploy/examples/version-endpoints.yaml).
 
 A stand-in model under Merlin's replica contract, built on the shipped contract app
-(:func:`controller.servers.contract.make_app`: predict, readiness, liveness, /metrics).
+(:func:`merlin_dp.servers.contract.make_app`: predict, readiness, liveness, /metrics).
 It scores each instance by the sum of its features times the version number, so two
 versions answer differently. Unlike the shipped model servers, which bind 127.0.0.1 for
 the local runtime, it listens on every interface, as a pod must for probes and gateways.
@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.servers.contract import BadInput, make_app
+from merlin_dp.servers.contract import BadInput, make_app
 
 
 class SumModel:

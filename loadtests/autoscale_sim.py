@@ -23,8 +23,9 @@ The model
 - **Router**: one shared FIFO queue in front of all ready slots (the gateway holds a
   request until a slot is free; at zero ready replicas it holds them all — activation).
   Latency = wait in the queue + service. An SLO miss is a wait over 100 ms.
-- **Signals** mirror production (``gateway/signals.py``, ``autoscaler/window.py``): per
-  whole second, arrivals and the time-weighted mean number of requests in the system
+- **Signals** mirror production (``merlin_dp/gateway/signals.py``,
+  ``merlin_dp/autoscaler/window.py``): per whole second, arrivals and the time-weighted
+  mean number of requests in the system
   (queued at the router or on a replica), plus ready/starting/draining counts and the
   requests held at zero. Both are exact integrals, not samples. This project's policy
   also gets the Little's-law inputs it can use (:class:`ProjectPolicy`): arrival rates
@@ -51,10 +52,10 @@ Traces (600 s each; :data:`TRACES`): steady 100 rps; step 5 -> 200 rps at 120 s;
 and back over the 10 minutes; on/off, 30 s bursts of 100 rps every 150 s from 60 s, zero
 in between (long enough for every policy to reach zero).
 
-Policies (:data:`POLICIES`): ``ours`` is ``autoscaler.policy.decide`` with the
+Policies (:data:`POLICIES`): ``ours`` is ``merlin_dp.autoscaler.policy.decide`` with the
 ``PolicyConfig`` production builds (:func:`project_config`: the concurrency metric with
 target = the replica's limit, min 0, max 100, every timing at its default), fed each
-second what ``autoscaler/scaler.py`` feeds (:class:`ProjectPolicy`); the baselines are in
+second what ``merlin_dp/autoscaler/scaler.py`` feeds (:class:`ProjectPolicy`); the baselines are in
 :mod:`loadtests.autoscale_baselines`.
 
 Per trace, start-up time and limit, over the seeds: replica-seconds (mean), as a multiple
@@ -89,8 +90,8 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Protocol
 
-from autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
-from autoscaler.window import SecondBuckets
+from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
+from merlin_dp.autoscaler.window import SecondBuckets
 
 SERVICE_MEAN_S = 0.05
 SERVICE_SIGMA = 0.5
@@ -269,11 +270,11 @@ ControllerFactory = Callable[[View], Controller]
 
 
 def project_config(metrics_type: str, limit: int) -> PolicyConfig:
-    """The policy exactly as production builds it (``autoscaler.scaler.policy_config``)
+    """The policy exactly as production builds it (``merlin_dp.autoscaler.scaler.policy_config``)
     for a version endpoint scaling on ``metrics_type`` with target = the concurrency limit
     (or, for rps, what one replica serves at full load), min 0, max 100 (the API's max)."""
-    from autoscaler.scaler import policy_config
-    from controller.models import VersionEndpoint
+    from merlin_dp.autoscaler.scaler import policy_config
+    from merlin_dp.controller.models import VersionEndpoint
 
     target = float(limit) if metrics_type == "concurrency" else limit / SERVICE_MEAN_S
     rec = VersionEndpoint.model_validate(
@@ -296,8 +297,9 @@ MIN_SERVED = 100  # completions a service-time estimate needs
 
 
 class ProjectPolicy:
-    """``autoscaler.policy.decide`` fed the way ``autoscaler/scaler.py`` feeds it: every
-    second, windowed means from :class:`SecondBuckets` of arrivals and concurrency."""
+    """``merlin_dp.autoscaler.policy.decide`` fed the way ``merlin_dp/autoscaler/scaler.py``
+    feeds it: every second, windowed means from :class:`SecondBuckets` of arrivals and
+    concurrency."""
 
     def __init__(self, view: View, metrics_type: str = "concurrency") -> None:
         self.config = project_config(metrics_type, view.limit)

@@ -946,7 +946,7 @@ def gateway_argv(
 ) -> list[str]:
     """`merlin-dp gateway` with this interpreter (no shim in between: the pid is the server)."""
     return [
-        sys.executable, "-m", "controller.cli", "gateway",
+        sys.executable, "-m", "merlin_dp", "gateway",
         "--routes", str(routes_file),
         "--listen", f"{LOOPBACK}:{port}",
         "--admin", f"{LOOPBACK}:{admin_port}",
@@ -1838,7 +1838,7 @@ def served_version(rule: Mapping[str, Any]) -> str:
 def controller_argv(port: int, state_dir: Path, store_args: Sequence[str] = ()) -> list[str]:
     """`merlin-dp controller` (local runtime) with this interpreter."""
     return [
-        sys.executable, "-m", "controller.cli", "controller",
+        sys.executable, "-m", "merlin_dp", "controller",
         "--state-dir", str(state_dir),
         "--listen", f"{LOOPBACK}:{port}",
         "--runtime", "local",
@@ -1853,7 +1853,7 @@ def follower_gateway_argv(
     """`merlin-dp gateway` (one worker) following a feed (`--controller URL` or
     `--redis URL`) instead of a route file."""
     return [
-        sys.executable, "-m", "controller.cli", "gateway",
+        sys.executable, "-m", "merlin_dp", "gateway",
         *feed_args,
         "--listen", f"{LOOPBACK}:{port}",
         "--admin", f"{LOOPBACK}:{admin_port}",

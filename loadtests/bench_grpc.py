@@ -8,7 +8,7 @@ Python reference, :mod:`loadtests.grpc_passthrough`) and, when ``merlin-dp gatew
 sends) and its version endpoint (``m-1.bench.localhost``: pass-through). Every target
 proxies to the same upstream: by default :mod:`loadtests.grpc_fake_upstream` (a fixed
 answer at about 2 µs of CPU per call, so the proxies are what is measured), or the real
-UPI model server (``--upstream upi``: ``python -m controller.servers.upi
+UPI model server (``--upstream upi``: ``python -m merlin_dp.servers.upi
 row_scorer:RowScorer`` from ``examples/upi``), or both in turn (``--upstream both``).
 
 The layout is the http benchmark's (``shared/BENCHMARKING.md``): the upstream and the load
@@ -90,7 +90,7 @@ from loadtests.bench import (
     write_route_file,
 )
 from loadtests.grpc_fake_upstream import fake_response, grpc_frame
-from protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
+from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
 
 LOOPBACK = "127.0.0.1"
 SERVICE = "caraml.upi.v1.UniversalPredictionService"
@@ -259,7 +259,7 @@ def grpc_routes(upstream: str) -> dict[str, Any]:
 def gateway_has_grpc_port() -> bool:
     """Whether ``merlin-dp gateway --help`` lists ``--grpc-port``."""
     done = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "gateway", "--help"],
+        [sys.executable, "-m", "merlin_dp", "gateway", "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -295,7 +295,7 @@ def start_upi_upstream(
         "CARAML_ARTIFACT_LOCATION": str(UPI_EXAMPLE_DIR),
         "STORAGE_URI": str(UPI_EXAMPLE_DIR),
     }
-    argv = [sys.executable, "-m", "controller.servers.upi", UPI_EXAMPLE_CLASS]
+    argv = [sys.executable, "-m", "merlin_dp.servers.upi", UPI_EXAMPLE_CLASS]
     proc = procs.start(
         "upi upstream", argv, cpus=cpus, log_path=workdir / "upi-upstream.log", env=env, cwd=ROOT
     )

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import cast
 
-from protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
+from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types and flags (RFC 9113 §6).

@@ -74,7 +74,7 @@ from typing import Any
 
 import aiohttp
 
-from loadtests.locust_common import failure_reason
+from merlin_dp.loadtest.locust_common import failure_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -325,7 +325,7 @@ class Stack:
         feed = ["--redis", self.redis_url] if self.plan.redis else ["--controller", self.api]
         self.gateway = Child(
             "gateway",
-            [sys.executable, "-m", "controller.cli", "gateway", *feed,
+            [sys.executable, "-m", "merlin_dp", "gateway", *feed,
              "--listen", f"{LOOPBACK}:{self.port}", "--admin", f"{LOOPBACK}:{self.admin_port}",
              "--shutdown-seconds", "2", "--log-level", "WARNING"],
             self.workdir / "gateway.log",
@@ -356,7 +356,7 @@ class Stack:
 
     async def start_controller(self) -> None:
         argv = [
-            sys.executable, "-m", "controller.cli", "controller",
+            sys.executable, "-m", "merlin_dp", "controller",
             "--state-dir", str(self.state_dir), "--listen", f"{LOOPBACK}:{self.controller_port}",
             "--log-level", "WARNING",
         ]  # fmt: skip

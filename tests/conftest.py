@@ -20,9 +20,9 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from gateway.config import GatewayConfig
-from gateway.sources import FileRouteSource
-from gateway.worker import GatewayWorker
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.routing.sources import FileRouteSource
+from merlin_dp.gateway.worker import GatewayWorker
 from tests.upstream_app import make_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,7 +251,7 @@ class Procs:
         """`merlin-dp gateway` as a process; returns it and its admin port."""
         port, admin = free_port(), free_port()
         p = Proc(
-            [sys.executable, "-m", "controller.cli", "gateway", "--routes", str(routes),
+            [sys.executable, "-m", "merlin_dp", "gateway", "--routes", str(routes),
              "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", *extra],
             port,
             self.tmp / f"gateway-{port}.log",

@@ -33,7 +33,7 @@ import aiohttp
 import kmock
 from aiohttp import web
 
-from controller.kubernetes.objects import (
+from merlin_dp.controller.kubernetes.objects import (
     GROUP,
     KIND,
     MODEL_LABEL,

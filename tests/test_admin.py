@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.admin import admin_app, start_admin
+from merlin_dp.gateway.admin import admin_app, start_admin
 from tests.conftest import (
     ROOT,
     Proc,
@@ -171,7 +171,7 @@ async def test_source_and_connection_gauges_read_what_is_true(
 
     def controller() -> Proc:
         proc = Proc(
-            [sys.executable, "-m", "controller.cli", "controller", "--runtime", "none",
+            [sys.executable, "-m", "merlin_dp", "controller", "--runtime", "none",
              "--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}"],
             port, tmp_path / f"controller-{len(procs.started)}.log",
         )  # fmt: skip
@@ -182,7 +182,7 @@ async def test_source_and_connection_gauges_read_what_is_true(
     ctl = controller()
     gw_port, admin = free_port(), free_port()
     gateway = Proc(
-        [sys.executable, "-m", "controller.cli", "gateway", "--controller",
+        [sys.executable, "-m", "merlin_dp", "gateway", "--controller",
          f"http://127.0.0.1:{port}", "--listen", f"127.0.0.1:{gw_port}",
          "--admin", f"127.0.0.1:{admin}", "--workers", str(workers_count)],
         gw_port, tmp_path / "gateway.log",
@@ -233,14 +233,14 @@ async def test_source_and_connection_gauges_read_what_is_true(
 
 
 def test_cli_help_is_useful() -> None:
-    out = subprocess.run([sys.executable, "-m", "controller.cli", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "merlin_dp", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "gateway" in out
-    out = subprocess.run([sys.executable, "-m", "controller.cli", "gateway", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "merlin_dp", "gateway", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     for flag in ("--routes", "--listen", "--admin", "--workers", "--domain", "/serving/"):
         assert flag in out
-    missing = subprocess.run([sys.executable, "-m", "controller.cli", "gateway"], cwd=ROOT,
+    missing = subprocess.run([sys.executable, "-m", "merlin_dp", "gateway"], cwd=ROOT,
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode != 0
     assert "pass --routes FILE" in missing.stderr

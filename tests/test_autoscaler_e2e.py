@@ -17,15 +17,15 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from autoscaler.collector import GatewaySignals
-from autoscaler.policy import PolicyConfig
-from autoscaler.scaler import Autoscaler, attach_autoscaler
-from controller.server import ControllerConfig, start_controller
-from controller.service import Controller
-from gateway.admin import admin_app, start_admin
-from gateway.config import GatewayConfig
-from gateway.sources import ControllerRouteSource
-from gateway.worker import GatewayWorker, Report
+from merlin_dp.autoscaler.collector import GatewaySignals
+from merlin_dp.autoscaler.policy import PolicyConfig
+from merlin_dp.autoscaler.scaler import Autoscaler, attach_autoscaler
+from merlin_dp.controller.server import ControllerConfig, start_controller
+from merlin_dp.controller.service import Controller
+from merlin_dp.gateway.admin import admin_app, start_admin
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.routing.sources import ControllerRouteSource
+from merlin_dp.gateway.worker import GatewayWorker, Report
 from tests.conftest import ROOT
 from tests.test_controller_api import BASE, Api
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from autoscaler.policy import Decision, PolicyConfig, PolicyState, Signals, decide
+from merlin_dp.autoscaler.policy import Decision, PolicyConfig, PolicyState, Signals, decide
 
 KPA = PolicyConfig(metrics_type="concurrency", target_value=1.0, min_replica=1, max_replica=1000)
 

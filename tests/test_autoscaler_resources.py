@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from autoscaler.metrics import AutoscalerMetrics, reason_label
-from autoscaler.resources import (
+from merlin_dp.autoscaler.metrics import AutoscalerMetrics, reason_label
+from merlin_dp.autoscaler.resources import (
     MISSING_REASONS,
     ReplicaResources,
     Utilization,
@@ -29,8 +29,8 @@ from autoscaler.resources import (
     parse_memory,
     parse_metrics,
 )
-from controller.models import ResourceRequest
-from controller.runtime import ReplicaInfo, ReplicaState
+from merlin_dp.controller.models import ResourceRequest
+from merlin_dp.runtime import ReplicaInfo, ReplicaState
 from tests.conftest import Proc, Procs, Replica, free_port, wait_port
 
 KEY = "fraud/scorer/1"
@@ -410,7 +410,7 @@ class Burn:
 
 
 async def test_a_model_server_process(tmp_path: Path, procs: Procs) -> None:
-    """A real replica under the contract: `python -m controller.servers.pyfunc`."""
+    """A real replica under the contract: `python -m merlin_dp.servers.pyfunc`."""
     (tmp_path / "burn.py").write_text(BURN_MODEL)
     port = free_port()
     env = {
@@ -421,7 +421,7 @@ async def test_a_model_server_process(tmp_path: Path, procs: Procs) -> None:
         "CARAML_ARTIFACT_LOCATION": str(tmp_path),
     }
     args = ["env", *(f"{k}={v}" for k, v in env.items()),
-            sys.executable, "-m", "controller.servers.pyfunc", "burn:Burn"]  # fmt: skip
+            sys.executable, "-m", "merlin_dp.servers.pyfunc", "burn:Burn"]  # fmt: skip
     proc = Proc(args, port, tmp_path / "burn.log")
     procs.started.append(proc)
     wait_port(port)

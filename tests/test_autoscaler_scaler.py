@@ -8,10 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from autoscaler.collector import GatewaySignals
-from autoscaler.scaler import Autoscaler
-from controller.models import VersionEndpoint
-from controller.runtime import DeploySpec, ReplicaInfo
+from merlin_dp.autoscaler.collector import GatewaySignals
+from merlin_dp.autoscaler.scaler import Autoscaler
+from merlin_dp.controller.models import VersionEndpoint
+from merlin_dp.runtime import DeploySpec, ReplicaInfo
 from tests.conftest import Replica
 
 NOW = 1_000_000.0

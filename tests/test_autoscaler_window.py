@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoscaler.window import SecondBuckets
+from merlin_dp.autoscaler.window import SecondBuckets
 
 
 def test_average_over_complete_seconds_with_silence_as_zero() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
+from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
 
 ZERO = PolicyConfig(metrics_type="concurrency", target_value=2.0, min_replica=0, max_replica=10,
                     scale_to_zero_grace=30.0, scale_down_delay=10.0)  # fmt: skip

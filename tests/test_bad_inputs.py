@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.config import GatewayConfig
-from gateway.proxy import ProxyLimits
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.http.proxy import ProxyLimits
 from tests.conftest import free_port, model_endpoint, start_replicas, version
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.routes import RouteTableSpec
 from loadtests.bench import ProcessSet, build_parser, ensure_tools, free_ports, managed_processes
 from loadtests.bench_grpc import (
     METHOD_PATH,
@@ -37,7 +36,8 @@ from loadtests.bench_grpc import (
     write_request_body,
 )
 from loadtests.grpc_fake_upstream import fake_response, grpc_frame
-from protos.caraml.upi.v1 import table_pb2, upi_pb2, upi_pb2_grpc
+from merlin_dp.protos.caraml.upi.v1 import table_pb2, upi_pb2, upi_pb2_grpc
+from merlin_dp.spec.routes import RouteTableSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 

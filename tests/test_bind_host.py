@@ -56,7 +56,7 @@ def test_bind_host(tmp_path: Path, server: str, bind: str) -> None:
         env["CARAML_GRPC_PORT"] = str(free_port())
         env["CARAML_ARTIFACT_LOCATION"] = str(ROOT / "examples" / "upi")
         model = "row_scorer:RowScorer"
-    proc = subprocess.Popen([sys.executable, "-m", f"controller.servers.{server}", model],
+    proc = subprocess.Popen([sys.executable, "-m", f"merlin_dp.servers.{server}", model],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from gateway.config import GatewayConfig
-from gateway.proxy import ProxyLimits
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.http.proxy import ProxyLimits
 from tests.conftest import model_endpoint, start_replicas, version
 from tests.test_bad_inputs import raw_exchange
 from tests.test_h2_frames import RawServer

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from controller.server import ControllerConfig, start_controller
+from merlin_dp.controller.server import ControllerConfig, start_controller
 from tests.conftest import ROOT, free_port
 from tests.test_bad_inputs import raw_exchange
 
@@ -105,7 +105,7 @@ class ControllerProcess:
         self.log = cwd / "controller.log"
         self._out = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "controller", "--state-dir",
+            [sys.executable, "-m", "merlin_dp", "controller", "--state-dir",
              str(self.state), "--listen", f"127.0.0.1:{self.port}", *args],
             cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
@@ -312,7 +312,7 @@ def test_without_tokens_everything_stays_allowed(tmp_path: Path) -> None:
     finally:
         ctl.stop()
     out = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir",
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir",
          str(tmp_path / "s2"), "--listen", f"127.0.0.1:{free_port()}",
          "--model-root", str(tmp_path / "nowhere")],
         cwd=ROOT, capture_output=True, text=True, timeout=60,

@@ -23,7 +23,7 @@ EXAMPLE = f"{sys.executable} {ROOT / 'examples' / 'custom_model.py'}"
 
 def start_controller(tmp: Path, state: Path, port: int) -> Proc:
     proc = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
          "--listen", f"127.0.0.1:{port}"],
         port, tmp / f"controller-{port}-{len(list(tmp.glob('controller-*')))}.log",
     )  # fmt: skip
@@ -33,7 +33,7 @@ def start_controller(tmp: Path, state: Path, port: int) -> Proc:
 
 def cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args, "--controller", f"http://127.0.0.1:{port}"],
+        [sys.executable, "-m", "merlin_dp", *args, "--controller", f"http://127.0.0.1:{port}"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -80,7 +80,7 @@ async def test_state_survives_kill_9_and_gateway_rides_it_out(tmp_path: Path) ->
     ctl = start_controller(tmp_path, state, port)
     gw_port, admin = free_port(), free_port()
     gateway = Proc(
-        [sys.executable, "-m", "controller.cli", "gateway", "--controller",
+        [sys.executable, "-m", "merlin_dp", "gateway", "--controller",
          f"http://127.0.0.1:{port}", "--listen", f"127.0.0.1:{gw_port}",
          "--admin", f"127.0.0.1:{admin}"],
         gw_port, tmp_path / "gateway.log",
@@ -161,7 +161,7 @@ def test_kill_9_mid_change_leaves_a_whole_state(tmp_path: Path) -> None:
     port = free_port()
     state = tmp_path / "state"
     ctl = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
          "--listen", f"127.0.0.1:{port}", "--runtime", "none"],
         port, tmp_path / "controller-a.log",
     )  # fmt: skip
@@ -225,14 +225,14 @@ async def test_processes_scale_to_zero_and_activate(tmp_path: Path, signals: str
         source = ["--store", redis.url, "--redis-signals"]
         follow = ["--redis", redis.url, "--activate-url", f"http://127.0.0.1:{port}"]
     ctl = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir",
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir",
          str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}", *source,
          "--stable-window", "3", "--scale-down-delay", "1", "--scale-to-zero-grace", "1"],
         port, tmp_path / "controller.log",
     )  # fmt: skip
     wait_port(port)
     gateway = Proc(
-        [sys.executable, "-m", "controller.cli", "gateway", *follow, "--listen",
+        [sys.executable, "-m", "merlin_dp", "gateway", *follow, "--listen",
          f"127.0.0.1:{gw_port}", "--admin", f"127.0.0.1:{admin}", "--workers", "2"],
         gw_port, tmp_path / "gateway.log",
     )  # fmt: skip

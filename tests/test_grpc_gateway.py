@@ -1,5 +1,5 @@
 """The gateway's gRPC (UPI_V1) path, end to end: a real ``grpc.aio`` client through a
-gateway worker's gRPC listener to real UPI replicas (``python -m controller.servers.upi``
+gateway worker's gRPC listener to real UPI replicas (``python -m merlin_dp.servers.upi``
 processes) and to ``grpc.aio`` servers that misbehave on purpose.
 
 Real sockets on 127.0.0.1 throughout; nothing asserts a duration.
@@ -22,10 +22,10 @@ from typing import Any
 import grpc
 import pytest
 
-from controller.servers.upi import METHOD
-from gateway.config import GatewayConfig
-from gateway.metrics import merge_snapshots, render
-from protos.caraml.upi.v1 import upi_pb2, upi_pb2_grpc
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.metrics import merge_snapshots, render
+from merlin_dp.protos.caraml.upi.v1 import upi_pb2, upi_pb2_grpc
+from merlin_dp.servers.upi import METHOD
 from tests.conftest import Gateway, free_port, model_endpoint, version
 from tests.test_upi_server import DOUBLE, INTEGER, STRING, make_table, request, scores
 
@@ -76,7 +76,7 @@ def start_upi(ver: str, log: Path) -> UpiReplica:
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.servers.upi", "row_scorer:RowScorer"],
+            [sys.executable, "-m", "merlin_dp.servers.upi", "row_scorer:RowScorer"],
             env=env,
             cwd=ROOT,
             stdout=out,

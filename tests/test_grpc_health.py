@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import GatewayConfig
-from gateway.h2.health import service_field
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.grpc.health import service_field
 from tests.conftest import Gateway, model_endpoint, version
 from tests.test_grpc_gateway import channel
 from tests.test_protocol_mismatch import Witness

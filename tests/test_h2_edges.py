@@ -1,4 +1,4 @@
-"""The gRPC front's edge cases (``gateway/h2``), from a review of it: each test states the
+"""The gRPC front's edge cases (``merlin_dp/gateway/h2``), from a review of it: each test states the
 rule it checks. Those whose docstring begins "Was a bug." failed on the code as
 reviewed; the others cover a path no other test covers. Raw frames over real sockets on
 127.0.0.1 to an in-process gateway worker (the helpers of ``tests/test_h2_frames.py``).
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from gateway.h2 import frames as f
-from gateway.h2.server import ServerConnection
 from loadtests.bench import ensure_tools
+from merlin_dp.gateway.h2 import frames as f
+from merlin_dp.gateway.h2.server import ServerConnection
 from tests.conftest import Gateway
 from tests.test_h2_frames import Client, Frame, Hang, RawServer, gateway_to, still_serving
 
@@ -705,7 +705,7 @@ def test_the_decode_cache_never_serves_a_block_across_an_eviction() -> None:
     out, in a table that fits one) and a size update that empties the table both
     invalidate it; the second makes the cached reference undecodable (an error, not the
     stale fields)."""
-    from gateway.h2.codec import HeaderBlockError, HeaderDecoder
+    from merlin_dp.gateway.h2.codec import HeaderBlockError, HeaderDecoder
 
     dec = HeaderDecoder(16 * 1024)
     size_update_64 = bytes((0x3F, 64 - 31))  # dynamic table size update to 64 bytes

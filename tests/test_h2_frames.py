@@ -18,11 +18,11 @@ import grpc
 import hpack
 import pytest
 
-from gateway.config import GatewayConfig
-from gateway.h2 import frames as f
-from gateway.h2.codec import HeaderDecoder, encode
-from gateway.h2.connection import H2Limits
-from gateway.h2.grpc import format_timeout, parse_timeout
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.grpc.proxy import format_timeout, parse_timeout
+from merlin_dp.gateway.h2 import frames as f
+from merlin_dp.gateway.h2.codec import HeaderDecoder, encode
+from merlin_dp.gateway.h2.connection import H2Limits
 from tests.conftest import Gateway, model_endpoint, version
 
 Frame = tuple[int, int, int, bytes]  # type, flags, stream id, payload
@@ -566,11 +566,11 @@ async def test_streams_over_the_limit_are_refused(gateway_factory: Any, hang: Ha
 
 
 async def test_silent_and_idle_connections_are_closed(tmp_path: Any) -> None:
-    from gateway.h2.grpc import GrpcProxy
-    from gateway.h2.server import GrpcListener
-    from gateway.metrics import GatewayMetrics
-    from gateway.upstream import PoolLimits, UpstreamStats
-    from gateway.worker import bind_socket
+    from merlin_dp.gateway.grpc.proxy import GrpcProxy
+    from merlin_dp.gateway.h2.server import GrpcListener
+    from merlin_dp.gateway.metrics import GatewayMetrics
+    from merlin_dp.gateway.pool.http1 import PoolLimits, UpstreamStats
+    from merlin_dp.gateway.worker import bind_socket
 
     proxy = GrpcProxy(GatewayMetrics(UpstreamStats()), PoolLimits())
     listener = GrpcListener(proxy, H2Limits(idle_seconds=0.2, handshake_seconds=0.2))

@@ -7,7 +7,7 @@ import asyncio
 import socket
 from typing import Any
 
-from gateway.config import GatewayConfig
+from merlin_dp.gateway.config import GatewayConfig
 from tests.test_proxy_hardening import HOST, RawReplica, spec, statuses
 
 WEBSOCKET = (

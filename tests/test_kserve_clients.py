@@ -102,9 +102,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Mode
     shutil.copy(models / "v1" / "model.joblib", pyfunc_dir)
     shutil.copy(ROOT / "examples" / "pyfunc" / "iris_names.py", pyfunc_dir)
     started = [
-        ModelServer(tmp / "iris-1.log", "controller.servers.sklearn", "iris", "1", models / "v1"),
-        ModelServer(tmp / "iris-2.log", "controller.servers.sklearn", "iris", "2", models / "v2"),
-        ModelServer(tmp / "names-1.log", "controller.servers.pyfunc", "names", "1", pyfunc_dir,
+        ModelServer(tmp / "iris-1.log", "merlin_dp.servers.sklearn", "iris", "1", models / "v1"),
+        ModelServer(tmp / "iris-2.log", "merlin_dp.servers.sklearn", "iris", "2", models / "v2"),
+        ModelServer(tmp / "names-1.log", "merlin_dp.servers.pyfunc", "names", "1", pyfunc_dir,
                     "iris_names:IrisWithNames"),
     ]  # fmt: skip
     try:

@@ -19,8 +19,8 @@ import kmock
 import pytest
 import yaml
 
-from controller.kubernetes.client import api_client
-from controller.kubernetes.informer import Informer
+from merlin_dp.controller.kubernetes.client import api_client
+from merlin_dp.controller.kubernetes.informer import Informer
 from tests.conftest import ROOT, Proc, Replica, free_port
 from tests.kube import (
     DEPLOYMENTS,
@@ -164,7 +164,7 @@ class Stack:
 
     def controller(self, identity: str, *extra: str) -> int:
         port = free_port()
-        args = [sys.executable, "-m", "controller.cli", "controller", "--kubernetes",
+        args = [sys.executable, "-m", "merlin_dp", "controller", "--kubernetes",
                 "--kube-api", self.cluster.url, "--namespace", NS,
                 "--listen", f"127.0.0.1:{port}", "--state-dir", str(self.tmp / identity),
                 "--identity", identity, "--lease-seconds", "2", "--resync-seconds", "30",
@@ -174,7 +174,7 @@ class Stack:
 
     def gateway(self, controller_port: int, admin: int = 0) -> None:
         self.gateway_port, self.gateway_admin = free_port(), admin or free_port()
-        args = [sys.executable, "-m", "controller.cli", "gateway",
+        args = [sys.executable, "-m", "merlin_dp", "gateway",
                 "--controller", f"http://127.0.0.1:{controller_port}",
                 "--listen", f"127.0.0.1:{self.gateway_port}",
                 "--admin", f"127.0.0.1:{self.gateway_admin}"]  # fmt: skip

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import datetime
 
-from controller.kubernetes.cluster import Condition, derive, status_patch, versions_from_slices
-from controller.models import ControllerState
+from merlin_dp.controller.kubernetes.cluster import (
+    Condition,
+    derive,
+    status_patch,
+    versions_from_slices,
+)
+from merlin_dp.controller.models import ControllerState
 from tests.kube import me, slice_object, weights
 
 NOW = 1_000.0

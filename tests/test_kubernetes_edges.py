@@ -1,4 +1,4 @@
-"""Kubernetes mode's edge cases (controller/kubernetes/), from a review of it: each was a
+"""Kubernetes mode's edge cases (merlin_dp/controller/kubernetes/), from a review of it: each was a
 bug found by a failing test here, except those marked "COVERAGE", which cover a path
 nothing else tested. Pure derive()/status tests first; then kmock over real HTTP
 (tests/kube.py), with a slow front or a held list where an interleaving matters.
@@ -17,16 +17,21 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controller.kubernetes.client import api_client
-from controller.kubernetes.cluster import Condition, derive, status_patch, versions_from_slices
-from controller.kubernetes.lease import LeaderElector
-from controller.kubernetes.objects import LEASE_NAME
-from controller.kubernetes.sync import KubernetesSync, gateway_urls
-from controller.models import ControllerState, ModelEndpointBody
-from controller.service import Controller
-from controller.state import ApiError, set_endpoint
-from controller.store import FileStore
-from gateway.rule import Rule
+from merlin_dp.controller.kubernetes.client import api_client
+from merlin_dp.controller.kubernetes.cluster import (
+    Condition,
+    derive,
+    status_patch,
+    versions_from_slices,
+)
+from merlin_dp.controller.kubernetes.lease import LeaderElector
+from merlin_dp.controller.kubernetes.objects import LEASE_NAME
+from merlin_dp.controller.kubernetes.sync import KubernetesSync, gateway_urls
+from merlin_dp.controller.models import ControllerState, ModelEndpointBody
+from merlin_dp.controller.service import Controller
+from merlin_dp.controller.state import ApiError, set_endpoint
+from merlin_dp.controller.store import FileStore
+from merlin_dp.spec.rule import Rule
 from tests.kube import LEASES, MODEL_ENDPOINTS, NS, Cluster, me, slice_object, weights
 
 NOW = 1_000.0

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controller.runtime import DeploySpec, ReplicaInfo, RuntimeEvent
-from controller.runtime.local import LocalRuntime, LocalTimings
+from merlin_dp.runtime import DeploySpec, ReplicaInfo, RuntimeEvent
+from merlin_dp.runtime.local import LocalRuntime, LocalTimings
 from tests.conftest import ROOT, free_port
 
 EXAMPLE = (sys.executable, str(ROOT / "examples" / "custom_model.py"))
@@ -343,7 +343,7 @@ class ControllerProcess:
         self.log = tmp / f"controller-{n}.log"
         self._out = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+            [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
              "--listen", f"127.0.0.1:{self.port}"],
             cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtests.locust_common import read_summary, request_from_payload
+from merlin_dp.loadtest.locust_common import read_summary, request_from_payload
 from tests.conftest import ROOT, Procs, free_port, write_routes
 from tests.test_grpc_gateway import spec, start_upi, wait_ready
 
 
 def loadtest(gateway: str, out: Path, model: str = "fraud/scorer") -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "loadtest", model, "--suite", "upi",
+        [sys.executable, "-m", "merlin_dp", "loadtest", model, "--suite", "upi",
          "--gateway", gateway, "--duration", "2", "--users", "4", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -3,7 +3,7 @@
 Every YAML document is read into the official client's typed model for its kind and
 written back: the models ignore keys they don't know, so a misspelled field shows up as
 a difference between the input and the round trip. The CRD must be what
-deploy/generate_crd.py makes from gateway/rule.py now, and structural. No cluster, no
+deploy/generate_crd.py makes from merlin_dp/spec/rule.py now, and structural. No cluster, no
 network.
 """
 
@@ -24,7 +24,7 @@ import yaml
 from kubernetes import client as k8s
 from pydantic import ValidationError
 
-from gateway.rule import Rule
+from merlin_dp.spec.rule import Rule
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

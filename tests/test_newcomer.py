@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from protos.caraml.upi.v1 import upi_pb2_grpc
+from merlin_dp.protos.caraml.upi.v1 import upi_pb2_grpc
 from tests.conftest import ROOT, Proc, free_port, wait_port
 from tests.test_upi_server import DOUBLE, make_table, request, scores
 
@@ -32,7 +32,7 @@ SLEEPER = f"{sys.executable} -c 'import time; time.sleep(300)'"
 
 def cli(api: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args, "--controller", api],
+        [sys.executable, "-m", "merlin_dp", *args, "--controller", api],
         cwd=cwd, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -45,7 +45,7 @@ class Up:
         self.log = tmp / f"{name}.log"
         self._out = self.log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "up", "--state-dir", str(state),
+            [sys.executable, "-m", "merlin_dp", "up", "--state-dir", str(state),
              "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin}",
              "--api", f"127.0.0.1:{self.api_port}", "--grpc-port", str(self.grpc_port)],
             cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -123,12 +123,12 @@ def test_a_second_up_on_a_state_dir_in_use_is_refused_and_the_first_keeps_runnin
         assert second.proc.returncode == 1, text
         refusal = f"the state directory {state.resolve()} is in use by pid {first.proc.pid} ("
         assert f"merlin-dp up: {refusal}" in text
-        assert "controller.cli up" in text and "Traceback" not in text
+        assert "-m merlin_dp up" in text and "Traceback" not in text
         assert not listening(second.api_port) and not listening(second.port)
 
         # `merlin-dp controller` on a file store takes the same lock.
         ctl = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+            [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
              "--listen", f"127.0.0.1:{free_port()}"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -152,7 +152,7 @@ def test_a_taken_port_is_one_line_and_nothing_starts(tmp_path: Path) -> None:
     marker.write_text(EXAMPLE.read_text())
     port = free_port()
     ctl = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
          "--listen", f"127.0.0.1:{port}"],
         port, tmp_path / "controller.log",
     )  # fmt: skip
@@ -170,7 +170,7 @@ def test_a_taken_port_is_one_line_and_nothing_starts(tmp_path: Path) -> None:
         taken.listen()
         busy = taken.getsockname()[1]
         out = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+            [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
              "--listen", f"127.0.0.1:{busy}"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -182,7 +182,7 @@ def test_a_taken_port_is_one_line_and_nothing_starts(tmp_path: Path) -> None:
                      "--grpc-port": str(free_port())}  # fmt: skip
             ports[flag] = str(busy) if flag == "--grpc-port" else f"127.0.0.1:{busy}"
             out = subprocess.run(
-                [sys.executable, "-m", "controller.cli", "up", "--state-dir", str(state),
+                [sys.executable, "-m", "merlin_dp", "up", "--state-dir", str(state),
                  "--api", f"127.0.0.1:{free_port()}", *(x for kv in ports.items() for x in kv)],
                 cwd=ROOT, capture_output=True, text=True, timeout=60,
             )  # fmt: skip
@@ -208,7 +208,7 @@ def _cmdline(proc: Path) -> str:
 def test_a_crash_loop_fails_fast_and_says_why_everywhere(tmp_path: Path) -> None:
     port = free_port()
     ctl = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir",
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir",
          str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}",
          "--public-http-port", "80", "--public-grpc-port", "0"],
         port, tmp_path / "controller.log",
@@ -266,7 +266,7 @@ def test_a_relative_command_runs_where_it_was_deployed_from_and_logs_reach_anywh
     state = tmp_path / "state"
     port = free_port()
     ctl = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(state),
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
          "--listen", f"127.0.0.1:{port}"],
         port, tmp_path / "controller.log",
     )  # fmt: skip
@@ -288,7 +288,7 @@ def test_a_relative_command_runs_where_it_was_deployed_from_and_logs_reach_anywh
 
         # -f: the last lines, then what is written after (here: a restart's output).
         follow = subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "logs", "fraud/rel/1", "-f", "-n", "5",
+            [sys.executable, "-m", "merlin_dp", "logs", "fraud/rel/1", "-f", "-n", "5",
              "--controller", api],
             cwd=elsewhere, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip

@@ -1,6 +1,6 @@
 """KServe V2 / Open Inference Protocol on the shipped model servers' contract app.
 
-A model under the contract (controller/servers/contract.py) served on a real socket;
+A model under the contract (merlin_dp/servers/contract.py) served on a real socket;
 requests from a real HTTP client. What the tensors become for ``predict``, what its
 answer becomes, the binary extension, and every bad input's 400.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controller.servers.contract import BadInput, make_app
+from merlin_dp.servers.contract import BadInput, make_app
 from tests.conftest import Replica
 
 CANNED: dict[str, Any] = {

@@ -33,8 +33,8 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from controller.openapi import openapi_document
-from controller.server import ControllerConfig, start_controller
+from merlin_dp.controller.openapi import openapi_document
+from merlin_dp.controller.server import ControllerConfig, start_controller
 from tests.conftest import ROOT, Proc, free_port, wait_port
 
 TOKEN = "openapi-document-tests"
@@ -61,7 +61,7 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     port = free_port()
     proc = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(tmp / "state"),
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(tmp / "state"),
          "--listen", f"127.0.0.1:{port}", "--tokens", str(tokens)],
         port, tmp / "controller.log",
     )  # fmt: skip

@@ -21,7 +21,7 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
         f"tokens:\n  - {{name: fuzz, token: {TOKEN}, access: write, projects: ['*'], host: true}}\n"
     )
     controller = Proc(
-        [sys.executable, "-m", "controller.cli", "controller", "--state-dir", str(tmp_path / "s"),
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(tmp_path / "s"),
          "--listen", f"127.0.0.1:{port}", "--runtime", "none", "--tokens", str(tokens)],
         port, tmp_path / "controller.log",
     )  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.config import GatewayConfig
+from merlin_dp.gateway.config import GatewayConfig
 from tests.conftest import model_endpoint, version
 from tests.test_grpc_gateway import channel, predict, small
 from tests.test_h2_frames import RawServer

@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig
-from gateway.upstream import PoolLimits
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.pool.http1 import PoolLimits
 from tests.conftest import Replica, free_port, model_endpoint, start_replicas, version
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.config import GatewayConfig
-from gateway.upstream import PoolLimits
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.pool.http1 import PoolLimits
 from tests.conftest import Procs, Replica, model_endpoint, version, write_routes
 from tests.test_bad_inputs import raw_exchange
 from tests.test_bytes import read_chunked
@@ -103,7 +103,7 @@ async def test_half_sent_upload_never_goes_back_to_the_pool(gateway_factory: Any
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        from gateway.proxy import ProxyLimits
+        from merlin_dp.gateway.http.proxy import ProxyLimits
 
         config = GatewayConfig(proxy=ProxyLimits(buffer_body_bytes=1024))
         gw = await gateway_factory(spec(f"127.0.0.1:{port}"), config)
@@ -164,7 +164,7 @@ async def test_stale_pooled_connection_is_retried_fresh_on_the_same_replica(
 
 
 async def test_client_faults_do_not_eject_replicas(gateway_factory: Any, replicas: Any) -> None:
-    from gateway.proxy import ProxyLimits
+    from merlin_dp.gateway.http.proxy import ProxyLimits
 
     (echo,) = [await Replica("echo").start()]
     replicas.append(echo)
@@ -267,7 +267,7 @@ async def test_abandoned_requests_release_their_replica(
 
 
 def test_ejection_backoff_resets_after_recovery() -> None:
-    from gateway.upstream import Upstream, UpstreamStats
+    from merlin_dp.gateway.pool.http1 import Upstream, UpstreamStats
 
     loop = asyncio.new_event_loop()
     try:

@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controller.server import ControllerConfig, start_controller
-from gateway.config import GatewayConfig
-from gateway.sources import RedisRouteSource
-from gateway.worker import GatewayWorker
+from merlin_dp.controller.server import ControllerConfig, start_controller
+from merlin_dp.gateway.config import GatewayConfig
+from merlin_dp.gateway.routing.sources import RedisRouteSource
+from merlin_dp.gateway.worker import GatewayWorker
 from tests.conftest import RedisServer
 from tests.test_controller_api import BASE, Api, deployment
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.upstream import Upstream
+from merlin_dp.gateway.pool.http1 import Upstream
 from tests.conftest import Procs, model_endpoint, start_replicas, version
 
 

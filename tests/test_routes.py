@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.routes import RouteFileError, RouteTableSpec, load_route_file
+from merlin_dp.spec.routes import RouteFileError, RouteTableSpec, load_route_file
 from tests.conftest import model_endpoint, version
 
 
@@ -146,8 +146,8 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
 
 
 def test_weighted_pick_is_accurate_and_constant_time() -> None:
-    from gateway.metrics import VersionStats
-    from gateway.table import compile_table
+    from merlin_dp.gateway.metrics import VersionStats
+    from merlin_dp.gateway.routing.table import compile_table
 
     class NoUpstreams:
         def get(self, host: str, port: int) -> Any:

@@ -8,8 +8,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from autoscaler.collector import RedisSignals
-from gateway.config import GatewayConfig
+from merlin_dp.autoscaler.collector import RedisSignals
+from merlin_dp.gateway.config import GatewayConfig
 from tests.conftest import (
     Gateway,
     RedisServer,

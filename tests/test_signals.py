@@ -7,9 +7,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.admin import admin_app, start_admin
-from gateway.metrics import VersionStats
-from gateway.signals import SignalRecorder
+from merlin_dp.gateway.admin import admin_app, start_admin
+from merlin_dp.gateway.metrics import VersionStats
+from merlin_dp.gateway.signals import SignalRecorder
 from tests.conftest import model_endpoint, start_replicas, version
 
 

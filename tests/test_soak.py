@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import soak
-from loadtests.locust_common import read_summary
+from merlin_dp.loadtest.locust_common import read_summary
 from tests.conftest import ROOT
 
 MIB = 1024 * 1024
@@ -79,7 +79,7 @@ async def test_merlin_dp_loadtest_runs_locust_and_summarises(tmp_path: Path) -> 
         await stack.start()
         out = tmp_path / "out"
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller.cli", "loadtest", f"{soak.PROJECT}/{soak.MODEL}",
+            sys.executable, "-m", "merlin_dp", "loadtest", f"{soak.PROJECT}/{soak.MODEL}",
             "--gateway", f"http://127.0.0.1:{stack.port}", "--duration", "2", "--users", "4",
             "--out", str(out),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

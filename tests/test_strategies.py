@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.metrics import render
+from merlin_dp.gateway.metrics import render
 from tests.conftest import Replica, model_endpoint, start_replicas, version
 
 
@@ -202,8 +202,8 @@ async def test_slow_or_failing_shadow_leaves_primary_untouched(
 
 
 async def test_shadow_bounds_drop_and_count(gateway_factory: Any, replicas: Any) -> None:
-    from gateway.config import GatewayConfig
-    from gateway.proxy import ProxyLimits
+    from merlin_dp.gateway.config import GatewayConfig
+    from merlin_dp.gateway.http.proxy import ProxyLimits
 
     release = asyncio.Event()
 

@@ -29,7 +29,7 @@ def test_up_demo_serves_splits_and_stops_clean(tmp_path: Path) -> None:
     ports = [free_port(), free_port(), free_port()]
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "up", "--demo",
+        [sys.executable, "-m", "merlin_dp", "up", "--demo",
          "--state-dir", str(tmp_path / "s"),
          "--listen", f"127.0.0.1:{ports[0]}", "--admin", f"127.0.0.1:{ports[1]}",
          "--api", f"127.0.0.1:{ports[2]}", "--grpc-port", "0"],
@@ -59,7 +59,7 @@ def test_up_demo_serves_splits_and_stops_clean(tmp_path: Path) -> None:
                            if h.lower().startswith("x-model-version"))  # fmt: skip
             seen[version] = seen.get(version, 0) + 1
         assert set(seen) == {"1", "2"} and seen["1"] > seen["2"]
-        pgrep = ["pgrep", "-f", "controller.servers.sklearn"]
+        pgrep = ["pgrep", "-f", "merlin_dp.servers.sklearn"]
         replica_pids = [
             int(p) for p in subprocess.run(pgrep, capture_output=True, text=True).stdout.split()
         ]
@@ -82,10 +82,10 @@ def test_up_demo_serves_splits_and_stops_clean(tmp_path: Path) -> None:
 
 
 async def test_pyfunc_and_sklearn_servers_through_the_gateway(tmp_path: Path) -> None:
-    from controller.server import ControllerConfig, start_controller
-    from gateway.config import GatewayConfig
-    from gateway.sources import ControllerRouteSource
-    from gateway.worker import GatewayWorker
+    from merlin_dp.controller.server import ControllerConfig, start_controller
+    from merlin_dp.gateway.config import GatewayConfig
+    from merlin_dp.gateway.routing.sources import ControllerRouteSource
+    from merlin_dp.gateway.worker import GatewayWorker
 
     sys.path.insert(0, str(ROOT / "examples" / "iris"))
     from train import train  # type: ignore[import-not-found]

@@ -19,9 +19,9 @@ import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
-from controller.servers.upi import METHOD, ports_from_env
-from protos import _generate
-from protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2, upi_pb2_grpc, variable_pb2
+from merlin_dp.protos import _generate
+from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2, upi_pb2_grpc, variable_pb2
+from merlin_dp.servers.upi import METHOD, ports_from_env
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.servers.upi", "row_scorer:RowScorer"],
+            [sys.executable, "-m", "merlin_dp.servers.upi", "row_scorer:RowScorer"],
             env=env,
             cwd=ROOT,
             stdout=out,
@@ -279,7 +279,7 @@ def test_sigterm_stops_it(tmp_path: Path) -> None:
         "CARAML_ARTIFACT_LOCATION": str(EXAMPLE_DIR),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.servers.upi", "row_scorer:RowScorer"],
+        [sys.executable, "-m", "merlin_dp.servers.upi", "row_scorer:RowScorer"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -438,7 +438,7 @@ def test_the_stubs_are_generated_from_the_current_protos() -> None:
 async def test_a_upi_version_deployed_through_the_controller(tmp_path: Path) -> None:
     """`type: pyfunc, protocol: UPI_V1` runs the UPI server on two ports: the replica's
     address (what the route table carries) is gRPC; probes and /metrics are on HTTP."""
-    from controller.server import ControllerConfig, start_controller
+    from merlin_dp.controller.server import ControllerConfig, start_controller
     from tests.test_controller_api import BASE, Api
 
     controller, runner, port = await start_controller(

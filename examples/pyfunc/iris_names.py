@@ -25,7 +25,7 @@ class IrisWithNames:
         self.model = joblib.load(model_dir / "model.joblib")
 
     def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
-        from controller.servers.contract import BadInput
+        from merlin_dp.servers.contract import BadInput
 
         instances = payload.get("instances") if isinstance(payload, dict) else None
         if not isinstance(instances, list) or not all(

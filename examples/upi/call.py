@@ -14,7 +14,7 @@ import sys
 
 import grpc
 
-from protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2, upi_pb2_grpc
+from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2, upi_pb2_grpc
 
 
 def request() -> upi_pb2.PredictValuesRequest:

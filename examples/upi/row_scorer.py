@@ -5,7 +5,7 @@ Serve it by hand, on two free ports (gRPC for predictions, HTTP for the probes):
     CARAML_GRPC_PORT=9000 CARAML_HTTP_PORT=9001 \\
     CARAML_MODEL_NAME=scorer CARAML_MODEL_VERSION=1 CARAML_MODEL_FULL_NAME=scorer-1 \\
     CARAML_ARTIFACT_LOCATION=examples/upi \\
-    python -m controller.servers.upi row_scorer:RowScorer
+    python -m merlin_dp.servers.upi row_scorer:RowScorer
 
 and call ``caraml.upi.v1.UniversalPredictionService/PredictValues`` on 127.0.0.1:9000
 with a table such as columns ``a`` (DOUBLE), ``b`` (INTEGER), ``city`` (STRING): the
@@ -27,8 +27,8 @@ from __future__ import annotations
 import os
 import time
 
-from controller.servers.contract import BadInput
-from controller.servers.upi import Table
+from merlin_dp.servers.contract import BadInput
+from merlin_dp.servers.upi import Table
 
 
 class RowScorer:

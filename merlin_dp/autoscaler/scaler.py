@@ -1,0 +1,247 @@
+"""The decision loop: signals in, policy decisions out, actuated through the runtime.
+
+Every ``interval`` it polls the gateways, and for every running version endpoint builds
+:class:`~merlin_dp.autoscaler.policy.Signals` from the windows and the runtime's replica states,
+asks :func:`~merlin_dp.autoscaler.policy.decide`, and scales the runtime when the answer differs
+from what runs. The clock is injected; the policy state per version lives here.
+
+A gateway holding requests for a version at zero pokes (:meth:`Autoscaler.poke`, through
+the controller's ``POST /v1/activations``); the poke wakes the loop at once instead of
+waiting for the next tick, and the held requests count as demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from merlin_dp.autoscaler.collector import SignalSource
+from merlin_dp.autoscaler.metrics import AutoscalerMetrics
+from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
+from merlin_dp.autoscaler.resources import ReplicaResources, Resource
+from merlin_dp.common.aio import cancel_and_wait
+from merlin_dp.controller.models import VersionEndpoint
+from merlin_dp.controller.service import Controller
+from merlin_dp.runtime import Runtime
+
+log = logging.getLogger("autoscaler")
+
+
+# A poke counts as demand for this long: gateways repeat theirs every second while
+# requests wait, so a stale one means they stopped waiting.
+POKE_FRESH_SECONDS = 3.0
+# Requests in the stable window before their mean time counts as a service time.
+MIN_SERVICE_SAMPLE = 100
+
+
+def policy_config(rec: VersionEndpoint, base: PolicyConfig | None = None) -> PolicyConfig:
+    """The version's policy: its own metric, target and bounds over the shared timings."""
+    spec = rec.spec
+    return replace(
+        base or PolicyConfig(),
+        metrics_type=spec.autoscaling_policy.metrics_type,
+        target_value=spec.autoscaling_policy.target_value,
+        min_replica=spec.resource_request.min_replica,
+        max_replica=spec.resource_request.max_replica,
+    )
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        versions: Callable[[], dict[str, VersionEndpoint]],
+        runtime: Runtime,
+        signals: SignalSource,
+        clock: Callable[[], float] = time.time,
+        interval: float = 1.0,
+        timings: PolicyConfig | None = None,
+    ) -> None:
+        self.versions = versions
+        self.runtime = runtime
+        self.signals = signals
+        self.clock = clock
+        self.interval = interval
+        self.timings = timings or PolicyConfig()
+        self.states: dict[str, PolicyState] = {}
+        self.last_reason: dict[str, str] = {}
+        self.last_signals: dict[str, Signals] = {}
+        self._pokes: dict[str, tuple[int, float]] = {}  # key -> (waiting, when)
+        self.resources = ReplicaResources()
+        self.metrics = AutoscalerMetrics()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Future[None] | None = None
+        self._service: dict[str, float] = {}  # key -> last good seconds per request
+        self._startup: dict[str, float] = {}  # key -> seconds the last replica took to ready
+
+    def poke(self, key: str, waiting: int) -> None:
+        """Requests wait at zero for ``key``: decide now, not at the next tick."""
+        self._pokes[key] = (waiting, self.clock())
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    async def tick(self) -> None:
+        now = self.clock()
+        answered, expected = await self.signals.poll(now)
+        everyone = answered >= expected
+        running = {k: r for k, r in self.versions().items() if r.status in ("running", "serving")}
+        for key, rec in running.items():
+            await self._decide(key, rec, now, answered, everyone)
+        self.resources.retain(running)
+        self.metrics.retain(running)
+        for url in self.signals.sources:
+            seen = self.signals.last_seen.get(url)
+            self.metrics.set_gateway(
+                url, self.signals.failures.get(url, 0), None if seen is None else now - seen
+            )
+
+    async def _decide(
+        self, key: str, rec: VersionEndpoint, now: float, answered: int, everyone: bool
+    ) -> None:
+        config = policy_config(rec, self.timings)
+        replicas = self.runtime.replicas(key)
+        startups = [r.ready_after for r in replicas if r.ready_after is not None]
+        if startups:
+            self._startup[key] = startups[-1]
+        ready = sum(1 for r in replicas if r.state == "ready")
+        starting = sum(1 for r in replicas if r.state in ("starting", "unready"))
+        draining = sum(1 for r in replicas if r.state == "draining")
+        rps, conc = self.signals.buckets((rec.project, rec.model, rec.version))
+        waiting, poked_at = self._pokes.get(key, (0, -math.inf))
+        if now - poked_at > POKE_FRESH_SECONDS:
+            waiting = 0
+            self._pokes.pop(key, None)
+        utilization: float | None = None
+        complete = everyone
+        if config.metrics_type in ("cpu_utilization", "memory_utilization"):
+            resource: Resource = "cpu" if config.metrics_type == "cpu_utilization" else "memory"
+            request = rec.spec.resource_request
+            used = await self.resources.scrape(
+                key, replicas, request.cpu_request, request.memory_request, now
+            )
+            self.metrics.observe_utilization(key, used)
+            utilization = used.value(resource)
+            complete = complete and used.complete(resource)
+            series = rps  # request traffic still decides idleness (scale to zero)
+        else:
+            series = rps if config.metrics_type == "rps" else conc
+        rate_stable = rps.average(now, config.stable_window)
+        observed = Signals(
+            stable=series.average(now, config.stable_window),
+            panic=series.average(now, config.panic_window),
+            utilization=utilization,
+            ready=ready,
+            starting=starting,
+            draining=draining,
+            complete=complete,
+            waiting=waiting,
+            rate_stable=rate_stable,
+            rate_panic=rps.average(now, config.panic_window),
+            rate_recent=rps.average(now, config.recent_window),
+            service_time=self._service_time(
+                key, conc.average(now, config.stable_window), rate_stable, config.stable_window
+            ),
+            queued=waiting,  # the gateway queues only at zero; replicas queue their own
+            startup_time=self._startup.get(key, 0.0),
+        )
+        # A version first seen counts as just active: it gets its grace before zero.
+        state = self.states.get(key) or PolicyState(desired=ready + starting, last_active=now)
+        if answered == 0 and not waiting:
+            return  # no gateway reported: hold (the HPA's rule for missing data)
+        decision = decide(config, observed, state, now)
+        self.last_signals[key] = observed
+        self.states[key] = decision.state
+        self.last_reason[key] = decision.reason
+        value = utilization if config.metrics_type.endswith("_utilization") else observed.stable
+        self.metrics.observe_decision(key, desired=decision.desired, ready=ready,
+                                      reason=decision.reason, metric=config.metrics_type,
+                                      value=value)  # fmt: skip
+        live = ready + starting
+        if decision.desired != live:
+            if live == 0 and waiting:
+                self.metrics.activation(key)
+            log.info("scaling %s from %d to %d (%s)", key, live, decision.desired,
+                     decision.reason)  # fmt: skip
+            await self.runtime.scale(key, decision.desired)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self.run())
+
+    def _service_time(self, key: str, concurrency: float, rate: float, window: float) -> float:
+        """Seconds per request by Little's law (mean in flight / arrival rate) over the
+        stable window; with fewer than ``MIN_SERVICE_SAMPLE`` requests in it, the last
+        good estimate holds (0 until there is one: the policy then sizes on the metric)."""
+        if rate * window >= MIN_SERVICE_SAMPLE and concurrency > 0:
+            self._service[key] = concurrency / rate
+        return self._service.get(key, 0.0)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+        await self.signals.close()
+        await self.resources.close()
+
+
+def add_timing_arguments(p: argparse.ArgumentParser) -> None:
+    """The cluster-wide timings users tune (Knative's config-autoscaler has the same)."""
+    d = PolicyConfig()
+    g = p.add_argument_group("autoscaling timings (for every version endpoint)")
+    g.add_argument("--stable-window", type=float, default=d.stable_window, metavar="SECONDS",
+                   help="requests are averaged over this window to size replicas")  # fmt: skip
+    g.add_argument("--scale-down-delay", type=float, default=d.scale_down_delay,
+                   metavar="SECONDS",
+                   help="the peak of this window holds before scaling down")  # fmt: skip
+    g.add_argument("--scale-to-zero-grace", type=float, default=d.scale_to_zero_grace,
+                   metavar="SECONDS",
+                   help="idle this long before a min_replica 0 version goes to zero")  # fmt: skip
+
+
+def timings_from(args: argparse.Namespace) -> PolicyConfig:
+    for name in ("stable_window", "scale_down_delay", "scale_to_zero_grace"):
+        if not 0 <= getattr(args, name) <= 3600:
+            raise SystemExit(f"merlin-dp: --{name.replace('_', '-')} must be 0-3600 seconds")
+    if args.stable_window < 1:
+        raise SystemExit("merlin-dp: --stable-window must be at least 1 second")
+    return replace(
+        PolicyConfig(),
+        stable_window=args.stable_window,
+        panic_window=max(1.0, args.stable_window / 10),  # Knative: 10% of the stable window
+        scale_down_delay=args.scale_down_delay,
+        scale_to_zero_grace=args.scale_to_zero_grace,
+    )
+
+
+def attach_autoscaler(
+    controller: Controller,
+    signals: SignalSource,
+    timings: PolicyConfig | None = None,
+    interval: float = 1.0,
+    runtime: Runtime | None = None,
+) -> Autoscaler:
+    """Run an autoscaler beside a controller: it scales the controller's runtime (or
+    ``runtime``), takes the gateways' pokes (``POST /v1/activations``) and serves its
+    metrics (``/metrics``)."""
+    actuator = runtime or controller.runtime
+    assert actuator is not None, "the autoscaler actuates a runtime"
+    scaler = Autoscaler(
+        lambda: controller.state.versions,
+        actuator,
+        signals,
+        interval=interval,
+        timings=timings,
+    )
+    controller.activations = scaler.poke
+    controller.metrics.append(scaler.metrics.render)
+    scaler.start()
+    return scaler

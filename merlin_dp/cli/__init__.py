@@ -1,0 +1,1 @@
+"""The ``merlin-dp`` command line: ``main`` dispatches to a module per subcommand."""

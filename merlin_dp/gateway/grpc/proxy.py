@@ -1,0 +1,714 @@
+"""One proxied gRPC call: from the client's HEADERS to the replica and back.
+
+:class:`GrpcProxy` is the acceptor of the gRPC listener. For each request stream it
+finds the target by ``:authority`` in the same route table the HTTP path reads, picks
+the version with the same rule objects (weights, header match on gRPC metadata,
+sticky), picks a replica with the same balancer, and pairs the client's stream with a
+stream on a pooled h2c connection to that replica. From then on frames pass through as
+bytes; header blocks are decoded (cached) and re-encoded as literals, with
+``x-model-version`` added to the response headers.
+
+The gateway answers on its own, Trailers-Only, when it can't route (``NOT_FOUND``), has
+no replica or none could take the call (``UNAVAILABLE``), or the call's deadline passes
+(``DEADLINE_EXCEEDED``; the replica's stream is reset with CANCEL). The deadline is the
+client's ``grpc-timeout`` capped by the route's timeout (the rule's ``timeout_seconds``,
+as on HTTP); the replica gets the deadline that applies. A call is
+retried on another replica only when the replica provably never saw it: the connect
+failed, or the replica refused the stream (REFUSED_STREAM, or a GOAWAY below its id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from random import random
+from time import perf_counter
+from typing import TypeVar, overload
+
+from merlin_dp.gateway.activation import ActivationRefused, Activator
+from merlin_dp.gateway.grpc import health
+from merlin_dp.gateway.grpc.mirror import MirrorCopy, Mirroring
+from merlin_dp.gateway.grpc.status import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    UNKNOWN,
+    trailers,
+    trailers_only,
+)
+from merlin_dp.gateway.h2 import frames as f
+from merlin_dp.gateway.h2.codec import Block, encode, encode_field
+from merlin_dp.gateway.h2.connection import CONNECTION_LOST, Stream
+from merlin_dp.gateway.http.proxy import WRONG_PROTOCOL, RequestIds
+from merlin_dp.gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics, VersionStats
+from merlin_dp.gateway.pool.h2 import UpstreamPool
+from merlin_dp.gateway.pool.http1 import PoolLimits, Upstream, UpstreamError
+from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.table import (
+    DIRECT_POLICY,
+    EMPTY_TABLE,
+    ModelTarget,
+    RoutePolicy,
+    RouteTable,
+    VersionTarget,
+    describe,
+)
+
+_T = TypeVar("_T")
+
+# gRPC's mapping of HTTP/2 RST_STREAM codes to statuses (doc/PROTOCOL-HTTP2.md).
+RST_TO_STATUS = {
+    f.REFUSED_STREAM: UNAVAILABLE,
+    f.CANCEL: CANCELLED,
+    f.ENHANCE_YOUR_CALM: RESOURCE_EXHAUSTED,
+    f.INADEQUATE_SECURITY: PERMISSION_DENIED,
+    CONNECTION_LOST: UNAVAILABLE,
+}
+
+# Request bodies kept to replay on another replica, while the replica might still
+# refuse the stream; bigger calls are not retried after their first bytes went out.
+REPLAY_BYTES = 1024 * 1024
+# Times a call refused for a replica's stream limit is sent again without a retry spent.
+BUSY_REDISPATCHES = 4
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """``grpc-timeout``: at most 8 digits and a unit; None if malformed."""
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
+        return None
+    return int(digits) * unit
+
+
+def format_timeout(seconds: float) -> bytes:
+    micros = max(1, int(seconds * 1e6))
+    if micros < 100_000_000:
+        return b"%du" % micros
+    return b"%dm" % min(99_999_999, micros // 1000)
+
+
+class Metadata(Mapping[str, str]):
+    """Request headers as the rule reads them: names case-insensitive (h2 names are
+    lowercase, rules may say ``X-Variant``); repeated cookies joined as HTTP/1 has them."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        fields: dict[str, str] = {}
+        for name, value in headers:
+            if name[:1] == b":":
+                continue
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            have = fields.get(key)
+            if have is None:
+                fields[key] = text
+            else:
+                fields[key] = have + ("; " if key == "cookie" else ", ") + text
+        self._fields = fields
+
+    def __getitem__(self, key: str) -> str:
+        return self._fields[key.lower()]
+
+    # Mapping.get would go through __getitem__ and a KeyError for every absent header
+    # a rule asks about: the common case on the hot path.
+    @overload
+    def get(self, key: str, /) -> str | None: ...
+
+    @overload
+    def get(self, key: str, default: str | _T, /) -> str | _T: ...
+
+    def get(self, key: str, default: object = None, /) -> object:
+        return self._fields.get(key.lower(), default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+
+# RFC 9113 §8.2.2: connection-specific fields make a request malformed.
+CONNECTION_FIELDS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+class RequestHead:
+    """What a request header block says, derived once per distinct block (cached with
+    it in the connection's decoder)."""
+
+    __slots__ = ("authority", "error", "forward", "forwarded_for", "has_request_id",
+                 "health", "metadata", "timeout")  # fmt: skip
+
+    def __init__(self, block: Block) -> None:
+        authority = path = method = None
+        timeout = None
+        self.has_request_id = False
+        self.forwarded_for: bytes | None = None
+        self.error: str | None = None
+        forward = []
+        for name, value in block.headers:
+            if name == b"x-forwarded-for":
+                # Extended with the client's address, as on HTTP.
+                prior: bytes | None = self.forwarded_for
+                self.forwarded_for = value if prior is None else prior + b", " + value
+                continue
+            forward.append((name, value))
+            if name in CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+                self.error = f"connection-specific field {name.decode('latin-1')!r}"
+            elif name != name.lower():
+                self.error = "uppercase field name"
+            elif name == b":authority" or (name == b"host" and authority is None):
+                authority = value
+            elif name == b":path":
+                path = value
+            elif name == b":method":
+                method = value
+            elif name == b"grpc-timeout":
+                timeout = parse_timeout(value)
+                if timeout is None:
+                    self.error = "malformed grpc-timeout"
+            elif name == b"x-request-id":
+                self.has_request_id = True
+        if not path or method is None:
+            self.error = "a request needs :method and :path"
+        host = (authority or b"").decode("latin-1")
+        colon = host.rfind(":")
+        if colon >= 0 and not host.endswith("]"):
+            host = host[:colon]
+        self.authority = host.lower()
+        self.timeout = timeout
+        # A grpc.health.v1.Health method: the gateway answers it (merlin_dp.gateway.grpc.health).
+        self.health = path if path and path.startswith(health.PREFIX) else None
+        self.metadata = Metadata(block.headers)
+        self.forward = block.encoded() if self.forwarded_for is None else encode(forward)
+
+
+class GrpcProxy:
+    """The acceptor of the gRPC listener: one per worker, reading ``self.table``."""
+
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        pool_limits: PoolLimits,
+        activator: Activator | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.table: RouteTable = EMPTY_TABLE
+        self.metrics = metrics
+        self.ustats = metrics.upstream
+        self.pool = UpstreamPool(self.loop, pool_limits, metrics.upstream)
+        self.activator = activator
+        self.request_ids = RequestIds()
+        self.mirroring = Mirroring(self)
+        self._version_fields: dict[str, bytes] = {}
+        self._timeout_fields: dict[float, bytes] = {}
+
+    def version_field(self, version: VersionTarget) -> bytes:
+        field = self._version_fields.get(version.version_header)
+        if field is None:
+            field = encode_field(b"x-model-version", version.version_header.encode())
+            self._version_fields[version.version_header] = field
+        return field
+
+    def timeout_field(self, seconds: float) -> bytes:
+        """``grpc-timeout`` for a route's timeout, encoded once per distinct value."""
+        field = self._timeout_fields.get(seconds)
+        if field is None:
+            field = self._timeout_fields[seconds] = encode_field(
+                b"grpc-timeout", format_timeout(seconds)
+            )
+        return field
+
+    def accept(self, stream: Stream, block: Block, end_stream: bool) -> None:
+        call = GrpcCall(self, stream)
+        stream.handler = call
+        call.start(block, end_stream)
+
+    def trailers(self, stream: Stream, block: Block, end_stream: bool) -> None:
+        handler = stream.handler
+        if isinstance(handler, GrpcCall):
+            handler.client_trailers(block)
+        elif isinstance(handler, health.HealthCall):
+            handler.request_end()
+
+    async def close(self) -> None:
+        await self.mirroring.close()
+        self.pool.close()
+
+
+class GrpcCall:
+    __slots__ = (
+        "block",
+        "body",
+        "body_bytes",
+        "body_end",
+        "busy_redispatches",
+        "chosen",
+        "client",
+        "done",
+        "head",
+        "mirror",
+        "policy",
+        "proxy",
+        "reconnected",
+        "replayable",
+        "req_trailers",
+        "response_started",
+        "retries_left",
+        "start_time",
+        "stats",
+        "task",
+        "timeout",
+        "timeout_field",
+        "timer",
+        "tried",
+        "up",
+        "upstream",
+        "version",
+    )  # fmt: skip
+
+    def __init__(self, proxy: GrpcProxy, client: Stream) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.start_time = perf_counter()
+        self.upstream: Stream | None = None
+        self.up: Upstream | None = None
+        self.version: VersionTarget | None = None
+        self.stats: VersionStats | None = None
+        self.chosen = CHOSEN_DIRECT
+        self.policy: RoutePolicy = DIRECT_POLICY
+        self.body: list[bytes] = []  # not yet sent upstream, or kept for a replay
+        self.body_bytes = 0
+        self.body_end = False
+        self.replayable = True
+        self.reconnected = False  # one retry on the same replica after its GOAWAY
+        self.req_trailers: bytes | None = None
+        self.response_started = False
+        self.done = False
+        self.head = b""
+        self.block: Block | None = None
+        self.timeout: float | None = None
+        self.timeout_field = b""  # the grpc-timeout field as the replica gets it
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.tried: list[Upstream] | None = None
+        self.retries_left = 0
+        self.busy_redispatches = 0
+        self.mirror: MirrorCopy | None = None
+
+    # --- start --------------------------------------------------------------------
+
+    def start(self, block: Block, end_stream: bool) -> None:
+        proxy = self.proxy
+        head = block.derived
+        if head is None:
+            head = block.derived = RequestHead(block)
+        self.body_end = end_stream
+        self.block = block
+        if head.error is not None:
+            self.client.conn.peer_reset(self.client)  # provoked: charged as a reset
+            self.client.reset(f.PROTOCOL_ERROR)
+            self.done = True
+            return
+        table = proxy.table
+        target = table.by_host.get(head.authority)
+        if target is None:
+            proxy.metrics.count_unrouted(404)
+            self._answer(
+                NOT_FOUND, f"no model endpoint or version endpoint at {head.authority!r}", b""
+            )
+            self.done = True
+            return
+        if not target.grpc:
+            # Sent on, it would reach an HTTP/1.1 replica that can't read it (and be
+            # ejected for it). Counted as its HTTP counterpart is.
+            proxy.metrics.count_unrouted(WRONG_PROTOCOL)
+            self._answer(
+                UNIMPLEMENTED, f"{describe(target)} serves HTTP_JSON; call it over HTTP", b""
+            )
+            self.done = True
+            return
+        if head.health is not None:
+            self.done = True
+            health.begin(proxy, self.client, target, head.health, block, head.timeout)
+            return
+        mirror = None
+        if type(target) is ModelTarget:
+            if target.weights_only:
+                version = target.pick()
+                self.chosen = CHOSEN_WEIGHT
+            else:
+                version, self.chosen = target.route(head.metadata)
+            self.policy = target.policy
+            mirror = target.mirror
+        else:
+            assert type(target) is VersionTarget
+            version = target
+        self.version = version
+        self.retries_left = self.policy.retries
+        stats = self.stats = version.stats
+        stats.in_flight += 1
+        stats.arrivals += 1
+        fwd = head.forward
+        conn = self.client.conn
+        prior = head.forwarded_for
+        if prior is None:
+            fwd += conn.forwarded_for
+        else:
+            fwd += encode_field(b"x-forwarded-for", prior + b", " + conn.peer_host)
+        if not head.has_request_id:
+            # A literal field by hand: ids are far shorter than 127 bytes.
+            rid = proxy.request_ids.next()
+            fwd += b"\x00\x0cx-request-id" + bytes((len(rid),)) + rid
+        timeout = head.timeout
+        limit = self.policy.timeout
+        if timeout is None or timeout > limit:
+            # The route's timeout caps the call, as on HTTP, and the replica is told.
+            field = proxy.timeout_field(limit)
+            if timeout is None:
+                fwd += field
+            else:
+                fwd = fwd.replace(encode_field(b"grpc-timeout", self._timeout_text()), field, 1)
+            timeout = limit
+            self.timeout_field = field
+        elif self.block is not None:
+            self.timeout_field = encode_field(b"grpc-timeout", self._timeout_text())
+        self.head = fwd
+        self.timeout = timeout
+        self.timer = proxy.loop.call_later(timeout, self._deadline)
+        if mirror is not None and mirror.version is not version and random() < mirror.fraction:
+            self.mirror = proxy.mirroring.begin(mirror, fwd)
+            if self.mirror is not None and end_stream:
+                self.mirror.request_data(b"", True)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        version = self.version
+        assert version is not None
+        proxy = self.proxy
+        upstreams = version.upstreams
+        if not upstreams:
+            if version.scale_to_zero and proxy.activator is not None and self.tried is None:
+                self.task = proxy.loop.create_task(self._activate(proxy.activator))
+                return
+            self._fail(
+                UNAVAILABLE,
+                f"version endpoint {version.project}/{version.full_name} has no ready replica",
+            )
+            return
+        up = choose(upstreams, self.tried)
+        if up is None:
+            self._fail(UNAVAILABLE, f"version endpoint {version.full_name}: no replica left")
+            return
+        conn = proxy.pool.get(up)
+        if conn is None:
+            self.task = proxy.loop.create_task(self._connect(up))
+            return
+        self._open(up, conn.open_stream(self, self.head, self._head_ends()))
+
+    async def _activate(self, activator: Activator) -> None:
+        assert self.version is not None
+        started = perf_counter()
+        try:
+            version = await activator.activate(self.version)
+        except ActivationRefused as exc:
+            self.task = None
+            self._fail(UNAVAILABLE, str(exc))
+            return
+        self.task = None
+        if self.done:
+            return
+        self.version = version
+        if self.timeout is not None:
+            # The replica gets what is left of the deadline after the hold.
+            left = encode_field(
+                b"grpc-timeout", format_timeout(self.timeout - (perf_counter() - started))
+            )
+            self.head = self.head.replace(self.timeout_field, left, 1)
+            self.timeout_field = left
+        self.tried = []  # no second activation
+        self._dispatch()
+
+    def _timeout_text(self) -> bytes:
+        assert self.block is not None
+        for name, value in self.block.headers:
+            if name == b"grpc-timeout":
+                return value
+        return b""
+
+    def _head_ends(self) -> bool:
+        """The request is whole with its HEADERS: no body, no trailers to follow."""
+        return self.body_end and not self.body and self.req_trailers is None
+
+    async def _connect(self, up: Upstream) -> None:
+        try:
+            conn = await self.proxy.pool.connect(up)
+        except UpstreamError as exc:
+            self.task = None
+            if exc.kind == "full":
+                self._retry(up, str(exc))  # busy, not failed: no ejection
+                return
+            up.record_failure()
+            self.proxy.ustats.error("connect")
+            self._retry(up, "no replica could be reached")
+            return
+        self.task = None
+        if self.done:
+            return
+        if not conn.usable():
+            if not (conn.closed or conn.draining or conn.goaway_received):
+                # Merely full (others took its streams while we waited): find or open
+                # another connection to the same replica; no retry is spent.
+                self._dispatch()
+                return
+            self._retry(up, "the replica's connection was going away")
+            return
+        self._open(up, conn.open_stream(self, self.head, self._head_ends()))
+
+    def _open(self, up: Upstream, stream: Stream) -> None:
+        self.up = up
+        up.outstanding += 1
+        self.upstream = stream
+        stream.peer = self.client
+        self.client.peer = stream
+        body = self.body
+        if body:
+            last = len(body) - 1
+            for i, chunk in enumerate(body):
+                stream.send_data(chunk, self.body_end and i == last and self.req_trailers is None)
+            if self.body_bytes > REPLAY_BYTES:
+                body.clear()
+                self.replayable = False
+        if self.req_trailers is not None:
+            stream.send_headers(self.req_trailers, True)
+
+    def _retry(self, up: Upstream, reason: str, exclude: bool = True) -> None:
+        """The replica never saw the call: try another, within the rule's retries."""
+        if self.done:
+            return
+        if not self.replayable or self.retries_left <= 0:
+            self._fail(UNAVAILABLE, f"version endpoint failed: {reason}")
+            return
+        self.retries_left -= 1
+        self.proxy.ustats.retries += 1
+        if exclude:
+            self.tried = [up] if not self.tried else [*self.tried, up]
+        elif self.tried is None:
+            self.tried = []  # retrying: no activation hold
+        self._dispatch()
+
+    # --- frames from either side ------------------------------------------------------
+
+    def on_headers(self, stream: Stream, block: Block, end_stream: bool) -> None:
+        if stream is not self.upstream:
+            return
+        code = block.derived
+        if code is None and end_stream:
+            code = block.derived = _grpc_status(block)
+        if not self.response_started:
+            self.response_started = True
+            self.body.clear()
+            self.replayable = False
+            assert self.version is not None
+            out = block.encoded() + self.proxy.version_field(self.version)
+            if not self.done:
+                self.client.send_headers(out, end_stream)
+        elif not self.done:
+            self.client.send_headers(block.encoded(), end_stream)
+        if end_stream:
+            self._complete(code if code is not None else UNKNOWN, failed=False)
+
+    def on_data(self, stream: Stream, data: bytes, end_stream: bool) -> None:
+        if stream is self.client:
+            if end_stream:
+                self.body_end = True
+            if self.mirror is not None:
+                self.mirror.request_data(data, end_stream)
+            up = self.upstream
+            if up is not None:
+                if up.local_closed or not up.open:
+                    stream.consumed(len(data))
+                    return
+                up.send_data(data, end_stream)
+                if self.replayable:
+                    self.body_bytes += len(data)
+                    if self.body_bytes > REPLAY_BYTES:
+                        self.body.clear()
+                        self.replayable = False
+                    else:
+                        self.body.append(data)
+            elif self.done:
+                stream.consumed(len(data))
+            else:
+                # Held (not credited) until a replica takes the call: the client's
+                # window bounds it.
+                self.body.append(data)
+                self.body_bytes += len(data)
+            return
+        if stream is not self.upstream or self.done:
+            stream.consumed(len(data))
+            return
+        if self.mirror is not None:
+            self.mirror.primary_data(data)
+        self.client.send_data(data, end_stream)
+        if end_stream:
+            # A gRPC response ends with trailers; END_STREAM on DATA is the replica's
+            # protocol error, which the client sees as a missing status.
+            self._complete(UNKNOWN, failed=True)
+
+    def client_trailers(self, block: Block) -> None:
+        self.body_end = True
+        literal = block.encoded()
+        if self.replayable:
+            self.req_trailers = literal  # a replay on another replica sends them too
+        up = self.upstream
+        if up is not None and up.open and not up.local_closed:
+            up.send_headers(literal, True)
+        else:
+            self.req_trailers = literal
+
+    def on_reset(self, stream: Stream, code: int) -> None:
+        if stream is self.client:
+            # The client cancelled, or its connection is gone: the replica stops too.
+            up = self.upstream
+            if up is not None and up.open:
+                up.reset(f.CANCEL)
+            self._complete(CANCELLED, failed=False)
+            return
+        if stream is not self.upstream:
+            return
+        self.upstream = None
+        self.client.peer = None
+        if self.done:
+            client = self.client
+            if code == f.NO_ERROR and client.open and not client.remote_closed:
+                client.reset(f.NO_ERROR)  # the replica's "stop sending", passed on
+            return
+        up_ = self.up
+        assert up_ is not None
+        up_.outstanding -= 1
+        self.up = None
+        if code == CONNECTION_LOST or code not in (f.CANCEL, f.REFUSED_STREAM, f.NO_ERROR):
+            up_.record_failure()
+            self.proxy.ustats.error("reset")
+        if code == f.REFUSED_STREAM and not self.response_started:
+            conn = stream.conn
+            if (
+                self.replayable
+                and not conn.goaway_received
+                and len(conn.streams) >= conn.peer_max_streams
+                and self.busy_redispatches < BUSY_REDISPATCHES
+            ):
+                # Refused for the replica's stream limit (opened before its SETTINGS said
+                # so, in a burst): the replica is busy, not failing; another connection
+                # to it, or another replica, without spending a retry.
+                self.busy_redispatches += 1
+                self._dispatch()
+                return
+            # Above a GOAWAY's last-stream-id the replica is going away gracefully (a
+            # restart, a max connection age): a fresh connection to it may serve.
+            fresh = stream.conn.goaway_received and not self.reconnected
+            self.reconnected = self.reconnected or fresh
+            self._retry(up_, "the replica refused the call", exclude=not fresh)
+            return
+        status = RST_TO_STATUS.get(code, INTERNAL)
+        if not self.response_started:
+            self._fail(status, _reset_reason(code))
+        elif code == CONNECTION_LOST:
+            self.client.send_headers(trailers(UNAVAILABLE, _reset_reason(code)), True)
+            self._complete(UNAVAILABLE, failed=True)
+        else:
+            self.client.reset(code)
+            self._complete(status, failed=True)
+
+    # --- ends ---------------------------------------------------------------------
+
+    def _deadline(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        up = self.upstream
+        if up is not None and up.open:
+            up.reset(f.CANCEL)
+        self.upstream = None
+        if self.response_started:
+            self.client.send_headers(trailers(DEADLINE_EXCEEDED, "deadline exceeded"), True)
+            self._end_client()
+            self._complete(DEADLINE_EXCEEDED, failed=False)
+        else:
+            self._fail(DEADLINE_EXCEEDED, "deadline exceeded")
+
+    def _fail(self, code: int, message: str) -> None:
+        extra = b"" if self.version is None else self.proxy.version_field(self.version)
+        self._answer(code, message, extra)
+        self._complete(code, failed=code == UNAVAILABLE)
+
+    def _answer(self, code: int, message: str, extra: bytes) -> None:
+        if not self.response_started and self.client.open:
+            self.response_started = True
+            self.client.send_headers(trailers_only(code, message, extra), True)
+        self._end_client()
+
+    def _end_client(self) -> None:
+        # The answer is out while the request may still be streaming: tell the client
+        # to stop sending (RFC 9113 §8.1).
+        client = self.client
+        if client.open and not client.remote_closed and not client.pending:
+            # (With frames still queued the reset would drop them, our status included;
+            # the stream then ends when they are written.)
+            client.reset(f.NO_ERROR)
+
+    def _complete(self, code: int, failed: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        task = self.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            self.task = None
+        self.body = []
+        up = self.up
+        if up is not None:
+            if failed:
+                up.record_failure()
+            else:
+                up.record_success()
+            up.outstanding -= 1
+            self.up = None
+        stats = self.stats
+        if stats is not None:
+            stats.in_flight -= 1
+            stats.record_grpc(self.chosen, code, perf_counter() - self.start_time)
+        if self.mirror is not None:
+            self.mirror.primary_done(code)
+
+
+def _grpc_status(block: Block) -> int:
+    for name, value in block.headers:
+        if name == b"grpc-status":
+            try:
+                return int(value)
+            except ValueError:
+                return UNKNOWN
+    return UNKNOWN
+
+
+def _reset_reason(code: int) -> str:
+    if code == CONNECTION_LOST:
+        return "the connection to the replica was lost"
+    if code == f.REFUSED_STREAM:
+        return "the replica refused the call"
+    return f"the replica reset the call (HTTP/2 error {code})"

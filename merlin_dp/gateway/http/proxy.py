@@ -1,0 +1,762 @@
+"""The HTTP_JSON hot path: from a client request to a replica's response.
+
+:class:`Proxy.handle` finds the target by Host (or the ``/serving/`` path form), picks a
+version by the compiled rule, picks a replica, and relays the exchange over a pooled
+keep-alive connection. Small request bodies are read whole and written with the head
+in one send (and can be replayed on retry); larger or chunked ones stream with
+backpressure. Responses that arrive whole are answered with one ``Response``; others
+stream back with bounded buffering. Nothing here parses a body.
+
+The handler reads ``self.table`` once per request; a swap assigns a new table, so a
+request finishes on the table it started with.
+
+What is routed is what is forwarded: an absolute-form target (``GET http://host/path``)
+is routed by its authority, which also replaces ``Host`` (RFC 9112 §3.2.2, as nginx
+does), and goes on in origin-form; dot-segments (``.``, ``..``, percent-encoded or not)
+are resolved before the lookup (RFC 3986 §5.2.4), and a path climbing above the root
+is refused. The gateway answers ``CONNECT`` and ``TRACE`` itself (405, as nginx does),
+``OPTIONS *`` (400, as nginx), and a transfer coding other than plain ``chunked``
+(501: RFC 9112 §6.1; forwarding it would hand the replica a body coded in a way its
+headers no longer say).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass
+from random import random
+from time import perf_counter
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.web_request import BaseRequest
+
+from merlin_dp.gateway.activation import ActivationRefused, Activator
+from merlin_dp.gateway.errors import error_response
+from merlin_dp.gateway.http.mirror import Shadowing, ShadowLimits
+from merlin_dp.gateway.http.relay import (
+    PLAIN_CONNECTION,
+    RESPONSE_SKIP,
+    RelayedResponse,
+    connection_tokens,
+    drop_connection_tokens,
+    relay,
+)
+from merlin_dp.gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
+from merlin_dp.gateway.pool.http1 import (
+    ClientSideError,
+    Upstream,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamStats,
+)
+from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.table import (
+    DIRECT_POLICY,
+    EMPTY_TABLE,
+    MirrorTarget,
+    ModelTarget,
+    RoutePolicy,
+    RouteTable,
+    Target,
+    VersionTarget,
+    describe,
+)
+
+# RFC 9110 §7.6.1: connection-specific fields a proxy must not forward. Expect is
+# answered by our own server (we read the body ourselves), Host travels as is.
+REQUEST_HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade", b"expect",
+    }
+)  # fmt: skip
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Answered here, as nginx does: CONNECT asks for a tunnel, TRACE for an echo of the
+# request (credentials and all) from whatever replica.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+# What the gateway passes on (a 405 must say: RFC 9110 §15.5.6).
+FORWARDED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+PATH_FORM_PREFIX = "/serving/"
+# An HTTP request for a UPI_V1 (gRPC) endpoint. 400, as gRPC servers answer HTTP/1.1
+# themselves (grpc-go: "gRPC requires HTTP/2"): no retry or other replica can serve it
+# as sent. Not 426, which promises an Upgrade on this same connection (we have none),
+# nor 421, which tells clients to retry on another connection.
+WRONG_PROTOCOL = 400
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Bodies up to this size are read whole before sending: one write, and replayable.
+    buffer_body_bytes: int = 256 * 1024
+
+
+class RequestIds:
+    """Unique request ids without a syscall or a UUID per request."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex().encode()
+        self._counter = itertools.count(1)
+
+    def next(self) -> bytes:
+        return b"%s-%x" % (self._prefix, next(self._counter))
+
+
+class Proxy:
+    """The request handler for the traffic port."""
+
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        upstream_stats: UpstreamStats,
+        limits: ProxyLimits | None = None,
+        shadow_limits: ShadowLimits | None = None,
+    ) -> None:
+        self.table: RouteTable = EMPTY_TABLE
+        self.metrics = metrics
+        self.upstream_stats = upstream_stats
+        self.limits = limits or ProxyLimits()
+        self.request_ids = RequestIds()
+        self.loop = asyncio.get_running_loop()
+        self.shadowing = Shadowing(metrics, shadow_limits)
+        self.activator: Activator | None = None
+        self.grpc_port: int | None = None  # where UPI_V1 endpoints are served, if anywhere
+
+    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+        start = perf_counter()
+        table = self.table
+        host = request.headers.get("Host", "")
+        path = request.raw_path
+        authority = None
+        if path[0] != "/" or request.method in REFUSED_METHODS or "/." in path or "%" in path:
+            # Rare: another target form, a method we answer, or dot-segments to resolve.
+            checked = self._request_target(request, path)
+            if isinstance(checked, web.Response):
+                return checked
+            path, authority = checked
+            if authority is not None:
+                host = authority
+        colon = host.find(":")
+        if colon >= 0:
+            host = host[:colon]
+        target = table.by_host.get(host) or table.by_host.get(host.lower())
+        if target is None:
+            if not path.startswith(PATH_FORM_PREFIX):
+                return self._unrouted(
+                    request, 404, f"no model endpoint or version endpoint at host {host!r}"
+                )
+            target, path = self._path_form(table, path)
+            if target is None:
+                return self._unrouted(
+                    request, 404, f"no model endpoint or version endpoint at {path!r}"
+                )
+        if target.grpc:
+            return self._wrong_protocol(request, target)
+        mirror = None
+        if type(target) is ModelTarget:
+            if target.weights_only:
+                version = target.pick()
+                chosen = CHOSEN_WEIGHT
+            else:
+                version, chosen = target.route(request.headers)
+            policy = target.policy
+            mirror = target.mirror
+        else:
+            assert type(target) is VersionTarget
+            version = target
+            chosen = CHOSEN_DIRECT
+            policy = DIRECT_POLICY
+        query = path.find("?")
+        kind = target.rewrites.get(path if query < 0 else path[:query])
+        original = path
+        if kind is not None:
+            path = version.rewritten[kind] if query < 0 else version.rewritten[kind] + path[query:]
+        stats = version.stats
+        stats.in_flight += 1
+        stats.arrivals += 1
+        try:
+            if mirror is None or mirror.version is version or random() >= mirror.fraction:
+                resp = await self._forward(request, version, policy, path, authority=authority)
+            else:
+                shadow_path = original
+                if kind is not None:
+                    shadow_path = mirror.version.rewritten[kind] + (
+                        path[path.find("?") :] if query >= 0 else ""
+                    )
+                resp = await self._mirrored(
+                    request, version, policy, path, mirror, shadow_path, authority
+                )
+        except (ConnectionError, asyncio.CancelledError):
+            # The client left; nginx's 499 says so in the metrics.
+            stats.record(chosen, 499, perf_counter() - start)
+            raise
+        except web.HTTPException as exc:
+            # aiohttp would answer this in plain text. Its one source here is read()
+            # refusing a body over client_max_size (1 MiB), which the buffered path's
+            # limit (at most 1 MiB of wire bytes) keeps out of reach; should that change,
+            # the answer is still ours.
+            resp = self._error(request, exc.status, exc.text or exc.reason, close=True)
+        finally:
+            stats.in_flight -= 1
+        stats.record(chosen, resp.status, perf_counter() - start)
+        return resp
+
+    def _request_target(
+        self, request: BaseRequest, path: str
+    ) -> tuple[str, str | None] | web.Response:
+        """The origin-form path to route and forward, and the authority an absolute-form
+        target names; or the gateway's own answer."""
+        method = request.method
+        if method in REFUSED_METHODS:
+            self.metrics.count_unrouted(405)
+            # After a CONNECT the client sends tunnel bytes, not requests: close.
+            return self._error(
+                request,
+                405,
+                f"{method} is not served by this gateway",
+                headers={"Allow": FORWARDED_METHODS},
+                close=method == "CONNECT",
+            )
+        authority = None
+        if path[0] != "/":
+            if path == "*":  # llhttp takes it only with OPTIONS
+                return self._unrouted(
+                    request, 400, "OPTIONS * is not served: ask a model endpoint's URL"
+                )
+            split = _absolute_form(path)
+            if split is None:
+                return self._unrouted(
+                    request, 400, f"request target {path[:100]!r} is not a path or an http URL"
+                )
+            authority, path = split
+        if "/." in path or "%" in path:
+            resolved = _resolve_dot_segments(path)
+            if resolved is None:
+                return self._unrouted(request, 400, "request path climbs above the root")
+            path = resolved
+        return path, authority
+
+    def _path_form(
+        self, table: RouteTable, path: str
+    ) -> tuple[ModelTarget | VersionTarget | None, str]:
+        # /serving/<project>/<model or model-version>/<rest> → /<rest>
+        parts = path[len(PATH_FORM_PREFIX) :].split("/", 2)
+        if len(parts) < 2:
+            return None, path
+        name = parts[1].partition("?")[0]
+        target = table.by_path.get(f"{parts[0]}/{name}")
+        rest = parts[2] if len(parts) == 3 else ""
+        if len(parts) == 2 and "?" in parts[1]:
+            rest = "?" + parts[1].partition("?")[2]
+        return target, "/" + rest
+
+    async def _mirrored(
+        self,
+        request: BaseRequest,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        path: str,
+        mirror: MirrorTarget,
+        shadow_path: str,
+        authority: str | None,
+    ) -> web.StreamResponse:
+        """The primary exchange, with a copy sent to the shadow version beside it."""
+        body: bytes | None = b""
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length <= self.limits.buffer_body_bytes:
+                self._continue(request, length)
+                content = request.content
+                body = content.read_nowait() if content.is_eof() else await request.read()
+            else:
+                body = None  # streams: can't be copied, counted as dropped
+        if body is None:
+            head = None
+            shadow = self.shadowing.launch(mirror, b"", None, policy.timeout)
+        else:
+            head = self._request_head(request, path, False, authority)
+            # The copy's head is the primary's with its own request line and a marker.
+            line_end = head[0].index(b"\r\n") + 2
+            shadow_head = (
+                f"{request.method} {shadow_path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+                + head[0][line_end:-2]
+                + b"X-Shadow-Request: 1\r\n\r\n"
+            )
+            shadow = self.shadowing.launch(mirror, shadow_head, body, policy.timeout)
+        if shadow is None:
+            return await self._forward(request, version, policy, path, body, head, authority)
+        try:
+            resp = await self._forward(request, version, policy, path, body, head, authority)
+        except BaseException:
+            shadow.primary_done(-1, None)
+            raise
+        shadow.primary_done(resp.status, response_body(resp))
+        return resp
+
+    def _continue(self, request: BaseRequest, length: int | None) -> None:
+        """Answer ``Expect: 100-continue`` before waiting for a body.
+
+        aiohttp's router does this; its low-level server, which we use, does not.
+        """
+        if (
+            not request.content.is_eof()
+            and request.headers.get("Expect", "").lower() == "100-continue"
+            and (length is None or length <= self.limits.max_body_bytes)
+        ):
+            transport = request.transport
+            if transport is not None:
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _unrouted(
+        self, request: BaseRequest, status: int, message: str, code: str | None = None
+    ) -> web.Response:
+        self.metrics.count_unrouted(status)
+        return self._error(request, status, message, code=code)
+
+    def _wrong_protocol(self, request: BaseRequest, target: Target) -> web.Response:
+        where = (
+            f"the gateway's gRPC port ({self.grpc_port})"
+            if self.grpc_port is not None
+            else "a gateway's gRPC port (this one serves none: --grpc-port)"
+        )
+        return self._unrouted(
+            request,
+            WRONG_PROTOCOL,
+            f"{describe(target)} serves UPI_V1 (gRPC); call it over gRPC on {where}",
+            code="wrong_protocol",
+        )
+
+    def _error(
+        self,
+        request: BaseRequest,
+        status: int,
+        message: str,
+        *,
+        request_id: bytes | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+    ) -> web.Response:
+        """The gateway's own answer: its JSON error, with the request's ``X-Request-Id``
+        (the client's, or the one the replica was sent, or a new one) as on any answer."""
+        if request_id is None:
+            given = request.headers.get("X-Request-Id")
+            rid = given if given is not None else self.request_ids.next().decode()
+        else:
+            rid = request_id.decode("latin-1")
+        extra = {"X-Request-Id": rid} if headers is None else {**headers, "X-Request-Id": rid}
+        return error_response(
+            status, message, code=code, retry_after=retry_after, headers=extra, close=close
+        )
+
+    # --- forwarding ---------------------------------------------------------------
+
+    async def _forward(
+        self,
+        request: BaseRequest,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        path: str,
+        preread: bytes | None = None,
+        prebuilt: tuple[bytes, bytes] | None = None,
+        authority: str | None = None,
+    ) -> web.StreamResponse:
+        limits = self.limits
+        body: bytes | None = b""  # None: the body streams and can't be replayed
+        chunked = False
+        if request.body_exists:
+            length = request.content_length
+            if preread is None:
+                self._continue(request, length)
+            if length is None:
+                refused = _unforwardable_framing(request)
+                if refused is not None:
+                    return self._error(request, refused[0], refused[1], close=True)
+                chunked = True
+                body = None
+            elif length > limits.max_body_bytes:
+                return self._error(
+                    request,
+                    413,
+                    f"request body of {length} bytes is over the limit of "
+                    f"{limits.max_body_bytes} bytes",
+                    close=True,
+                )
+            elif preread is not None:
+                body = preread
+            elif length <= limits.buffer_body_bytes:
+                content = request.content
+                # Small bodies have usually arrived with the head: take them without the
+                # coroutine chain of read().
+                body = content.read_nowait() if content.is_eof() else await request.read()
+            else:
+                body = None
+        head, request_id = prebuilt or self._request_head(request, path, chunked, authority)
+        upstreams = version.upstreams
+        if not upstreams and version.scale_to_zero and self.activator is not None:
+            try:
+                version = await self.activator.activate(version)
+            except ActivationRefused as exc:
+                version_header = {"X-Model-Version": version.version_header}
+                return self._error(
+                    request,
+                    503,
+                    str(exc),
+                    request_id=request_id,
+                    retry_after=1,
+                    headers=version_header,
+                )
+            upstreams = version.upstreams
+        if not upstreams:
+            return self._error(
+                request,
+                503,
+                f"version endpoint {version.project}/{version.full_name} has no ready replica",
+                request_id=request_id,
+                retry_after=1,
+                headers={"X-Model-Version": version.version_header},
+            )
+        replayable = body is not None and (policy.idempotent or request.method in SAFE_METHODS)
+        ustats = self.upstream_stats
+        tried: list[Upstream] | None = None
+        failure: UpstreamError | None = None
+        retries_left = policy.retries
+        stale_retry = body is not None  # one free retry after a dead pooled connection
+        up = choose(upstreams)
+        fresh = False
+        while up is not None:
+            conn = None if fresh else up.take_idle()
+            fresh = False
+            if conn is None:
+                try:
+                    conn = await up.connect()
+                except UpstreamError as exc:
+                    up.record_failure()
+                    ustats.error(exc.kind)
+                    failure = exc
+                    if retries_left == 0:
+                        break
+                    retries_left -= 1
+                    ustats.retries += 1
+                    tried = [up] if tried is None else [*tried, up]
+                    up = choose(upstreams, tried)
+                    continue
+            used = up
+            used.outstanding += 1
+            try:
+                return await self._exchange(
+                    request, used, conn, head, body, chunked, version, policy, request_id
+                )
+            except ClientSideError as exc:
+                return self._error(request, exc.status, str(exc), request_id=request_id, close=True)
+            except UpstreamError as exc:
+                if exc.unread and stale_retry and conn.reused:
+                    # A pooled connection the replica had already closed: nothing reached
+                    # it, and a fresh connection to the same replica will likely work.
+                    stale_retry = False
+                    fresh = True
+                    ustats.retries += 1
+                    continue
+                ustats.error(exc.kind)
+                up.record_failure()
+                if exc.kind == "timeout":
+                    return self._error(
+                        request,
+                        504,
+                        f"version endpoint {version.full_name} did not answer within "
+                        f"{policy.timeout:g} s",
+                        request_id=request_id,
+                        headers={"X-Model-Version": version.version_header},
+                    )
+                failure = exc
+                if not (replayable or (exc.unread and body is not None)) or retries_left == 0:
+                    break
+                retries_left -= 1
+                ustats.retries += 1
+                tried = [up] if tried is None else [*tried, up]
+                up = choose(upstreams, tried)
+            finally:
+                used.outstanding -= 1
+        return self._error(
+            request,
+            502,
+            f"version endpoint {version.full_name} failed: {_client_reason(failure)}",
+            request_id=request_id,
+            headers={"X-Model-Version": version.version_header},
+        )
+
+    def _request_head(
+        self, request: BaseRequest, path: str, chunked: bool, authority: str | None = None
+    ) -> tuple[bytes, bytes]:
+        lines = [f"{request.method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
+        append = lines.append
+        forwarded_for = request_id = connection = None
+        for name, value in request.raw_headers:
+            lname = name.lower()
+            if lname in REQUEST_HOP_BY_HOP:
+                if lname == b"connection":
+                    connection = value if connection is None else connection + b"," + value
+                continue
+            if lname == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                continue
+            if lname == b"x-request-id":
+                request_id = value
+            append(name + b": " + value + b"\r\n")
+        if connection is not None and connection.lower() not in PLAIN_CONNECTION:
+            lines = drop_connection_tokens(lines, connection)
+            append = lines.append
+        if authority is not None:
+            # An absolute-form target's authority is the request's host (RFC 9112 §3.2.2).
+            lines = [line for line in lines if line[:5].lower() != b"host:"]
+            append = lines.append
+            append(b"Host: " + authority.encode("utf-8", "surrogateescape") + b"\r\n")
+        peer = (request.remote or "unknown").encode()
+        append(
+            b"X-Forwarded-For: " + forwarded_for + b", " + peer + b"\r\n"
+            if forwarded_for
+            else b"X-Forwarded-For: " + peer + b"\r\n"
+        )
+        if request_id is None:
+            request_id = self.request_ids.next()
+            append(b"X-Request-Id: " + request_id + b"\r\n")
+        if chunked:
+            append(b"Transfer-Encoding: chunked\r\n")
+        append(b"\r\n")
+        return b"".join(lines), request_id
+
+    async def _exchange(
+        self,
+        request: BaseRequest,
+        up: Upstream,
+        conn: UpstreamConnection,
+        head: bytes,
+        body: bytes | None,
+        chunked: bool,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        request_id: bytes,
+    ) -> web.StreamResponse:
+        no_body = request.method == "HEAD"
+        sender: asyncio.Future[None] | None = None
+        if body is None:
+            # Full duplex: a replica may answer (and stream) before the upload ends.
+            conn.begin(head, no_body, policy.timeout, body_sent=False)
+            sender = asyncio.ensure_future(self._send_body(request, conn, chunked, conn.exchange))
+        else:
+            conn.begin(head + body if body else head, no_body, policy.timeout)
+        exchange = conn.exchange
+        try:
+            while not conn.head_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+            status = conn.status
+            if conn.complete:
+                chunks = conn.take_chunks()
+                payload = chunks[0] if len(chunks) == 1 else (b"".join(chunks) if chunks else b"")
+                self._settle(up, conn, status)
+                if request.version == HttpVersion11:
+                    return relay(
+                        status,
+                        conn.headers,
+                        payload,
+                        version.relay_headers + b"X-Request-Id: " + request_id + b"\r\n",
+                        request.keep_alive,
+                        no_body,
+                    )
+                headers = _response_headers(conn.headers, version.version_header, request_id)
+                return web.Response(status=status, headers=headers, body=payload)
+            headers = _response_headers(conn.headers, version.version_header, request_id)
+            return await self._stream_response(request, up, conn, status, headers)
+        except BaseException:
+            # Failed, or cancelled because the client left: the connection can't be reused.
+            if conn.exchange == exchange and not conn.complete:
+                conn.abort()
+            raise
+        finally:
+            if conn.exchange == exchange:
+                conn.finish()
+            if sender is not None:
+                if sender.done():
+                    if not sender.cancelled():
+                        sender.exception()  # retrieved: reported through conn.error
+                else:
+                    sender.cancel()
+
+    def _settle(self, up: Upstream, conn: UpstreamConnection, status: int) -> None:
+        """The exchange is over: off the clock, health noted, connection back to the pool."""
+        conn.finish()
+        if status >= 500:
+            up.record_failure()
+        else:
+            up.record_success()
+        up.release(conn)
+
+    async def _send_body(
+        self, request: BaseRequest, conn: UpstreamConnection, chunked: bool, exchange: int
+    ) -> None:
+        content = request.content
+        limit = self.limits.max_body_bytes
+        total = 0
+        try:
+            while True:
+                conn.awaiting_client = True
+                try:
+                    chunk = await content.readany()
+                finally:
+                    conn.awaiting_client = False
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise ClientSideError(413, f"request body is over the limit of {limit} bytes")
+                if conn.error is not None or conn.complete or conn.exchange != exchange:
+                    return  # the exchange ended without the rest of the body
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if conn.write_paused:
+                    await conn.drain()
+            if conn.exchange == exchange and conn.error is None:
+                if chunked:
+                    conn.write(b"0\r\n\r\n")
+                conn.body_sent = True
+        except ClientSideError as exc:
+            if conn.exchange == exchange:
+                conn.fail(exc)
+        except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+            if conn.exchange == exchange:
+                conn.fail(ClientSideError(499, f"the client went away mid-upload: {exc}"))
+        except asyncio.CancelledError:
+            if conn.exchange == exchange and not conn.complete:
+                conn.fail(ClientSideError(499, "the request ended before its body was sent"))
+            raise
+
+    async def _stream_response(
+        self,
+        request: BaseRequest,
+        up: Upstream,
+        conn: UpstreamConnection,
+        status: int,
+        headers: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers=headers)
+        try:
+            await resp.prepare(request)
+            while True:
+                if conn.chunks:
+                    for chunk in conn.take_chunks():
+                        await resp.write(chunk)
+                    continue
+                if conn.complete:
+                    break
+                error = conn.error
+                if error is not None:
+                    # Headers are out: the only honest signal left is a cut connection.
+                    if not isinstance(error, ClientSideError):
+                        up.record_failure()
+                        self.upstream_stats.error(error.kind)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError(str(error))
+                await conn.wait()
+            await resp.write_eof()
+        except BaseException:
+            conn.abort()
+            raise
+        # Only now can the connection serve another exchange.
+        self._settle(up, conn, status)
+        return resp
+
+
+def _absolute_form(target: str) -> tuple[str, str] | None:
+    """An http(s) absolute-form target as (authority, origin-form path): None for other
+    schemes, userinfo (RFC 9110 §4.2.4: an error) or an empty host."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    end = len(rest)
+    for stop in "/?#":
+        at = rest.find(stop)
+        if 0 <= at < end:
+            end = at
+    authority, path = rest[:end], rest[end:]
+    if not authority or "@" in authority:
+        return None
+    return authority, path if path.startswith("/") else "/" + path
+
+
+def _resolve_dot_segments(path: str) -> str | None:
+    """``path`` with its ``.`` and ``..`` segments resolved (RFC 3986 §5.2.4), a
+    percent-encoded dot counting as a dot (as the replica's URL library may decode it),
+    the query left alone; None when ``..`` climbs above the root (nginx: 400)."""
+    query = path.find("?")
+    rest = "" if query < 0 else path[query:]
+    segments = (path if query < 0 else path[:query]).split("/")[1:]
+    kept: list[str] = []
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        dots = segment.lower().replace("%2e", ".") if "%" in segment else segment
+        if dots == "..":
+            if not kept:
+                return None
+            kept.pop()
+        elif dots != ".":
+            kept.append(segment)
+            continue
+        if i == last:
+            kept.append("")  # "/a/b/.." is "/a/", a directory
+    return "/" + "/".join(kept) + rest
+
+
+def _unforwardable_framing(request: BaseRequest) -> tuple[int, str] | None:
+    """Why a body framed by Transfer-Encoding can't go on, if it can't (RFC 9112 §6.1):
+    HTTP/1.0 has no transfer codings (nginx: 400), and any coding but ``chunked`` would
+    reach the replica undone while our ``Transfer-Encoding: chunked`` no longer names it
+    (nginx: 501). aiohttp has already refused a second header line."""
+    if request.version != HttpVersion11:
+        return 400, "Transfer-Encoding in an HTTP/1.0 request"
+    coding = request.headers.get("Transfer-Encoding", "")
+    if coding.lower() != "chunked":
+        return 501, f"transfer coding {coding[:100]!r} is not implemented: only chunked is"
+    return None
+
+
+def _client_reason(failure: UpstreamError | None) -> str:
+    """What a client is told: the kind of failure, not our replicas' addresses."""
+    if failure is None:
+        return "no replica left to try"
+    return {
+        "connect": "no replica could be reached",
+        "reset": "the replica closed the connection before answering",
+        "protocol": "the replica's answer was not valid HTTP",
+    }.get(failure.kind, failure.kind)
+
+
+def response_body(resp: web.StreamResponse) -> bytes | None:
+    """The body of an answer we hold whole; None for a streamed one."""
+    if isinstance(resp, RelayedResponse):
+        return resp.payload
+    body = resp.body if isinstance(resp, web.Response) else None
+    return body if isinstance(body, bytes) else None
+
+
+def _response_headers(
+    raw: list[tuple[bytes, bytes]], version_header: str, request_id: bytes
+) -> list[tuple[str, str]]:
+    named = b",".join(v for n, v in raw if n.lower() == b"connection")
+    drop = connection_tokens(named) if named else set()
+    out = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in raw
+        if name.lower() not in RESPONSE_SKIP and name.lower() not in drop
+    ]
+    out.append(("X-Model-Version", version_header))
+    out.append(("X-Request-Id", request_id.decode("latin-1")))
+    return out

@@ -1,0 +1,1 @@
+"""Routing: the compiled route table, replica choice, and the sources tables come from."""
