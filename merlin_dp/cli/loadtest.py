@@ -40,12 +40,12 @@ from merlin_dp.loadtest.locust_common import (
 )
 
 # The suites ship in merlin_dp/loadtest; the child imports them from the same tree as us.
-SUITES = Path(__file__).resolve().parent.parent / "loadtest"
-PACKAGE_ROOT = SUITES.parent.parent
+SUITE_DIR = Path(__file__).resolve().parent.parent / "loadtest"
+PACKAGE_ROOT = SUITE_DIR.parent.parent
 SUITES = {
-    "model": SUITES / "locust_model.py",
-    "version": SUITES / "locust_version.py",
-    "upi": SUITES / "locust_upi.py",  # --gateway is then the gateway's gRPC port
+    "model": SUITE_DIR / "locust_model.py",
+    "version": SUITE_DIR / "locust_version.py",
+    "upi": SUITE_DIR / "locust_upi.py",  # --gateway is then the gateway's gRPC port
 }
 # Locust's own grace after the run time, then ours on top of it.
 STOP_TIMEOUT_S = 5

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Mapping
-from random import random
 from time import perf_counter
 from typing import TypeVar, overload
 
@@ -45,14 +44,14 @@ from merlin_dp.gateway.h2 import frames as f
 from merlin_dp.gateway.h2.codec import Block, encode, encode_field
 from merlin_dp.gateway.h2.connection import CONNECTION_LOST, Stream
 from merlin_dp.gateway.http.proxy import WRONG_PROTOCOL, RequestIds
-from merlin_dp.gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics, VersionStats
+from merlin_dp.gateway.metrics import CHOSEN_DIRECT, GatewayMetrics, VersionStats
 from merlin_dp.gateway.pool.h2 import UpstreamPool
 from merlin_dp.gateway.pool.http1 import PoolLimits, Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (
     DIRECT_POLICY,
     EMPTY_TABLE,
-    ModelTarget,
     RoutePolicy,
     RouteTable,
     VersionTarget,
@@ -342,23 +341,10 @@ class GrpcCall:
             self.done = True
             health.begin(proxy, self.client, target, head.health, block, head.timeout)
             return
-        mirror = None
-        if type(target) is ModelTarget:
-            if target.weights_only:
-                version = target.pick()
-                self.chosen = CHOSEN_WEIGHT
-            else:
-                version, self.chosen = target.route(head.metadata)
-            self.policy = target.policy
-            mirror = target.mirror
-        else:
-            assert type(target) is VersionTarget
-            version = target
+        version, self.chosen, self.policy, mirror = choose_version(target, head.metadata)
         self.version = version
         self.retries_left = self.policy.retries
-        stats = self.stats = version.stats
-        stats.in_flight += 1
-        stats.arrivals += 1
+        self.stats = version.stats
         fwd = head.forward
         conn = self.client.conn
         prior = head.forwarded_for
@@ -386,7 +372,7 @@ class GrpcCall:
         self.head = fwd
         self.timeout = timeout
         self.timer = proxy.loop.call_later(timeout, self._deadline)
-        if mirror is not None and mirror.version is not version and random() < mirror.fraction:
+        if mirror is not None:
             self.mirror = proxy.mirroring.begin(mirror, fwd)
             if self.mirror is not None and end_stream:
                 self.mirror.request_data(b"", True)

@@ -26,7 +26,6 @@ import asyncio
 import itertools
 import os
 from dataclasses import dataclass
-from random import random
 from time import perf_counter
 
 import aiohttp
@@ -45,7 +44,7 @@ from merlin_dp.gateway.http.relay import (
     drop_connection_tokens,
     relay,
 )
-from merlin_dp.gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT, GatewayMetrics
+from merlin_dp.gateway.metrics import GatewayMetrics
 from merlin_dp.gateway.pool.http1 import (
     ClientSideError,
     Upstream,
@@ -54,8 +53,8 @@ from merlin_dp.gateway.pool.http1 import (
     UpstreamStats,
 )
 from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (
-    DIRECT_POLICY,
     EMPTY_TABLE,
     MirrorTarget,
     ModelTarget,
@@ -158,30 +157,15 @@ class Proxy:
                 )
         if target.grpc:
             return self._wrong_protocol(request, target)
-        mirror = None
-        if type(target) is ModelTarget:
-            if target.weights_only:
-                version = target.pick()
-                chosen = CHOSEN_WEIGHT
-            else:
-                version, chosen = target.route(request.headers)
-            policy = target.policy
-            mirror = target.mirror
-        else:
-            assert type(target) is VersionTarget
-            version = target
-            chosen = CHOSEN_DIRECT
-            policy = DIRECT_POLICY
+        version, chosen, policy, mirror = choose_version(target, request.headers)
+        stats = version.stats
         query = path.find("?")
         kind = target.rewrites.get(path if query < 0 else path[:query])
         original = path
         if kind is not None:
             path = version.rewritten[kind] if query < 0 else version.rewritten[kind] + path[query:]
-        stats = version.stats
-        stats.in_flight += 1
-        stats.arrivals += 1
         try:
-            if mirror is None or mirror.version is version or random() >= mirror.fraction:
+            if mirror is None:
                 resp = await self._forward(request, version, policy, path, authority=authority)
             else:
                 shadow_path = original
