@@ -16,9 +16,8 @@ import logging
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from merlin_dp.common.web import REASONS, JsonErrorHandler
 from merlin_dp.controller.api import error
-from merlin_dp.gateway.errors import REASONS
-from merlin_dp.gateway.http.server import JsonErrorHandler
 
 log = logging.getLogger("merlin_dp.controller.api")
 

@@ -11,22 +11,7 @@ import json
 
 from aiohttp import web
 
-REASONS = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    411: "length_required",
-    413: "body_too_large",
-    414: "uri_too_long",
-    417: "expectation_failed",
-    431: "headers_too_large",
-    500: "internal_error",
-    501: "not_implemented",
-    502: "bad_gateway",
-    503: "unavailable",
-    504: "upstream_timeout",
-}
+from merlin_dp.common.web import REASONS
 
 
 def error_body(status: int, message: str, code: str | None = None) -> bytes:

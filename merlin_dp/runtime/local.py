@@ -37,7 +37,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Coroutine, Iterable, Sequence
@@ -48,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from merlin_dp.common.aio import cancel_and_wait, raise_if_cancelling
+from merlin_dp.common.net import free_port
 from merlin_dp.controller.statedir import process_cmdline
 from merlin_dp.controller.store import atomic_write
 from merlin_dp.runtime import (
@@ -377,8 +377,8 @@ class LocalRuntime:
 
     async def _start_process(self, version: _Version, replica: _Replica) -> None:
         spec = version.spec
-        replica.port = _free_port()
-        replica.http_port = _free_port() if spec.protocol == "UPI_V1" else replica.port
+        replica.port = free_port()
+        replica.http_port = free_port() if spec.protocol == "UPI_V1" else replica.port
         ports = {"CARAML_HTTP_PORT": str(replica.http_port)}
         if spec.protocol == "UPI_V1":
             ports["CARAML_GRPC_PORT"] = str(replica.port)
@@ -598,13 +598,6 @@ def log_files(logs_dir: Path, key: str) -> list[Path]:
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _read_record(path: Path) -> _Record:

@@ -37,12 +37,12 @@ from typing import Any
 
 import httptools
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong, PayloadEncodingError
+from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
+from merlin_dp.common.web import JsonErrorHandler
 from merlin_dp.gateway.errors import error_body, error_response
 from merlin_dp.gateway.metrics import ConnectionStats
 
@@ -52,41 +52,9 @@ log = logging.getLogger("gateway")
 HEAD_END = b"\r\n\r\n"
 
 
-class JsonErrorHandler(RequestHandler):
-    """A request handler that answers what aiohttp can't parse with the server's own
-    JSON error (the status that fits; 500 without the trace), never aiohttp's plain-text
-    page that repeats what it choked on. Subclasses say how their error looks."""
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            self.error_log.error(
-                "unexpected error answering %s %s", request.method, request.path, exc_info=exc
-            )
-            return self.json_error(500, None)
-        self.error_log.debug("bad request: %s", exc)
-        status, text = describe_bad_request(status, exc)
-        return self.json_error(status, text)
-
-    error_log = log
-
-    def json_error(self, status: int, text: str | None) -> web.StreamResponse:
-        """The answer, closing the connection; ``text`` None: an internal error."""
-        return error_response(status, text or "internal gateway error", close=True)
-
-
 class JsonErrorRequestHandler(JsonErrorHandler):
-    """aiohttp's connection handler with JSON errors, a clock on every request head, and
-    upgrades declined.
+    """aiohttp's connection handler with the gateway's JSON errors, a clock on every
+    request head, and upgrades declined.
 
     The head clock is decided after each read from what aiohttp's parser made of it, with
     no timer on the common reads: one that completes a head and, if any, its body, and
@@ -106,6 +74,10 @@ class JsonErrorRequestHandler(JsonErrorHandler):
     """
 
     __slots__ = ("_body", "_clock_count", "_head_sure", "_head_timer", "_header_timeout")
+    error_log = log
+
+    def json_error(self, status: int, text: str | None) -> web.StreamResponse:
+        return error_response(status, text or "internal gateway error", close=True)
 
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -259,19 +231,6 @@ class JsonErrorRequestHandler(JsonErrorHandler):
 
 
 _aiohttp_data_received = RequestHandler.data_received
-
-
-def describe_bad_request(status: int, exc: BaseException | None) -> tuple[int, str]:
-    if isinstance(exc, LineTooLong):
-        line = exc.args[0] if exc.args else b""
-        line = line.encode("latin-1", "replace") if isinstance(line, str) else line
-        if line.startswith((b"/", b"http")):
-            return 414, "request line is too long"
-        return 431, "a request header is too large"
-    if isinstance(exc, BadHttpMessage):
-        detail = str(exc.message or "").strip().splitlines()
-        return 400, "malformed HTTP request" + (f": {detail[0][:200]}" if detail else "")
-    return status, "malformed HTTP request"
 
 
 def _raw_error(status: int, reason: str, message: str) -> bytes:
