@@ -3,7 +3,7 @@
     python deploy/generate_crd.py           # rewrite the CRD
     python deploy/generate_crd.py --check   # exit 1 if the committed CRD is stale
 
-The ModelEndpoint's ``spec`` is ``merlin_dp.controller.kubernetes.objects.ModelEndpointSpec``:
+The ModelEndpoint's ``spec`` is ``merlin_dp.spec.endpoints.ModelEndpointSpec``:
 ``project``, ``model``, ``protocol`` and the very :class:`merlin_dp.spec.rule.Rule` the route
 file and the controller API use. Its JSON Schema (``model_json_schema()``) is turned
 into the *structural* OpenAPI v3 schema Kubernetes requires: ``$ref`` inlined, ``anyOf
@@ -36,8 +36,8 @@ from merlin_dp.controller.kubernetes.objects import (
     SHORT_NAMES,
     SINGULAR,
     VERSION,
-    ModelEndpointSpec,
 )
+from merlin_dp.spec.endpoints import ModelEndpointSpec
 
 CRD_PATH = Path(__file__).resolve().parent / "crd-modelendpoint.yaml"
 

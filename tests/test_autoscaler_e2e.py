@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from merlin_dp.autoscaler.collector import GatewaySignals
 from merlin_dp.autoscaler.policy import PolicyConfig
-from merlin_dp.autoscaler.scaler import Autoscaler, attach_autoscaler
+from merlin_dp.autoscaler.scaler import Autoscaler
+from merlin_dp.controller.autoscaling import attach_autoscaler
 from merlin_dp.controller.server import ControllerConfig, start_controller
 from merlin_dp.controller.service import Controller
 from merlin_dp.gateway.admin import admin_app, start_admin

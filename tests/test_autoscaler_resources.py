@@ -29,8 +29,10 @@ from merlin_dp.autoscaler.resources import (
     parse_memory,
     parse_metrics,
 )
-from merlin_dp.controller.models import ResourceRequest
 from merlin_dp.runtime import ReplicaInfo, ReplicaState
+from merlin_dp.spec.endpoints import (
+    ResourceRequest,
+)
 from tests.conftest import Proc, Procs, Replica, free_port, wait_port
 
 KEY = "fraud/scorer/1"

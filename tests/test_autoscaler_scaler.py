@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from merlin_dp.autoscaler.collector import GatewaySignals
-from merlin_dp.autoscaler.scaler import Autoscaler
-from merlin_dp.controller.models import VersionEndpoint
+from merlin_dp.autoscaler.scaler import Autoscaler, ScaledVersion
 from merlin_dp.runtime import DeploySpec, ReplicaInfo
+from merlin_dp.spec.endpoints import AutoscalingPolicy, ResourceRequest
 from tests.conftest import Replica
 
 NOW = 1_000_000.0
@@ -45,14 +45,14 @@ def record(second: int, requests: int, concurrency: float) -> dict[str, Any]:
             "requests": requests, "concurrency": concurrency}  # fmt: skip
 
 
-def endpoint(**policy: Any) -> VersionEndpoint:
-    return VersionEndpoint.model_validate({
-        "project": "fraud", "model": "scorer", "version": "1", "status": "serving",
-        "spec": {"type": "custom", "command": ["x"],
-                 "resource_request": {"min_replica": 1, "max_replica": 50},
-                 "autoscaling_policy": {"metrics_type": "concurrency", "target_value": 1,
-                                        **policy}},
-    })  # fmt: skip
+def endpoint(**policy: Any) -> ScaledVersion:
+    return ScaledVersion(
+        "fraud", "scorer", "1",
+        AutoscalingPolicy.model_validate(
+            {"metrics_type": "concurrency", "target_value": 1, **policy}
+        ),
+        ResourceRequest(min_replica=1, max_replica=50),
+    )  # fmt: skip
 
 
 async def test_the_policy_gets_rates_service_time_and_start_up_time() -> None:

@@ -12,23 +12,21 @@ waiting for the next tick, and the held requests count as demand.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 from merlin_dp.autoscaler.collector import SignalSource
 from merlin_dp.autoscaler.metrics import AutoscalerMetrics
 from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
 from merlin_dp.autoscaler.resources import ReplicaResources, Resource
 from merlin_dp.common.aio import cancel_and_wait
-from merlin_dp.controller.models import VersionEndpoint
-from merlin_dp.controller.service import Controller
 from merlin_dp.runtime import Runtime
+from merlin_dp.spec.endpoints import AutoscalingPolicy, ResourceRequest
 
 log = logging.getLogger("autoscaler")
 
@@ -40,22 +38,33 @@ POKE_FRESH_SECONDS = 3.0
 MIN_SERVICE_SAMPLE = 100
 
 
-def policy_config(rec: VersionEndpoint, base: PolicyConfig | None = None) -> PolicyConfig:
+@dataclass(frozen=True, slots=True)
+class ScaledVersion:
+    """A version endpoint to scale, as the autoscaler needs it: its name, its policy and
+    what each replica asks for (the bounds and the utilization denominators)."""
+
+    project: str
+    model: str
+    version: str
+    policy: AutoscalingPolicy
+    resources: ResourceRequest
+
+
+def policy_config(v: ScaledVersion, base: PolicyConfig | None = None) -> PolicyConfig:
     """The version's policy: its own metric, target and bounds over the shared timings."""
-    spec = rec.spec
     return replace(
         base or PolicyConfig(),
-        metrics_type=spec.autoscaling_policy.metrics_type,
-        target_value=spec.autoscaling_policy.target_value,
-        min_replica=spec.resource_request.min_replica,
-        max_replica=spec.resource_request.max_replica,
+        metrics_type=v.policy.metrics_type,
+        target_value=v.policy.target_value,
+        min_replica=v.resources.min_replica,
+        max_replica=v.resources.max_replica,
     )
 
 
 class Autoscaler:
     def __init__(
         self,
-        versions: Callable[[], dict[str, VersionEndpoint]],
+        versions: Callable[[], Mapping[str, ScaledVersion]],
         runtime: Runtime,
         signals: SignalSource,
         clock: Callable[[], float] = time.time,
@@ -95,9 +104,9 @@ class Autoscaler:
         now = self.clock()
         answered, expected = await self.signals.poll(now)
         everyone = answered >= expected
-        running = {k: r for k, r in self.versions().items() if r.status in ("running", "serving")}
-        for key, rec in running.items():
-            await self._decide(key, rec, now, answered, everyone)
+        running = self.versions()
+        for key, v in running.items():
+            await self._decide(key, v, now, answered, everyone)
         self.resources.retain(running)
         self.metrics.retain(running)
         for url in self.signals.sources:
@@ -107,9 +116,9 @@ class Autoscaler:
             )
 
     async def _decide(
-        self, key: str, rec: VersionEndpoint, now: float, answered: int, everyone: bool
+        self, key: str, v: ScaledVersion, now: float, answered: int, everyone: bool
     ) -> None:
-        config = policy_config(rec, self.timings)
+        config = policy_config(v, self.timings)
         replicas = self.runtime.replicas(key)
         startups = [r.ready_after for r in replicas if r.ready_after is not None]
         if startups:
@@ -117,7 +126,7 @@ class Autoscaler:
         ready = sum(1 for r in replicas if r.state == "ready")
         starting = sum(1 for r in replicas if r.state in ("starting", "unready"))
         draining = sum(1 for r in replicas if r.state == "draining")
-        rps, conc = self.signals.buckets((rec.project, rec.model, rec.version))
+        rps, conc = self.signals.buckets((v.project, v.model, v.version))
         waiting, poked_at = self._pokes.get(key, (0, -math.inf))
         if now - poked_at > POKE_FRESH_SECONDS:
             waiting = 0
@@ -126,9 +135,8 @@ class Autoscaler:
         complete = everyone
         if config.metrics_type in ("cpu_utilization", "memory_utilization"):
             resource: Resource = "cpu" if config.metrics_type == "cpu_utilization" else "memory"
-            request = rec.spec.resource_request
             used = await self.resources.scrape(
-                key, replicas, request.cpu_request, request.memory_request, now
+                key, replicas, v.resources.cpu_request, v.resources.memory_request, now
             )
             self.metrics.observe_utilization(key, used)
             utilization = used.value(resource)
@@ -191,57 +199,3 @@ class Autoscaler:
             await cancel_and_wait([self._task])
         await self.signals.close()
         await self.resources.close()
-
-
-def add_timing_arguments(p: argparse.ArgumentParser) -> None:
-    """The cluster-wide timings users tune (Knative's config-autoscaler has the same)."""
-    d = PolicyConfig()
-    g = p.add_argument_group("autoscaling timings (for every version endpoint)")
-    g.add_argument("--stable-window", type=float, default=d.stable_window, metavar="SECONDS",
-                   help="requests are averaged over this window to size replicas")  # fmt: skip
-    g.add_argument("--scale-down-delay", type=float, default=d.scale_down_delay,
-                   metavar="SECONDS",
-                   help="the peak of this window holds before scaling down")  # fmt: skip
-    g.add_argument("--scale-to-zero-grace", type=float, default=d.scale_to_zero_grace,
-                   metavar="SECONDS",
-                   help="idle this long before a min_replica 0 version goes to zero")  # fmt: skip
-
-
-def timings_from(args: argparse.Namespace) -> PolicyConfig:
-    for name in ("stable_window", "scale_down_delay", "scale_to_zero_grace"):
-        if not 0 <= getattr(args, name) <= 3600:
-            raise SystemExit(f"merlin-dp: --{name.replace('_', '-')} must be 0-3600 seconds")
-    if args.stable_window < 1:
-        raise SystemExit("merlin-dp: --stable-window must be at least 1 second")
-    return replace(
-        PolicyConfig(),
-        stable_window=args.stable_window,
-        panic_window=max(1.0, args.stable_window / 10),  # Knative: 10% of the stable window
-        scale_down_delay=args.scale_down_delay,
-        scale_to_zero_grace=args.scale_to_zero_grace,
-    )
-
-
-def attach_autoscaler(
-    controller: Controller,
-    signals: SignalSource,
-    timings: PolicyConfig | None = None,
-    interval: float = 1.0,
-    runtime: Runtime | None = None,
-) -> Autoscaler:
-    """Run an autoscaler beside a controller: it scales the controller's runtime (or
-    ``runtime``), takes the gateways' pokes (``POST /v1/activations``) and serves its
-    metrics (``/metrics``)."""
-    actuator = runtime or controller.runtime
-    assert actuator is not None, "the autoscaler actuates a runtime"
-    scaler = Autoscaler(
-        lambda: controller.state.versions,
-        actuator,
-        signals,
-        interval=interval,
-        timings=timings,
-    )
-    controller.activations = scaler.poke
-    controller.metrics.append(scaler.metrics.render)
-    scaler.start()
-    return scaler

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from merlin_dp.autoscaler.scaler import add_timing_arguments, timings_from
+from merlin_dp.cli.autoscaling import add_timing_arguments, timings_from
 from merlin_dp.cli.gateway import split_address
 
 

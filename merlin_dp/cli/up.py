@@ -27,13 +27,10 @@ from typing import Any
 import aiohttp
 
 from merlin_dp.autoscaler.collector import GatewaySignals
-from merlin_dp.autoscaler.scaler import (
-    Autoscaler,
-    add_timing_arguments,
-    attach_autoscaler,
-    timings_from,
-)
+from merlin_dp.autoscaler.scaler import Autoscaler
+from merlin_dp.cli.autoscaling import add_timing_arguments, timings_from
 from merlin_dp.cli.gateway import split_address
+from merlin_dp.controller.autoscaling import attach_autoscaler
 from merlin_dp.controller.server import ControllerConfig, StartError, listen_error, start_controller
 from merlin_dp.controller.urls import PublicGateway, model_url
 from merlin_dp.gateway.admin import admin_app, start_admin

@@ -44,7 +44,6 @@ from merlin_dp.controller.models import (
     SwitchBody,
     VersionEndpoint,
     VersionEndpointList,
-    VersionEndpointSpec,
     VersionLogs,
 )
 from merlin_dp.controller.openapi import (
@@ -59,6 +58,9 @@ from merlin_dp.controller.openapi import (
 from merlin_dp.controller.service import Controller
 from merlin_dp.controller.store import StoreError
 from merlin_dp.runtime.logtail import LogFollower, log_tail
+from merlin_dp.spec.endpoints import (
+    VersionEndpointSpec,
+)
 from merlin_dp.spec.rule import NAME_PATTERN, VERSION_PATTERN
 
 log = logging.getLogger("merlin_dp.controller.api")

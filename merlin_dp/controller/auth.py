@@ -33,7 +33,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from merlin_dp.controller.models import VersionEndpointSpec
+from merlin_dp.spec.endpoints import (
+    VersionEndpointSpec,
+)
 
 Access = Literal["read", "write"]
 

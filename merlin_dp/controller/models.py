@@ -6,112 +6,18 @@ models are what the store persists and what ``/openapi.json`` is generated from.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
-    field_validator,
-    model_validator,
 )
 
+from merlin_dp.spec.endpoints import VersionEndpointSpec
 from merlin_dp.spec.rule import Name, Protocol, Rule, StrictModel, VersionId
 
-MetricsType = Literal["cpu_utilization", "memory_utilization", "rps", "concurrency"]
 VersionStatus = Literal["pending", "running", "serving", "failed", "terminated"]
-ModelType = Literal["custom", "pyfunc", "sklearn", "kubernetes"]
-
-CPU = r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$"
-MEMORY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
-ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-
-
-class ResourceRequest(StrictModel):
-    min_replica: int = Field(default=1, ge=0, le=100)
-    max_replica: int = Field(default=2, ge=1, le=100)
-    cpu_request: Annotated[str, StringConstraints(pattern=CPU)] = "500m"
-    memory_request: Annotated[str, StringConstraints(pattern=MEMORY)] = "512Mi"
-
-    @model_validator(mode="after")
-    def _bounds(self) -> ResourceRequest:
-        if self.min_replica > self.max_replica:
-            raise ValueError(
-                f"min_replica ({self.min_replica}) is above max_replica ({self.max_replica})"
-            )
-        return self
-
-
-class AutoscalingPolicy(StrictModel):
-    """Merlin's policy. Utilization targets are percent of the request (1-100); rps and
-    concurrency targets are per replica."""
-
-    metrics_type: MetricsType = "concurrency"
-    target_value: float = Field(default=1.0, gt=0)
-
-    @model_validator(mode="after")
-    def _range(self) -> AutoscalingPolicy:
-        if self.metrics_type.endswith("_utilization") and self.target_value > 100:
-            raise ValueError(f"{self.metrics_type} target_value is a percentage (1-100)")
-        return self
-
-
-class VersionEndpointSpec(StrictModel):
-    """How to run one version endpoint (the body of PUT .../versions/{v}/endpoint)."""
-
-    type: ModelType = Field(
-        default="custom",
-        description="custom, pyfunc or sklearn. kubernetes: a Deployment and Service found "
-        "in the cluster (Kubernetes mode); shown, never accepted by the API.",
-    )
-    command: list[str] = Field(
-        default_factory=list, description="custom: the program and its arguments."
-    )
-    model_dir: str = Field(default="", description="pyfunc / sklearn: the artifact directory.")
-    pyfunc_class: str = Field(default="", description="pyfunc: 'module:Class' in model_dir.")
-    protocol: Protocol = "HTTP_JSON"
-    resource_request: ResourceRequest = Field(default_factory=ResourceRequest)
-    autoscaling_policy: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy)
-    env_vars: dict[str, str] = Field(default_factory=dict)
-    ready_deadline_seconds: float = Field(
-        default=120.0, gt=0, le=3600,
-        description="Fails the version if no replica is ready by then (a crash loop fails "
-        "it sooner).",
-    )  # fmt: skip
-    workdir: str = Field(
-        default="", max_length=4096,
-        description="custom: the absolute directory the command runs in, so relative paths "
-        "in it mean what they meant where it was deployed from (merlin-dp deploy sends the "
-        "caller's current directory). Empty: the controller's working directory.",
-    )  # fmt: skip
-
-    @field_validator("env_vars")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not re.fullmatch(ENV_NAME, name):
-                raise ValueError(f"{name!r} is not an environment variable name")
-            if name.startswith("CARAML_") or name == "STORAGE_URI":
-                raise ValueError(f"{name} is set by the platform (replica contract)")
-        return value
-
-    @model_validator(mode="after")
-    def _runnable(self) -> VersionEndpointSpec:
-        if self.type == "custom" and not self.command:
-            raise ValueError("type custom needs a command")
-        if self.type in ("pyfunc", "sklearn") and not self.model_dir:
-            raise ValueError(f"type {self.type} needs model_dir")
-        if self.type == "pyfunc" and ":" not in self.pyfunc_class:
-            raise ValueError("type pyfunc needs pyfunc_class as 'module:Class'")
-        if self.type == "sklearn" and self.protocol == "UPI_V1":
-            raise ValueError("type sklearn serves HTTP_JSON; for UPI_V1 wrap it as pyfunc")
-        if self.workdir and self.type != "custom":
-            raise ValueError(f"workdir is for type custom; type {self.type} reads model_dir")
-        if self.workdir and not self.workdir.startswith("/"):
-            raise ValueError(f"workdir must be an absolute path, not {self.workdir!r}")
-        return self
 
 
 class StateModel(StrictModel):

@@ -8,8 +8,9 @@ from what the API validates or returns. The paths list every operation the app s
 query parameter an operation doesn't list here (``query_parameters``).
 
 Component names are part of the API — generated clients name their classes after them —
-so they are chosen here: the class's name, or ``COMPONENT_NAMES`` where two classes share
-one. Pydantic would name clashing classes after their module, and only while they clash.
+so each is its class's name: there is one class per concept, and two classes with one
+name stop the document from being built (pydantic would name them after their modules,
+and only while they clash).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from merlin_dp.controller.models import (
     ActivationBody,
     AuditEntry,
     AuditLog,
-    AutoscalingPolicy,
     EndpointDeleted,
     ErrorBody,
     ErrorResponse,
@@ -35,19 +35,21 @@ from merlin_dp.controller.models import (
     ModelEndpointBody,
     Readiness,
     ReplicaLog,
-    ResourceRequest,
     RollbackBody,
     RuleHistory,
     RuleRevision,
     SwitchBody,
     VersionEndpoint,
     VersionEndpointList,
-    VersionEndpointSpec,
     VersionLogs,
 )
-from merlin_dp.spec.routes import ModelEndpointSpec as RouteModelEndpoint
-from merlin_dp.spec.routes import RouteTableSpec
-from merlin_dp.spec.routes import VersionEndpointSpec as RouteVersionEndpoint
+from merlin_dp.spec.endpoints import (
+    AutoscalingPolicy,
+    ModelEndpointSpec,
+    ResourceRequest,
+    VersionEndpointSpec,
+)
+from merlin_dp.spec.routes import RouteTableSpec, RouteTableVersionEndpoint
 from merlin_dp.spec.rule import (
     NAME_PATTERN,
     VERSION_PATTERN,
@@ -64,16 +66,10 @@ MODELS: list[type[BaseModel]] = [
     ActivationAccepted, ActivationBody, AuditEntry, AuditLog, AutoscalingPolicy, Destination,
     EndpointDeleted, ErrorBody, ErrorResponse, FieldError, Health, HeaderMatch, Mirror,
     ModelEndpoint, ModelEndpointBody, Readiness, ReplicaLog, ResourceRequest, RollbackBody,
-    RouteModelEndpoint, RouteTableSpec, RouteVersionEndpoint, Rule, RuleHistory, RuleRevision,
-    Sticky, SwitchBody, VersionEndpoint, VersionEndpointList, VersionEndpointSpec, VersionLogs,
+    ModelEndpointSpec, RouteTableSpec, RouteTableVersionEndpoint, Rule, RuleHistory,
+    RuleRevision, Sticky, SwitchBody, VersionEndpoint, VersionEndpointList, VersionEndpointSpec,
+    VersionLogs,
 ]  # fmt: skip
-
-# The route table's entries share class names with the controller's API bodies
-# (merlin_dp/spec/routes.py vs merlin_dp/controller/models.py); in the document they are the table's.
-COMPONENT_NAMES: dict[type[BaseModel], str] = {
-    RouteVersionEndpoint: "RouteTableVersionEndpoint",
-    RouteModelEndpoint: "RouteTableModelEndpoint",
-}
 
 WATCH_VALUES = ("0", "1", "false", "true")
 SINCE_MAX = 10**18 - 1
@@ -91,7 +87,7 @@ TAGS = {
 
 
 def component_name(model: type[BaseModel]) -> str:
-    return COMPONENT_NAMES.get(model, model.__name__)
+    return model.__name__
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -104,7 +100,7 @@ def _schemas() -> dict[str, Any]:
     for (model, _), schema in refs.items():
         name = component_name(model)  # type: ignore[arg-type]  # keys are the classes given
         if name in rename.values():
-            raise RuntimeError(f"two models are called {name}: name one in COMPONENT_NAMES")
+            raise RuntimeError(f"two models are called {name}: one class per concept")
         rename[schema["$ref"].removeprefix("#/$defs/")] = name
     stray = sorted(set(defs.get("$defs", {})) - set(rename))
     if stray:

@@ -202,7 +202,7 @@ async def _follow_cluster(controller: Controller, config: ControllerConfig) -> N
 
 async def serve(config: ControllerConfig) -> None:
     from merlin_dp.autoscaler.collector import GatewaySignals, RedisSignals, SignalSource
-    from merlin_dp.autoscaler.scaler import attach_autoscaler
+    from merlin_dp.controller.autoscaling import attach_autoscaler
     from merlin_dp.controller.kubernetes.sync import KubernetesSync
 
     controller, runner, _ = await start_controller(config)

@@ -17,8 +17,8 @@ from merlin_dp.controller.models import (
     RuleRevision,
     VersionEndpoint,
 )
-from merlin_dp.controller.models import VersionEndpointSpec as DeploymentSpec
-from merlin_dp.spec.routes import ModelEndpointSpec, RouteTableSpec, VersionEndpointSpec
+from merlin_dp.spec.endpoints import ModelEndpointSpec, VersionEndpointSpec
+from merlin_dp.spec.routes import RouteTableSpec, RouteTableVersionEndpoint
 from merlin_dp.spec.rule import Destination, Rule
 
 HISTORY_LIMIT = 100
@@ -82,7 +82,7 @@ def deploy(
     project: str,
     model: str,
     version: str,
-    spec: DeploymentSpec,
+    spec: VersionEndpointSpec,
     *,
     max_versions: int,
     if_match: int | None = None,
@@ -327,7 +327,7 @@ def _settle_serving(state: ControllerState, project: str, model: str) -> None:
 
 def route_table(state: ControllerState) -> RouteTableSpec:
     versions = [
-        VersionEndpointSpec(
+        RouteTableVersionEndpoint(
             project=v.project, model=v.model, version=v.version,
             protocol=v.spec.protocol, replicas=v.replicas,
             # Gateways hold (not refuse) its requests while a replica starts from zero.

@@ -14,14 +14,17 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from merlin_dp.spec.rule import Name, Protocol, Rule, StrictModel, VersionId, full_name
+from merlin_dp.spec.endpoints import ModelEndpointSpec
+from merlin_dp.spec.rule import Name, Protocol, StrictModel, VersionId, full_name
 
 
 class RouteFileError(ValueError):
     """A route file that can't be read or doesn't validate; the message says where."""
 
 
-class VersionEndpointSpec(StrictModel):
+class RouteTableVersionEndpoint(StrictModel):
+    """A version endpoint as a route table lists it: where its traffic goes now."""
+
     project: Name
     model: Name
     version: VersionId
@@ -49,21 +52,14 @@ class VersionEndpointSpec(StrictModel):
         return full_name(self.model, self.version)
 
 
-class ModelEndpointSpec(StrictModel):
-    project: Name
-    model: Name
-    protocol: Protocol = "HTTP_JSON"
-    rule: Rule
-
-
 class RouteTableSpec(StrictModel):
     revision: int = Field(default=0, ge=0)
-    version_endpoints: list[VersionEndpointSpec] = Field(default_factory=list)
+    version_endpoints: list[RouteTableVersionEndpoint] = Field(default_factory=list)
     model_endpoints: list[ModelEndpointSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteTableSpec:
-        versions: dict[tuple[str, str, str], VersionEndpointSpec] = {}
+        versions: dict[tuple[str, str, str], RouteTableVersionEndpoint] = {}
         for i, ve in enumerate(self.version_endpoints):
             key = (ve.project, ve.model, ve.version)
             if key in versions:

@@ -31,18 +31,20 @@ from merlin_dp.controller.kubernetes.objects import (
     SERVICE_NAME_LABEL,
     TARGET_LABEL,
     VERSION_LABEL,
-    ModelEndpointSpec,
 )
 from merlin_dp.controller.models import (
-    AutoscalingPolicy,
     ControllerState,
     ModelEndpoint,
-    ResourceRequest,
     RuleRevision,
     VersionEndpoint,
-    VersionEndpointSpec,
 )
 from merlin_dp.controller.state import HISTORY_LIMIT, model_key, version_key
+from merlin_dp.spec.endpoints import (
+    AutoscalingPolicy,
+    ModelEndpointSpec,
+    ResourceRequest,
+    VersionEndpointSpec,
+)
 from merlin_dp.spec.routes import describe_validation_error
 from merlin_dp.spec.rule import Protocol
 

@@ -1,18 +1,14 @@
 """The Kubernetes objects this project reads and writes: names, labels, and their specs.
 
 A ModelEndpoint (``merlin-dp.caraml.dev/v1alpha1``) holds one model's routing rule; its
-``spec`` is :class:`ModelEndpointSpec`, validated here exactly as the controller API
-validates a rule. Version endpoints are Services (and their EndpointSlices) carrying the
-three :data:`PROJECT_LABEL`/:data:`MODEL_LABEL`/:data:`VERSION_LABEL` labels; the
+``spec`` is :class:`~merlin_dp.spec.endpoints.ModelEndpointSpec`, validated exactly as the
+controller API validates a rule. Version endpoints are Services (and their EndpointSlices)
+carrying the three :data:`PROJECT_LABEL`/:data:`MODEL_LABEL`/:data:`VERSION_LABEL` labels; the
 Deployment scaled for a version has the Service's name. ``deploy/generate_crd.py``
 writes the CRD from the models here.
 """
 
 from __future__ import annotations
-
-from pydantic import Field
-
-from merlin_dp.spec.rule import Name, Protocol, Rule, StrictModel
 
 GROUP = "merlin-dp.caraml.dev"
 VERSION = "v1alpha1"
@@ -33,14 +29,3 @@ TARGET_LABEL = "merlin-dp.caraml.dev/target"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # set by the EndpointSlice controller
 
 LEASE_NAME = "merlin-dp-controller"
-
-
-class ModelEndpointSpec(StrictModel):
-    """The spec of a ModelEndpoint: which model's stable URL, and its routing rule."""
-
-    project: Name = Field(description="The project (Merlin's namespace of models).")
-    model: Name = Field(description="The model; one ModelEndpoint per project and model.")
-    protocol: Protocol = Field(
-        default="HTTP_JSON", description="HTTP_JSON or UPI_V1; every destination must match."
-    )
-    rule: Rule = Field(description="How traffic is spread over the model's version endpoints.")
