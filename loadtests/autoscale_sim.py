@@ -273,24 +273,15 @@ def project_config(metrics_type: str, limit: int) -> PolicyConfig:
     """The policy exactly as production builds it (``merlin_dp.autoscaler.scaler.policy_config``)
     for a version endpoint scaling on ``metrics_type`` with target = the concurrency limit
     (or, for rps, what one replica serves at full load), min 0, max 100 (the API's max)."""
-    from merlin_dp.autoscaler.scaler import policy_config
-    from merlin_dp.controller.models import VersionEndpoint
+    from merlin_dp.autoscaler.scaler import ScaledVersion, policy_config
+    from merlin_dp.spec.endpoints import AutoscalingPolicy, ResourceRequest
 
     target = float(limit) if metrics_type == "concurrency" else limit / SERVICE_MEAN_S
-    rec = VersionEndpoint.model_validate(
-        {
-            "project": "sim",
-            "model": "model",
-            "version": "1",
-            "spec": {
-                "type": "custom",
-                "command": ["true"],
-                "resource_request": {"min_replica": 0, "max_replica": 100},
-                "autoscaling_policy": {"metrics_type": metrics_type, "target_value": target},
-            },
-        }
+    policy = AutoscalingPolicy.model_validate(
+        {"metrics_type": metrics_type, "target_value": target}
     )
-    return policy_config(rec)
+    resources = ResourceRequest(min_replica=0, max_replica=100)
+    return policy_config(ScaledVersion("sim", "model", "1", policy, resources))
 
 
 MIN_SERVED = 100  # completions a service-time estimate needs
