@@ -566,11 +566,11 @@ async def test_streams_over_the_limit_are_refused(gateway_factory: Any, hang: Ha
 
 
 async def test_silent_and_idle_connections_are_closed(tmp_path: Any) -> None:
+    from merlin_dp.common.net import bind_socket
     from merlin_dp.gateway.grpc.proxy import GrpcProxy
     from merlin_dp.gateway.h2.server import GrpcListener
     from merlin_dp.gateway.metrics import GatewayMetrics
     from merlin_dp.gateway.pool.http1 import PoolLimits, UpstreamStats
-    from merlin_dp.gateway.worker import bind_socket
 
     proxy = GrpcProxy(GatewayMetrics(UpstreamStats()), PoolLimits())
     listener = GrpcListener(proxy, H2Limits(idle_seconds=0.2, handshake_seconds=0.2))

@@ -19,7 +19,7 @@ import aiohttp
 
 from merlin_dp.autoscaler.window import SecondBuckets
 from merlin_dp.common.aio import raise_if_cancelling
-from merlin_dp.gateway.signal_push import signals_stream
+from merlin_dp.spec.signals import signals_stream
 
 log = logging.getLogger("autoscaler")
 

@@ -27,3 +27,17 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
         for sock in socks:
             sock.bind((host, 0))
         return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A non-blocking listening TCP socket on ``host:port`` (IPv6 when the host has a
+    colon); ``reuse_port`` lets several worker processes accept on one port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from merlin_dp.autoscaler.policy import PolicyConfig
+from merlin_dp.common.net import bind_socket
 from merlin_dp.controller.api import make_app
 from merlin_dp.controller.auth import Tokens, model_roots
 from merlin_dp.controller.http_server import ApiRunner
@@ -24,7 +25,6 @@ from merlin_dp.controller.service import Controller
 from merlin_dp.controller.statedir import StateDirInUse, StateDirLock
 from merlin_dp.controller.store import FileStore, Store, StoreError
 from merlin_dp.controller.urls import PublicGateway
-from merlin_dp.gateway.worker import bind_socket
 from merlin_dp.runtime.local import LocalRuntime, LocalTimings
 
 log = logging.getLogger("controller")

@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+from merlin_dp.common.files import process_cmdline
+
 LOCK_NAME = "lock"
 
 
@@ -82,11 +84,3 @@ class StateDirLock:
                 return int(first), rest.strip()
             time.sleep(0.05)
         return None, ""
-
-
-def process_cmdline(pid: int) -> str:
-    """A process's command line, space-joined ("" if gone or not readable)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""

@@ -13,8 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
+from merlin_dp.common.net import bind_socket
 from merlin_dp.gateway.metrics import merge_snapshots, render
-from merlin_dp.gateway.worker import Report, bind_socket
+from merlin_dp.gateway.worker import Report
 
 WorkerReports = Callable[[], Awaitable[list[Report]]]
 

@@ -19,14 +19,11 @@ import socket
 
 from merlin_dp.common.aio import raise_if_cancelling
 from merlin_dp.gateway.signals import SignalRecorder
+from merlin_dp.spec.signals import signals_stream
 
 log = logging.getLogger("gateway")
 
 STREAM_MAXLEN = 20_000  # about a minute of entries from 300 gateway workers
-
-
-def signals_stream(prefix: str = "merlin-dp") -> str:
-    return f"{prefix}:signals"
 
 
 class RedisSignalPusher:

@@ -13,13 +13,13 @@ import asyncio
 import gc
 import logging
 import os
-import socket
 import time
 from typing import Any
 
 from aiohttp import web
 
 from merlin_dp.common.aio import cancel_and_wait
+from merlin_dp.common.net import bind_socket
 from merlin_dp.gateway.activation import Activator, HttpPoke
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.grpc.proxy import GrpcProxy
@@ -177,15 +177,3 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-
-
-def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from kubernetes.aio.client import ApiClient, AppsV1Api
 
-from merlin_dp.controller.kubernetes.cluster import Version
 from merlin_dp.runtime import DeploySpec, ReplicaInfo, ReplicaState
 
 log = logging.getLogger("merlin_dp.controller.kubernetes")
@@ -27,12 +27,36 @@ _STATES: dict[str, ReplicaState] = {"ready": "ready", "starting": "starting",
                                      "draining": "draining"}  # fmt: skip
 
 
+class Pod(Protocol):
+    """A replica as the version's EndpointSlices show it."""
+
+    @property
+    def pod(self) -> str: ...
+    @property
+    def address(self) -> str: ...  # host:port of traffic
+    @property
+    def metrics_address(self) -> str: ...  # host:port of /metrics
+    @property
+    def state(self) -> str: ...  # ready | starting | draining
+
+
+class Deployment(Protocol):
+    """A version endpoint as this runtime needs it: the Deployment (named as its Service)
+    to scale, and the pods serving it now. The controller's view of the cluster provides
+    these (``merlin_dp.controller.kubernetes.cluster.Version``)."""
+
+    @property
+    def service(self) -> str: ...
+    @property
+    def replicas(self) -> Sequence[Pod]: ...
+
+
 class KubernetesRuntime:
     def __init__(
         self,
         api: ApiClient,
         namespace: str,
-        versions: Callable[[], dict[str, Version]],
+        versions: Callable[[], Mapping[str, Deployment]],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.apps = AppsV1Api(api)

@@ -47,9 +47,8 @@ from typing import Any
 import aiohttp
 
 from merlin_dp.common.aio import cancel_and_wait, raise_if_cancelling
+from merlin_dp.common.files import atomic_write, process_cmdline
 from merlin_dp.common.net import free_port
-from merlin_dp.controller.statedir import process_cmdline
-from merlin_dp.controller.store import atomic_write
 from merlin_dp.runtime import (
     DeploySpec,
     EventKind,
