@@ -1,9 +1,10 @@
-"""The control plane, and (for now) what runs beside it.
+"""The control plane: the routing API and the state behind it.
 
-The routing API (`api`, `openapi`, `auth`) over the state (`models`, `state`) and its
-stores (`store`, `redis_store`), changes applied by `service.Controller` and published
-to gateways (`feed`); the Kubernetes mode (`kubernetes/`); the local runtime
-(`runtime/`); the shipped model servers (`servers/`); and the `merlin-dp` command line
-(`cli`, `cli_controller`, `client_cli`, `up`). The last three are to get rooms of their
-own (issue 16); docs/architecture.md has the map.
+The API (``api``, ``openapi``, ``auth``, served by ``http_server``) over the state
+(``models``, ``state``) and its stores (``store``, ``redis_store``, with ``statedir``
+guarding a file store's directory); changes are applied by ``service.Controller`` and
+published to gateways (``feed``); ``urls`` names the stable URLs; ``autoscaling`` joins an
+autoscaler to the controller; ``server`` runs it all. Kubernetes mode is ``kubernetes/``.
+Runtimes, model servers and the command line are rooms of their own
+(:mod:`merlin_dp.runtime`, :mod:`merlin_dp.servers`, :mod:`merlin_dp.cli`).
 """

@@ -1,8 +1,9 @@
 """The runtime interface: where version endpoints' replicas run.
 
 The controller deploys, scales and undeploys through a :class:`Runtime`; the autoscaler
-scales through the same interface. ``local`` (processes on this machine, here) and
-``merlin_dp.runtime.kubernetes`` (Deployments' scale subresource) implement it. A
+scales through the same interface. :mod:`~merlin_dp.runtime.local` (processes on this
+machine) and :mod:`~merlin_dp.runtime.kubernetes` (Deployments' scale subresource)
+implement it. A
 runtime reports what happens to replicas as :class:`RuntimeEvent` values through the
 callback it is given, and answers :meth:`Runtime.replicas` with its current view; it
 never decides routing.
