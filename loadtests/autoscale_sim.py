@@ -2,7 +2,8 @@
 Kubernetes HPA and a clairvoyant oracle, on the same traces and the same random draws.
 
 ``python -m loadtests.bench autoscale`` runs it and prints the table (see
-:func:`run_benchmark`). Nothing here reads a clock: simulated time is the only time.
+:mod:`loadtests.bench.autoscale`). Nothing here reads a clock: simulated time is the only
+time.
 
 The model
 ---------
@@ -52,18 +53,14 @@ Traces (600 s each; :data:`TRACES`): steady 100 rps; step 5 -> 200 rps at 120 s;
 and back over the 10 minutes; on/off, 30 s bursts of 100 rps every 150 s from 60 s, zero
 in between (long enough for every policy to reach zero).
 
-Policies (:data:`POLICIES`): ``ours`` is ``merlin_dp.autoscaler.policy.decide`` with the
-``PolicyConfig`` production builds (:func:`project_config`: the concurrency metric with
-target = the replica's limit, min 0, max 100, every timing at its default), fed each
-second what ``merlin_dp/autoscaler/scaler.py`` feeds (:class:`ProjectPolicy`); the baselines are in
-:mod:`loadtests.autoscale_baselines`.
-
-Per trace, start-up time and limit, over the seeds: replica-seconds (mean), as a multiple
-of the oracle's; the share of requests that waited over the SLO (pooled); p99 latency
-(mean); time from a step-up until ready capacity covers the new rate; direction changes
-and peak replicas (the most over seeds). ``slo_vs_best_kpa`` compares miss shares with a
-floor of 0.1% (:data:`SLO_FLOOR`): below it, differences are a handful of requests in
-10^5, the noise of the draws (the oracle itself misses that many).
+Policies (:data:`loadtests.bench.autoscale.POLICIES`): ``ours`` is
+``merlin_dp.autoscaler.policy.decide`` with the ``PolicyConfig`` production builds
+(:func:`project_config`: the concurrency metric with target = the replica's limit, min 0,
+max 100, every timing at its default), fed each second what
+``merlin_dp/autoscaler/scaler.py`` feeds (:class:`ProjectPolicy`); the baselines are in
+:mod:`loadtests.autoscale_baselines`. What the benchmark reports per trace, start-up time
+and limit is in :mod:`loadtests.bench.autoscale`; miss shares there compare with a floor of
+0.1% (:data:`SLO_FLOOR`).
 
 Runs begin in steady state: the signal history before t = 0 holds the expected values
 at λ(0), and the oracle's replica count for λ(0) is ready. Cost (replica-seconds) is
@@ -77,15 +74,11 @@ Nothing else is random, so the same seed gives the same numbers, in one process 
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import math
-import multiprocessing
 import random
-import sys
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Protocol
@@ -578,239 +571,3 @@ def direction_changes(targets: Sequence[int]) -> int:
         if sign:
             last = sign
     return changes
-
-
-# --- the benchmark -------------------------------------------------------------------------
-
-POLICIES: tuple[str, ...] = ("ours", "kpa", "kpa-max2x", "kpa-rps", "hpa-cpu", "oracle")
-KPA_VARIANTS: tuple[str, ...] = ("kpa", "kpa-max2x", "kpa-rps")
-
-
-def factory_for(name: str) -> ControllerFactory:
-    from loadtests import autoscale_baselines as b
-
-    if name == "ours":
-        return ProjectPolicy
-    if name == "ours-rps":
-        return lambda view: ProjectPolicy(view, "rps")
-    if name == "kpa":
-        return b.kpa_concurrency
-    if name == "kpa-max2x":
-        return b.kpa_concurrency_capped
-    if name == "kpa-rps":
-        return b.kpa_rps
-    if name == "hpa-cpu":
-        return b.hpa_cpu
-    if name == "oracle":
-        return b.oracle
-    raise ValueError(f"unknown policy {name!r}")
-
-
-Key = tuple[str, int, int, str, int]  # trace, startup, limit, policy, seed
-
-
-def run_trace_seed(
-    args: tuple[Trace, int, tuple[int, ...], tuple[int, ...], tuple[str, ...]],
-) -> list[tuple[Key, RunResult]]:
-    trace, seed, startups, limits, policies = args
-    work = make_workload(trace, seed)
-    out = []
-    for startup in startups:
-        for limit in limits:
-            for name in policies:
-                result = simulate(trace, work, factory_for(name), startup, limit)
-                out.append(((trace.name, startup, limit, name, seed), result))
-    return out
-
-
-def run_all(
-    traces: Iterable[Trace] = TRACES,
-    seeds: Iterable[int] = SEEDS,
-    startups: tuple[int, ...] = STARTUPS,
-    limits: tuple[int, ...] = LIMITS,
-    policies: tuple[str, ...] = POLICIES,
-    jobs: int = 1,
-) -> dict[Key, RunResult]:
-    tasks = [(tr, seed, startups, limits, policies) for tr in traces for seed in seeds]
-    # The biggest tasks first, so two workers finish together.
-    tasks.sort(key=lambda task: -task[0].peak * task[0].duration)
-    results: dict[Key, RunResult] = {}
-    if jobs > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(jobs) as pool:
-            for chunk in pool.imap_unordered(run_trace_seed, tasks):
-                results.update(chunk)
-    else:
-        for task in tasks:
-            results.update(run_trace_seed(task))
-    return results
-
-
-@dataclass(frozen=True)
-class Row:
-    cost: float
-    misses: float  # share of requests
-    p99: float
-    time_to_capacity: float | None
-    direction_changes: int  # the most over seeds
-    peak: int
-
-
-def aggregate(runs: list[RunResult]) -> Row:
-    caps = [r.time_to_capacity for r in runs if r.time_to_capacity is not None]
-    requests = sum(r.requests for r in runs)
-    return Row(
-        cost=sum(r.cost for r in runs) / len(runs),
-        misses=sum(r.misses for r in runs) / requests if requests else 0.0,
-        p99=sum(r.p99 for r in runs) / len(runs),
-        time_to_capacity=sum(caps) / len(caps) if caps else None,
-        direction_changes=max(r.direction_changes for r in runs),
-        peak=max(r.peak for r in runs),
-    )
-
-
-def slo_ratio(ours: float, best: float) -> float:
-    """Ours / best miss shares, each at least :data:`SLO_FLOOR` (below it, differences are
-    a handful of requests in 10^5: Poisson noise, not a policy's doing)."""
-    return max(ours, SLO_FLOOR) / max(best, SLO_FLOOR)
-
-
-@dataclass(frozen=True)
-class Summary:
-    cost_vs_oracle: float
-    slo_vs_best_kpa: float
-    max_direction_changes_steady: int
-    worst_cost: str
-    worst_slo: str
-
-
-def summarize(table: dict[tuple[str, int, int, str], Row], policy: str = "ours") -> Summary:
-    cost_worst, slo_worst, steady = (0.0, ""), (0.0, ""), 0
-    for (trace, startup, limit, name), row in table.items():
-        if name != policy:
-            continue
-        label = f"{trace}/startup={startup}s/limit={limit}"
-        oracle = table[(trace, startup, limit, "oracle")]
-        ratio = row.cost / oracle.cost if oracle.cost else math.inf
-        if ratio > cost_worst[0]:
-            cost_worst = (ratio, label)
-        best = min(table[(trace, startup, limit, k)].misses for k in KPA_VARIANTS)
-        slo = slo_ratio(row.misses, best)
-        if slo > slo_worst[0] or not slo_worst[1]:
-            slo_worst = (slo, label)
-        if trace == "steady":
-            steady = max(steady, row.direction_changes)
-    return Summary(cost_worst[0], slo_worst[0], steady, cost_worst[1], slo_worst[1])
-
-
-def build_table(
-    results: dict[Key, RunResult],
-) -> dict[tuple[str, int, int, str], Row]:
-    grouped: dict[tuple[str, int, int, str], list[RunResult]] = {}
-    for (trace, startup, limit, name, _seed), result in sorted(results.items()):
-        grouped.setdefault((trace, startup, limit, name), []).append(result)
-    return {key: aggregate(runs) for key, runs in grouped.items()}
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    if value is None:
-        return "-"
-    if math.isinf(value):
-        return "never"
-    return format(value, spec)
-
-
-def format_table(
-    table: dict[tuple[str, int, int, str], Row], traces: Sequence[Trace] = TRACES
-) -> str:
-    lines = []
-    header = (
-        f"{'policy':<10} {'replica-s':>10} {'x oracle':>9} {'SLO miss':>9} {'vs KPA*':>8} "
-        f"{'p99 ms':>9} {'t-cap s':>8} {'dir chg':>7} {'peak':>6}"
-    )
-    blocks = sorted({(k[0], k[1], k[2]) for k in table}, key=lambda b: (
-        [t.name for t in traces].index(b[0]) if b[0] in [t.name for t in traces] else 99,
-        b[1], b[2]))  # fmt: skip
-    for trace, startup, limit in blocks:
-        oracle = table.get((trace, startup, limit, "oracle"))
-        kpas = [table[(trace, startup, limit, k)].misses for k in KPA_VARIANTS
-                if (trace, startup, limit, k) in table]  # fmt: skip
-        best = min(kpas) if kpas else None
-        lines.append("")
-        lines.append(f"{trace}  startup={startup}s  limit={limit}")
-        lines.append(header)
-        for name in (*POLICIES, "ours-rps"):
-            row = table.get((trace, startup, limit, name))
-            if row is None:
-                continue
-            x = row.cost / oracle.cost if oracle and oracle.cost else None
-            vs = slo_ratio(row.misses, best) if best is not None else None
-            lines.append(
-                f"{name:<10} {row.cost:>10.0f} {_fmt(x, '.2f'):>9} "
-                f"{100 * row.misses:>8.2f}% {_fmt(vs, '.2f'):>8} {1000 * row.p99:>9.0f} "
-                f"{_fmt(row.time_to_capacity, '.1f'):>8} {row.direction_changes:>7} "
-                f"{row.peak:>6}"
-            )
-    return "\n".join(lines)
-
-
-def run_benchmark(
-    jobs: int = 2,
-    seeds: Sequence[int] = SEEDS,
-    traces: Sequence[Trace] = TRACES,
-    policies: tuple[str, ...] = POLICIES,
-    out: Callable[[str], None] = print,
-) -> Summary:
-    began = time.monotonic()
-    results = run_all(traces, seeds, STARTUPS, LIMITS, policies, jobs)
-    table = build_table(results)
-    out(
-        f"autoscale: {len(traces)} traces x startups {list(STARTUPS)} s x concurrency limits "
-        f"{list(LIMITS)} x seeds {list(seeds)}; service log-normal mean "
-        f"{1000 * SERVICE_MEAN_S:.0f} ms; SLO = wait <= {1000 * SLO_WAIT_S:.0f} ms"
-    )
-    out("columns: cost in replica-seconds (mean over seeds) and as a multiple of the oracle's; "
-        "SLO miss = share of requests waiting over the SLO (pooled), vs KPA* = ours / the best "
-        "KPA variant's; p99 latency (mean over seeds); t-cap = time from a step-up until ready "
-        "capacity covers the new rate; dir chg = scale direction changes (most over seeds); "
-        "peak = most replicas asked for")  # fmt: skip
-    out(format_table(table, traces))
-    summary = summarize(table)
-    out("")
-    out(f"worst cost vs oracle: {summary.cost_vs_oracle:.2f} ({summary.worst_cost}); "
-        f"worst SLO vs best KPA: {summary.slo_vs_best_kpa:.2f} ({summary.worst_slo})")  # fmt: skip
-    out(f"elapsed: {time.monotonic() - began:.1f} s")
-    out(
-        f"RESULT autoscale cost_vs_oracle={summary.cost_vs_oracle:.2f} "
-        f"slo_vs_best_kpa={summary.slo_vs_best_kpa:.2f} "
-        f"max_direction_changes_steady={summary.max_direction_changes_steady}"
-    )
-    return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="worker processes (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
-                        help="seeds (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--trace", action="append", choices=[t.name for t in TRACES],
-                        help="only this trace (repeatable; default: all)")  # fmt: skip
-    parser.add_argument("--with-ours-rps", action="store_true",
-                        help="also run this project's policy on the rps metric")  # fmt: skip
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    traces = [t for t in TRACES if not args.trace or t.name in args.trace]
-    policies = POLICIES + (("ours-rps",) if args.with_ours_rps else ())
-    run_benchmark(jobs=max(1, args.jobs), seeds=args.seeds, traces=traces, policies=policies)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.autoscale_sim")
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

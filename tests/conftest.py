@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +16,12 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from loadtests.harness.ports import wait_for_port
+from loadtests.harness.processes import ChildProcess, ProcessSet
+from loadtests.harness.procfs import status_bytes
+from loadtests.harness.systems import redis_argv
+from loadtests.harness.tools import find_tool
+from merlin_dp.common.net import LOOPBACK, free_port
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.routing.sources import FileRouteSource
 from merlin_dp.gateway.worker import GatewayWorker
@@ -31,13 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     # The gateway runs on uvloop in production, so its tests do too.
     return {"uvloop": uvloop.new_event_loop}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Replica:
@@ -177,64 +172,45 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError(f"nothing listening on port {port} after {timeout} s")
+    """Until 127.0.0.1:`port` accepts a connection (the harness's wait, tests' timeout)."""
+    wait_for_port(LOOPBACK, port, timeout=timeout)
 
 
-class Proc:
+class Proc(ChildProcess):
+    """A real process a test starts from the checkout, and the port it serves; its log is
+    named after the file."""
+
     def __init__(self, args: list[str], port: int, log: Path) -> None:
+        super().__init__(log.stem, args, log_path=log, cwd=ROOT)
         self.port = port
         self.log = log
-        self._log_file = log.open("wb")
-        self.popen = subprocess.Popen(
-            args, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.kill(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill(signal.SIGKILL)
-                self.popen.wait(5)
-        self._log_file.close()
+    def stop(self, grace_seconds: float = 10.0) -> bool:
+        return super().stop(grace_seconds)
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        return self._status_bytes("VmRSS")
 
     def peak_rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmHWM")
+        return self._status_bytes("VmHWM")
+
+    def _status_bytes(self, field_name: str) -> int:
+        found = status_bytes(self.pid, field_name)
+        if found is None:
+            raise AssertionError(f"no {field_name}")
+        return found
 
 
-class Procs:
-    """Real processes a test starts; all stopped when the test ends."""
+class Procs(ProcessSet):
+    """Real processes a test starts; all stopped, newest first, when the test ends."""
 
     def __init__(self, tmp: Path) -> None:
+        super().__init__()
         self.tmp = tmp
-        self.started: list[Proc] = []
+
+    @property
+    def started(self) -> list[ChildProcess]:
+        return self.processes
 
     def replica(self, name: str) -> Proc:
         port = free_port()
@@ -243,7 +219,7 @@ class Procs:
             port,
             self.tmp / f"{name}.log",
         )
-        self.started.append(p)
+        self.processes.append(p)
         wait_port(port)
         return p
 
@@ -256,14 +232,10 @@ class Procs:
             port,
             self.tmp / f"gateway-{port}.log",
         )  # fmt: skip
-        self.started.append(p)
+        self.processes.append(p)
         wait_port(port)
         wait_port(admin)
         return p, admin
-
-    def stop_all(self) -> None:
-        for p in self.started:
-            p.stop()
 
 
 @pytest.fixture
@@ -277,29 +249,30 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 class RedisServer:
+    """redis-server on a port of its own, its data in an append-only file that a restart
+    (:meth:`kill`, then :meth:`start`) reads back."""
+
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
         self.dir = tmp / "redis"
         self.dir.mkdir()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "redis.log"
+        self.proc: ChildProcess | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        binary = find_tool("redis-server") or "/usr/bin/redis-server"
+        argv = redis_argv(binary, self.port, self.dir)
+        self.proc = ChildProcess("redis", argv, log_path=self.log)
         wait_port(self.port)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc is not None and not self.proc.exited():
+            self.proc.kill(signal.SIGKILL)
+            self.proc.popen.wait(5)
 
 
 @pytest.fixture

@@ -7,19 +7,20 @@ import math
 
 from loadtests import autoscale_sim as sim
 from loadtests.autoscale_baselines import KnativeWindow
-from loadtests.bench import build_parser
+from loadtests.bench import autoscale
+from loadtests.bench.cli import build_parser
 
 SHORT_STEADY = sim.Trace("steady", "steady", 120, base=100.0)
 BURST = sim.Trace("burst", "step", 90, base=5.0, high=200.0, at=20.0)
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers() -> None:
-    a = sim.run_all([BURST], seeds=[7], startups=(5,), limits=(1,), policies=("ours", "kpa"))
-    b = sim.run_all([BURST], seeds=[7], startups=(5,), limits=(1,), policies=("ours", "kpa"))
+    a = autoscale.run_all([BURST], seeds=[7], startups=(5,), limits=(1,), policies=("ours", "kpa"))
+    b = autoscale.run_all([BURST], seeds=[7], startups=(5,), limits=(1,), policies=("ours", "kpa"))
     assert a == b
     # One process or two: the same numbers.
-    one = sim.run_all([BURST], seeds=[7, 8], startups=(5,), limits=(1,), policies=("ours",))
-    two = sim.run_all([BURST], [7, 8], (5,), (1,), ("ours",), jobs=2)
+    one = autoscale.run_all([BURST], seeds=[7, 8], startups=(5,), limits=(1,), policies=("ours",))
+    two = autoscale.run_all([BURST], [7, 8], (5,), (1,), ("ours",), jobs=2)
     assert one == two
     w7, w8 = sim.make_workload(BURST, 7), sim.make_workload(BURST, 8)
     assert w7 == sim.make_workload(BURST, 7)
@@ -28,7 +29,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers() -> None:
 
 def test_every_request_is_served_and_counted() -> None:
     work = sim.make_workload(BURST, 1)
-    result = sim.simulate(BURST, work, sim.factory_for("ours"), 5, 4)
+    result = sim.simulate(BURST, work, autoscale.factory_for("ours"), 5, 4)
     assert result.requests == len(work.arrivals) > 0
     assert math.isfinite(result.p99)  # nobody left in the queue
     assert 0 < result.misses < result.requests  # the step makes some wait
@@ -41,7 +42,7 @@ def test_the_oracle_costs_what_the_arithmetic_says_on_steady_load() -> None:
         assert sim.needed_replicas(100.0, limit) == replicas
         for startup in sim.STARTUPS:
             result = sim.simulate(
-                SHORT_STEADY, sim.make_workload(SHORT_STEADY, 1), sim.factory_for("oracle"),
+                SHORT_STEADY, sim.make_workload(SHORT_STEADY, 1), autoscale.factory_for("oracle"),
                 startup, limit,
             )  # fmt: skip
             assert result.cost == replicas * SHORT_STEADY.duration
@@ -54,9 +55,9 @@ def test_faithful_kpa_runs_away_on_a_burst_with_the_concurrency_metric() -> None
     needed = sim.needed_peak(BURST, 1)
     assert needed == 15
     work = sim.make_workload(BURST, 1)
-    kpa = sim.simulate(BURST, work, sim.factory_for("kpa"), 30, 1)
-    capped = sim.simulate(BURST, work, sim.factory_for("kpa-max2x"), 30, 1)
-    ours = sim.simulate(BURST, work, sim.factory_for("ours"), 30, 1)
+    kpa = sim.simulate(BURST, work, autoscale.factory_for("kpa"), 30, 1)
+    capped = sim.simulate(BURST, work, autoscale.factory_for("kpa-max2x"), 30, 1)
+    ours = sim.simulate(BURST, work, autoscale.factory_for("ours"), 30, 1)
     assert kpa.peak > 20 * needed
     assert capped.peak == 2 * needed
     assert ours.peak < kpa.peak / 10
@@ -69,7 +70,7 @@ def test_our_policy_keeps_steady_load_steady() -> None:
         work = sim.make_workload(steady, seed)
         for startup in sim.STARTUPS:
             for limit in sim.LIMITS:
-                result = sim.simulate(steady, work, sim.factory_for("ours"), startup, limit)
+                result = sim.simulate(steady, work, autoscale.factory_for("ours"), startup, limit)
                 assert result.direction_changes <= 2, (seed, startup, limit)
                 assert result.misses == 0
 
@@ -93,9 +94,9 @@ def test_knative_window_averages_only_the_written_span() -> None:
 
 
 def test_slo_ratio_treats_noise_level_shares_as_equal() -> None:
-    assert sim.slo_ratio(0.0, 0.0) == 1.0
-    assert sim.slo_ratio(0.0002, 0.0001) == 1.0
-    assert sim.slo_ratio(0.02, 0.01) == 2.0
+    assert autoscale.slo_ratio(0.0, 0.0) == 1.0
+    assert autoscale.slo_ratio(0.0002, 0.0001) == 1.0
+    assert autoscale.slo_ratio(0.02, 0.01) == 2.0
 
 
 def test_bench_has_the_autoscale_subcommand() -> None:

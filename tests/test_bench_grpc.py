@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from loadtests.bench import ProcessSet, build_parser, ensure_tools, free_ports, managed_processes
-from loadtests.bench_grpc import (
+from loadtests.bench.cli import build_parser
+from loadtests.bench.grpc import (
     METHOD_PATH,
     MODEL_AUTHORITY,
     apply_quick,
@@ -28,14 +28,17 @@ from loadtests.bench_grpc import (
     check_answer,
     grpc_routes,
     h2load_grpc_argv,
-    nginx_config_test,
-    nginx_grpc_proxy_conf,
     parse_grpc_frames,
     start_fake_upstream,
     start_passthrough,
     write_request_body,
 )
-from loadtests.grpc_fake_upstream import fake_response, grpc_frame
+from loadtests.bench.grpc_servers.fake_upstream import fake_response, grpc_frame
+from loadtests.harness.errors import HarnessError
+from loadtests.harness.processes import ProcessSet, managed_processes
+from loadtests.harness.systems import nginx_config_test, nginx_grpc_proxy_conf
+from loadtests.harness.tools import ensure_tools
+from merlin_dp.common.net import free_ports
 from merlin_dp.protos.caraml.upi.v1 import table_pb2, upi_pb2, upi_pb2_grpc
 from merlin_dp.spec.routes import RouteTableSpec
 
@@ -101,10 +104,8 @@ async def test_the_passthrough_forwards_to_the_upstream(passthrough: int) -> Non
 
 
 async def test_a_wrong_answer_is_reported(fake: str) -> None:
-    from loadtests.bench import BenchError
-
     answer = await call_predict_async(_port(fake), MODEL_AUTHORITY, b"")
-    with pytest.raises(BenchError, match="unexpected response"):
+    with pytest.raises(HarnessError, match="unexpected response"):
         check_answer("fake", answer, upi_pb2.PredictValuesResponse().SerializeToString())
 
 

@@ -16,24 +16,28 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import soak
+from loadtests.soak.cli import short_set
+from loadtests.soak.replica import orphans
+from loadtests.soak.results import ScenarioResult, report
+from loadtests.soak.scenario import two_versions
+from loadtests.soak.stack import MODEL, PROJECT, Stack
 from merlin_dp.loadtest.locust_common import read_summary
 from tests.conftest import ROOT
 
 MIB = 1024 * 1024
 
 
-def check_goal(result: soak.ScenarioResult, tmp: Path, rss_growth_mib: int) -> None:
-    report = soak.report([result])
-    assert not result.error, report
-    assert result.sent > 100, report
-    assert result.failed == 0, report
-    assert result.rss_peak and result.rss_growth < rss_growth_mib * MIB, report
-    assert soak.orphans(tmp) == [], report
+def check_goal(result: ScenarioResult, tmp: Path, rss_growth_mib: int) -> None:
+    text = report([result])
+    assert not result.error, text
+    assert result.sent > 100, text
+    assert result.failed == 0, text
+    assert result.rss_peak and result.rss_growth < rss_growth_mib * MIB, text
+    assert orphans(tmp) == [], text
 
 
 async def test_weights_changed_under_load(tmp_path: Path) -> None:
-    result = await soak.short_set()[1](tmp_path)
+    result = await short_set()[1](tmp_path)
     check_goal(result, tmp_path, 64)
     assert result.killed_in_flight == 0
     assert set(result.versions) == {"1", "2"}
@@ -43,7 +47,7 @@ async def test_weights_changed_under_load(tmp_path: Path) -> None:
 
 
 async def test_blue_green_switch_and_rollback_under_load(tmp_path: Path) -> None:
-    result = await soak.short_set()[2](tmp_path)
+    result = await short_set()[2](tmp_path)
     check_goal(result, tmp_path, 64)
     assert result.killed_in_flight == 0
     assert set(result.versions) == {"1", "2"}
@@ -51,15 +55,15 @@ async def test_blue_green_switch_and_rollback_under_load(tmp_path: Path) -> None
 
 
 async def test_replicas_killed_under_load(tmp_path: Path) -> None:
-    result = await soak.short_set()[3](tmp_path)
+    result = await short_set()[3](tmp_path)
     # Requests in flight on a killed replica may fail; nothing else may.
     check_goal(result, tmp_path, 64)
     assert sum("SIGKILL pid" in note for note in result.notes) >= 2
-    assert any("all 3 ready again" in note for note in result.notes), soak.report([result])
+    assert any("all 3 ready again" in note for note in result.notes), report([result])
 
 
 async def test_abusive_clients_beside_normal_ones(tmp_path: Path) -> None:
-    result = await soak.short_set()[8](tmp_path)
+    result = await short_set()[8](tmp_path)
     check_goal(result, tmp_path, 200)
     notes = "\n".join(result.notes)
     assert "5000 of 5000 opened" in notes
@@ -73,13 +77,13 @@ async def test_abusive_clients_beside_normal_ones(tmp_path: Path) -> None:
 async def test_merlin_dp_loadtest_runs_locust_and_summarises(tmp_path: Path) -> None:
     if importlib.util.find_spec("locust") is None:  # never import it here: it patches with gevent
         pytest.skip("Locust is not installed (pip install -e '.[loadtest]')")
-    plan = soak.two_versions({"1": 50, "2": 50})
-    stack = soak.Stack(tmp_path / "stack", plan)
+    plan = two_versions({"1": 50, "2": 50})
+    stack = Stack(tmp_path / "stack", plan)
     try:
         await stack.start()
         out = tmp_path / "out"
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "merlin_dp", "loadtest", f"{soak.PROJECT}/{soak.MODEL}",
+            sys.executable, "-m", "merlin_dp", "loadtest", f"{PROJECT}/{MODEL}",
             "--gateway", f"http://127.0.0.1:{stack.port}", "--duration", "2", "--users", "4",
             "--out", str(out),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -95,4 +99,4 @@ async def test_merlin_dp_loadtest_runs_locust_and_summarises(tmp_path: Path) -> 
     assert set(summary.answered_by) == {"1", "2"}
     written = json.loads((out / "model-summary.json").read_text())
     assert written["requests"] == summary.requests and set(written["shares"]) == {"1", "2"}
-    assert soak.orphans(tmp_path) == []
+    assert orphans(tmp_path) == []

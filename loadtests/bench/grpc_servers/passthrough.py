@@ -1,5 +1,5 @@
-"""``python -m loadtests.grpc_passthrough --port P --upstream HOST:PORT``: the reference
-"plain grpc.aio pass-through" of the gRPC benchmark.
+"""``python -m loadtests.bench.grpc_servers.passthrough --port P --upstream HOST:PORT``: the
+reference "plain grpc.aio pass-through" of the gRPC benchmark.
 
 A ``grpc.aio`` server with one generic handler that takes every unary call as raw bytes
 (no deserializing) and makes the same call, raw bytes again, on one channel to the
@@ -73,7 +73,7 @@ async def serve(host: str, port: int, upstream: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.grpc_passthrough",
+        prog="python -m loadtests.bench.grpc_servers.passthrough",
         description="grpc.aio generic raw-bytes pass-through to one upstream",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -2,14 +2,15 @@
 
 Unary ``caraml.upi.v1.UniversalPredictionService/PredictValues`` through nginx
 ``grpc_pass`` (the native reference), a plain ``grpc.aio`` generic pass-through (the
-Python reference, :mod:`loadtests.grpc_passthrough`) and, when ``merlin-dp gateway
---help`` lists ``--grpc-port``, the gateway: its model endpoint (``:authority``
-``m.bench.localhost``: 90/10 weights plus an ``x-model-version`` match the load never
-sends) and its version endpoint (``m-1.bench.localhost``: pass-through). Every target
-proxies to the same upstream: by default :mod:`loadtests.grpc_fake_upstream` (a fixed
-answer at about 2 µs of CPU per call, so the proxies are what is measured), or the real
-UPI model server (``--upstream upi``: ``python -m merlin_dp.servers.upi
-row_scorer:RowScorer`` from ``examples/upi``), or both in turn (``--upstream both``).
+Python reference, :mod:`loadtests.bench.grpc_servers.passthrough`) and, when
+``merlin-dp gateway --help`` lists ``--grpc-port``, the gateway: its model endpoint
+(``:authority`` ``m.bench.localhost``: 90/10 weights plus an ``x-model-version`` match
+the load never sends) and its version endpoint (``m-1.bench.localhost``: pass-through).
+Every target proxies to the same upstream: by default
+:mod:`loadtests.bench.grpc_servers.fake_upstream` (a fixed answer at about 2 µs of CPU
+per call, so the proxies are what is measured), or the real UPI model server
+(``--upstream upi``: ``python -m merlin_dp.servers.upi row_scorer:RowScorer`` from
+``examples/upi``), or both in turn (``--upstream both``).
 
 The layout is the http benchmark's (``shared/BENCHMARKING.md``): the upstream and the load
 generator on one CPU, each system under test (one process, one worker) on the other,
@@ -49,50 +50,48 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import grpc
 
-from loadtests.bench import (
-    BENCH_MODEL,
-    BENCH_PROJECT,
-    BUSY_LOAD_FRACTION,
+from loadtests.bench.grpc_servers.fake_upstream import fake_response, grpc_frame
+from loadtests.bench.options import (
     DEFAULT_LOAD_CPUS,
     DEFAULT_SUT_CPUS,
+    non_negative_int,
+    positive_int,
+)
+from loadtests.harness.errors import HarnessError
+from loadtests.harness.loadgen import H2loadResult, run_h2load
+from loadtests.harness.measure import (
     NGINX_SPREAD_LIMIT,
     RATIO_SPREAD_LIMIT,
-    BenchError,
-    H2loadResult,
-    PinnedProcess,
-    ProcessSet,
-    _check_alive,
-    _fmt,
-    _nginx_http_common,
-    _nginx_main_conf,
-    _non_negative_int,
-    _positive_int,
-    _usable_cpus,
-    build_routes,
-    canary_match_rule,
-    ensure_tools,
-    format_row,
-    format_table,
-    free_ports,
-    managed_processes,
+    busy_machine,
     median,
     process_tree_cpu_seconds,
     relative_spread,
-    run_h2load,
-    start_gateway,
-    start_nginx,
-    wait_for_http_ok,
-    wait_for_port,
+)
+from loadtests.harness.ports import wait_for_http_ok, wait_for_port
+from loadtests.harness.processes import ChildProcess, ProcessSet, managed_processes, usable_cpus
+from loadtests.harness.routes import (
+    BENCH_MODEL,
+    BENCH_PROJECT,
+    build_routes,
+    canary_match_rule,
     write_route_file,
 )
-from loadtests.grpc_fake_upstream import fake_response, grpc_frame
+from loadtests.harness.systems import (
+    REPO_ROOT,
+    nginx_grpc_proxy_conf,
+    start_gateway,
+    start_nginx,
+)
+from loadtests.harness.tables import fmt_number, format_row, format_table
+from loadtests.harness.tools import ensure_tools
+from merlin_dp.common.net import LOOPBACK, free_ports
 from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
 
-LOOPBACK = "127.0.0.1"
 SERVICE = "caraml.upi.v1.UniversalPredictionService"
 METHOD_PATH = f"/{SERVICE}/PredictValues"
 MODEL_AUTHORITY = f"{BENCH_MODEL}.{BENCH_PROJECT}.localhost"
@@ -104,8 +103,7 @@ CHECK_TIMEOUT_S = 5.0
 # A system under test below this share of its CPU under the saturating load was held back
 # by something else (the load CPU, most likely).
 SATURATED_CPU_SHARE = 0.85
-ROOT = Path(__file__).resolve().parent.parent
-UPI_EXAMPLE_DIR = ROOT / "examples" / "upi"
+UPI_EXAMPLE_DIR = REPO_ROOT / "examples" / "upi"
 UPI_EXAMPLE_CLASS = "row_scorer:RowScorer"
 
 NGINX = "nginx"
@@ -198,53 +196,16 @@ def call_predict(port: int, authority: str, request: bytes) -> GrpcAnswer:
 def check_answer(name: str, answer: GrpcAnswer, expected: bytes) -> None:
     """`answer` must be grpc-status 0 (OK) with exactly the `expected` message."""
     if answer.code != grpc.StatusCode.OK:
-        raise BenchError(f"{name}: expected grpc-status 0, got {answer.code.name} {answer.details}")
+        raise HarnessError(
+            f"{name}: expected grpc-status 0, got {answer.code.name} {answer.details}"
+        )
     if answer.body != expected:
         got = upi_pb2.PredictValuesResponse.FromString(answer.body)
         want = upi_pb2.PredictValuesResponse.FromString(expected)
-        raise BenchError(f"{name}: unexpected response {got} (the upstream answers {want})")
+        raise HarnessError(f"{name}: unexpected response {got} (the upstream answers {want})")
 
 
 # --- systems --------------------------------------------------------------------------
-
-
-def nginx_grpc_proxy_conf(prefix: Path, port: int, upstream: str, *, keepalive: bool = True) -> str:
-    """nginx (one process) with ``grpc_pass`` to `upstream` over h2c. nginx doesn't
-    multiplex calls on upstream connections: each call in flight holds one, and without
-    ``keepalive`` in the upstream block (`keepalive=False`, for comparison only) every
-    call opens and closes its own."""
-    reuse = (
-        """
-        keepalive 128;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;"""
-        if keepalive
-        else ""
-    )
-    return _nginx_main_conf(prefix, f"""\
-events {{ worker_connections 4096; }}
-http {{
-{_nginx_http_common(prefix)}
-    http2_max_concurrent_streams 1024;
-    upstream bench_grpc_upstream {{
-        server {upstream};{reuse}
-    }}
-    server {{
-        listen {LOOPBACK}:{port} http2 backlog=4096;
-        location / {{
-            grpc_pass grpc://bench_grpc_upstream;
-        }}
-    }}
-}}
-""")  # fmt: skip
-
-
-def nginx_config_test(
-    nginx_path: str, conf: Path, prefix: Path
-) -> subprocess.CompletedProcess[str]:
-    """``nginx -t`` on `conf` (the result; returncode 0 when valid)."""
-    argv = [nginx_path, "-t", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
 
 
 def grpc_routes(upstream: str) -> dict[str, Any]:
@@ -264,18 +225,18 @@ def gateway_has_grpc_port() -> bool:
         text=True,
         timeout=60,
         check=False,
-        cwd=ROOT,
+        cwd=REPO_ROOT,
     )
     return "--grpc-port" in done.stdout
 
 
 def start_fake_upstream(
     procs: ProcessSet, port: int, workdir: Path, cpus: str | None
-) -> PinnedProcess:
-    """The h2c fake (:mod:`loadtests.grpc_fake_upstream`) on 127.0.0.1:`port`."""
-    argv = [sys.executable, "-m", "loadtests.grpc_fake_upstream", "--port", str(port)]
+) -> ChildProcess:
+    """The h2c fake (:mod:`~loadtests.bench.grpc_servers.fake_upstream`) on 127.0.0.1:`port`."""
+    argv = [sys.executable, "-m", "loadtests.bench.grpc_servers.fake_upstream", "--port", str(port)]
     proc = procs.start(
-        "fake upstream", argv, cpus=cpus, log_path=workdir / "fake-upstream.log", cwd=ROOT
+        "fake upstream", argv, cpus=cpus, log_path=workdir / "fake-upstream.log", cwd=REPO_ROOT
     )
     wait_for_port(LOOPBACK, port, proc=proc)
     return proc
@@ -283,7 +244,7 @@ def start_fake_upstream(
 
 def start_upi_upstream(
     procs: ProcessSet, grpc_port: int, http_port: int, workdir: Path, cpus: str | None
-) -> PinnedProcess:
+) -> ChildProcess:
     """The real UPI model server (examples/upi RowScorer) as version 1 of the bench model."""
     env = {
         **os.environ,
@@ -297,7 +258,12 @@ def start_upi_upstream(
     }
     argv = [sys.executable, "-m", "merlin_dp.servers.upi", UPI_EXAMPLE_CLASS]
     proc = procs.start(
-        "upi upstream", argv, cpus=cpus, log_path=workdir / "upi-upstream.log", env=env, cwd=ROOT
+        "upi upstream",
+        argv,
+        cpus=cpus,
+        log_path=workdir / "upi-upstream.log",
+        env=env,
+        cwd=REPO_ROOT,
     )
     wait_for_port(LOOPBACK, grpc_port, proc=proc)
     wait_for_http_ok(LOOPBACK, http_port, f"/v1/models/{BENCH_MODEL}-1", proc=proc)
@@ -306,13 +272,13 @@ def start_upi_upstream(
 
 def start_passthrough(
     procs: ProcessSet, name: str, port: int, upstream: str, workdir: Path, cpus: str | None
-) -> PinnedProcess:
+) -> ChildProcess:
     argv = [
-        sys.executable, "-m", "loadtests.grpc_passthrough",
+        sys.executable, "-m", "loadtests.bench.grpc_servers.passthrough",
         "--port", str(port), "--upstream", upstream,
     ]  # fmt: skip
     log = workdir / f"{name.replace(' ', '-')}.log"
-    proc = procs.start(name, argv, cpus=cpus, log_path=log, cwd=ROOT)
+    proc = procs.start(name, argv, cpus=cpus, log_path=log, cwd=REPO_ROOT)
     wait_for_port(LOOPBACK, port, proc=proc)
     return proc
 
@@ -328,8 +294,8 @@ class GrpcTarget:
     upstream: str  # FAKE or UPI
     port: int
     authority: str
-    process: PinnedProcess
-    upstream_process: PinnedProcess
+    process: ChildProcess
+    upstream_process: ChildProcess
 
     @property
     def url(self) -> str:
@@ -423,29 +389,29 @@ def measure_grpc_target(target: GrpcTarget, round_index: int, load: GrpcLoad) ->
     common: dict[str, Any] = {"clients": load.clients, "streams": load.streams}
     if load.warmup_seconds > 0:
         run_h2load_grpc(target, load, seconds=load.warmup_seconds, **common)
-    _check_alive(target.process, target.name)
+    target.process.check_alive(target.name)
     cpu_before = process_tree_cpu_seconds(target.process.pid)
     upstream_before = process_tree_cpu_seconds(target.upstream_process.pid)
     saturating = run_h2load_grpc(target, load, seconds=load.seconds, **common)
     cpu_after = process_tree_cpu_seconds(target.process.pid)
     upstream_after = process_tree_cpu_seconds(target.upstream_process.pid)
-    _check_alive(target.process, target.name)
-    _check_alive(target.upstream_process, target.upstream_process.name)
+    target.process.check_alive(target.name)
+    target.upstream_process.check_alive(target.upstream_process.name)
     served = saturating.succeeded
     cpu_us = (cpu_after - cpu_before) * 1e6 / served if served else float("nan")
     upstream_us = (upstream_after - upstream_before) * 1e6 / served if served else float("nan")
     c1 = run_h2load_grpc(
         target, load, seconds=load.c1_seconds, clients=1, streams=1, latencies=True
     )
-    _check_alive(target.process, target.name)
+    target.process.check_alive(target.name)
     return GrpcRound(target.name, target.upstream, round_index, saturating, cpu_us, upstream_us, c1)
 
 
 # --- reporting ------------------------------------------------------------------------
 
-_ROUND_HEADERS = ["round", "upstream", "target", "req/s", "CPU µs/req", "up µs/req",
-                  "c1 p50 ms", "c1 p99 ms", "errors"]  # fmt: skip
-_ROUND_WIDTHS = [5, 8, 21, 8, 10, 9, 9, 9, 6]
+_ROUND_HEADERS = ("round", "upstream", "target", "req/s", "CPU µs/req", "up µs/req",
+                  "c1 p50 ms", "c1 p99 ms", "errors")  # fmt: skip
+_ROUND_WIDTHS = (5, 8, 21, 8, 10, 9, 9, 9, 6)
 
 
 def round_row(m: GrpcRound) -> list[str]:
@@ -453,11 +419,11 @@ def round_row(m: GrpcRound) -> list[str]:
         str(m.round_index + 1),
         m.upstream,
         m.target,
-        _fmt(m.load.requests_per_s, 0),
-        _fmt(m.cpu_us_per_request, 1),
-        _fmt(m.upstream_cpu_us_per_request, 1),
-        _fmt(m.c1.percentile_ms(50), 3),
-        _fmt(m.c1.percentile_ms(99), 3),
+        fmt_number(m.load.requests_per_s, 0),
+        fmt_number(m.cpu_us_per_request, 1),
+        fmt_number(m.upstream_cpu_us_per_request, 1),
+        fmt_number(m.c1.percentile_ms(50), 3),
+        fmt_number(m.c1.percentile_ms(99), 3),
         str(m.errors),
     ]
 
@@ -499,14 +465,14 @@ def summarize(
         rows.append([
             upstream,
             name,
-            _fmt(median([m.load.requests_per_s for m in ms]), 0),
-            _fmt(median([m.cpu_us_per_request for m in ms]), 1),
-            _fmt(median([m.upstream_cpu_us_per_request for m in ms]), 1),
-            _fmt(median([m.c1.percentile_ms(50) for m in ms]), 3),
-            _fmt(median([m.c1.percentile_ms(99) for m in ms]), 3),
-            _fmt(median(ratios(name)), 3),
-            _fmt(median(cpu_ratios(name)), 3),
-            _fmt(median(overheads(name)), 3),
+            fmt_number(median([m.load.requests_per_s for m in ms]), 0),
+            fmt_number(median([m.cpu_us_per_request for m in ms]), 1),
+            fmt_number(median([m.upstream_cpu_us_per_request for m in ms]), 1),
+            fmt_number(median([m.c1.percentile_ms(50) for m in ms]), 3),
+            fmt_number(median([m.c1.percentile_ms(99) for m in ms]), 3),
+            fmt_number(median(ratios(name)), 3),
+            fmt_number(median(cpu_ratios(name)), 3),
+            fmt_number(median(overheads(name)), 3),
         ])  # fmt: skip
     warnings = []
     spread = relative_spread([r[NGINX].load.requests_per_s for r in rounds])
@@ -608,11 +574,11 @@ def _num(value: float | None) -> str:
 
 
 # Round settings: (normal default, --quick default); an explicit option wins over both.
-ROUND_DEFAULTS: dict[str, tuple[int, int]] = {
+ROUND_DEFAULTS: Mapping[str, tuple[int, int]] = MappingProxyType({
     "rounds": (5, 1),
     "seconds": (10, 2),
     "warmup_seconds": (2, 1),
-}
+})  # fmt: skip
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -630,19 +596,9 @@ def _upstreams(choice: str) -> list[str]:
 
 def run_grpc(args: argparse.Namespace) -> int:
     """nginx grpc_pass vs the grpc.aio pass-through vs the gateway's gRPC port."""
-    try:
-        return _run_grpc(args)
-    except BenchError as exc:
-        # Under `python -m loadtests.bench`, bench.py's main() is __main__'s copy and
-        # catches its own BenchError, not this one: report it the same way here.
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run_grpc(args: argparse.Namespace) -> int:
     apply_quick(args)
     tools = ensure_tools(["nginx", "h2load"])
-    sut_cpus, load_cpus = _usable_cpus(args.sut_cpu, args.load_cpu)
+    sut_cpus, load_cpus = usable_cpus(args.sut_cpu, args.load_cpu)
     c1_seconds: int = args.c1_seconds
     with_gateway = not args.skip_gateway and gateway_has_grpc_port()
     target_names = [NGINX, GRPC_AIO] + ([GATEWAY, GATEWAY_VERSION] if with_gateway else [])
@@ -663,10 +619,10 @@ def _run_grpc(args: argparse.Namespace) -> int:
         flush=True,
     )
     extra_warnings = []
-    load_average = os.getloadavg()[0]
-    if load_average > BUSY_LOAD_FRACTION * len(os.sched_getaffinity(0)):
+    busy = busy_machine()
+    if busy is not None:
         extra_warnings.append(
-            f"load average {load_average:.2f} before the run: other work competes with the "
+            f"load average {busy[0]:.2f} before the run: other work competes with the "
             "systems under test and h2load; run it once more on a quiet machine"
         )
     measurements: list[GrpcRound] = []
@@ -700,7 +656,7 @@ def _run_grpc(args: argparse.Namespace) -> int:
                 print(format_row(round_row(m), _ROUND_WIDTHS, left_columns=3), flush=True)
         try:
             check_targets(targets, request, expected)
-        except BenchError as exc:
+        except HarnessError as exc:
             extra_warnings.append(f"after the rounds: {exc}")
     report_grpc(measurements, upstreams, target_names, extra_warnings)
     return 0
@@ -777,11 +733,11 @@ def check_targets(
         answer = call_predict(target.port, target.authority, request)
         try:
             check_answer(f"{target.name} ({target.upstream})", answer, expected[target.upstream])
-        except BenchError as exc:
-            raise BenchError(f"{exc}\n{target.process.describe_failure()}") from None
+        except HarnessError as exc:
+            raise HarnessError(f"{exc}\n{target.process.describe_failure()}") from None
 
 
-def add_grpc_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "grpc",
         help="nginx grpc_pass vs the gateway's gRPC port (and a grpc.aio pass-through)",
@@ -797,19 +753,19 @@ def add_grpc_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     parser.add_argument(
-        "--rounds", type=_positive_int, default=None,
+        "--rounds", type=positive_int, default=None,
         help="interleaved rounds (default: 5; --quick: 1)",
     )  # fmt: skip
     parser.add_argument(
-        "--seconds", type=_positive_int, default=None,
+        "--seconds", type=positive_int, default=None,
         help="seconds of each saturating run (default: 10; --quick: 2)",
     )  # fmt: skip
     parser.add_argument(
-        "--warmup-seconds", type=_non_negative_int, default=None,
+        "--warmup-seconds", type=non_negative_int, default=None,
         help="seconds of warm-up before each saturating run (default: 2; --quick: 1)",
     )  # fmt: skip
     parser.add_argument(
-        "--c1-seconds", type=_positive_int, default=None,
+        "--c1-seconds", type=positive_int, default=None,
         help="seconds of each c=1 latency run (default: min(5, --seconds); --quick: 1)",
     )  # fmt: skip
     parser.add_argument(
@@ -817,11 +773,11 @@ def add_grpc_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a smoke run: shorter defaults for the four options above",
     )  # fmt: skip
     parser.add_argument(
-        "--clients", type=_positive_int, default=DEFAULT_CLIENTS,
+        "--clients", type=positive_int, default=DEFAULT_CLIENTS,
         help="h2load connections of the saturating run (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--streams", type=_positive_int, default=DEFAULT_STREAMS,
+        "--streams", type=positive_int, default=DEFAULT_STREAMS,
         help="h2load streams in flight per connection (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""``python -m loadtests.grpc_fake_upstream --port P``: a fast h2c gRPC fake upstream.
+"""``python -m loadtests.bench.grpc_servers.fake_upstream --port P``: a fast h2c gRPC fake
+upstream.
 
 The gRPC benchmark's upstream: it answers every stream with the same unary gRPC response
 (``200``, ``content-type: application/grpc``, one length-prefixed message, trailers
@@ -241,7 +242,7 @@ async def serve(host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.grpc_fake_upstream",
+        prog="python -m loadtests.bench.grpc_servers.fake_upstream",
         description="h2c gRPC fake answering every call with a fixed PredictValuesResponse",
     )
     parser.add_argument("--host", default="127.0.0.1")
