@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from merlin_dp.gateway.config import GatewayConfig
-from merlin_dp.gateway.metrics import render
+from merlin_dp.gateway.exposition import render
 from tests.conftest import Gateway, Replica, model_endpoint, start_replicas, version
 
 HOST = "scorer.fraud.localhost"

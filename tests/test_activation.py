@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from merlin_dp.gateway.activation import ActivationLimits
 from merlin_dp.gateway.config import GatewayConfig
-from merlin_dp.gateway.metrics import render
+from merlin_dp.gateway.exposition import render
 from tests.conftest import Gateway, Replica, model_endpoint, start_replicas, version
 
 HOST = "scorer.fraud.localhost"

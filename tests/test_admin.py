@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from merlin_dp.common.net import free_port
 from merlin_dp.gateway.admin import admin_app, start_admin
 from tests.conftest import (
     ROOT,
     Proc,
     Procs,
-    free_port,
     model_endpoint,
     start_replicas,
     version,

@@ -29,11 +29,12 @@ from merlin_dp.autoscaler.resources import (
     parse_memory,
     parse_metrics,
 )
+from merlin_dp.common.net import free_port
 from merlin_dp.runtime import ReplicaInfo, ReplicaState
 from merlin_dp.spec.endpoints import (
     ResourceRequest,
 )
-from tests.conftest import Proc, Procs, Replica, free_port, wait_port
+from tests.conftest import Proc, Procs, Replica, wait_port
 
 KEY = "fraud/scorer/1"
 Mi = 2**20

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from merlin_dp.common.net import free_port
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.http.proxy import ProxyLimits
-from tests.conftest import free_port, model_endpoint, start_replicas, version
+from tests.conftest import model_endpoint, start_replicas, version
 
 
 async def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:

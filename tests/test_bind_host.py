@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from merlin_dp.common.net import free_port
+from tests.conftest import ROOT
 
 MODEL = """
 class Echo:

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from merlin_dp.common.net import free_port
 from merlin_dp.controller.server import ControllerConfig, start_controller
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.test_bad_inputs import raw_exchange
 
 TOKEN = b"write-fraud-0001"

@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT, Proc, RedisServer, free_port, wait_port
+from merlin_dp.common.net import free_port
+from tests.conftest import ROOT, Proc, RedisServer, wait_port
 
 EXAMPLE = f"{sys.executable} {ROOT / 'examples' / 'custom_model.py'}"
 

@@ -22,11 +22,13 @@ from typing import Any
 import grpc
 import pytest
 
+from merlin_dp.common.net import free_port
 from merlin_dp.gateway.config import GatewayConfig
-from merlin_dp.gateway.metrics import merge_snapshots, render
+from merlin_dp.gateway.exposition import render
+from merlin_dp.gateway.metrics_snapshot import merge_snapshots
 from merlin_dp.protos.caraml.upi.v1 import upi_pb2, upi_pb2_grpc
 from merlin_dp.servers.upi import METHOD
-from tests.conftest import Gateway, free_port, model_endpoint, version
+from tests.conftest import Gateway, model_endpoint, version
 from tests.test_upi_server import DOUBLE, INTEGER, STRING, make_table, request, scores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,7 +351,7 @@ async def test_a_client_cancel_ends_the_call_as_cancelled(
     assert gw.worker is not None
 
     def in_flight() -> int:
-        return sum(v["in_flight"] for v in gw.worker.metrics.snapshot()["versions"])  # type: ignore[union-attr]
+        return sum(v["in_flight"] for v in gw.worker.metrics.snapshot()["versions"])  # type: ignore[union-attr, misc]
 
     async with channel(gw, AUTHORITY) as ch:
         call = stub(ch).PredictValues(small("slow"), timeout=30)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from loadtests.bench import ensure_tools
+from loadtests.harness.tools import ensure_tools
 from merlin_dp.gateway.h2 import frames as f
 from merlin_dp.gateway.h2.server import ServerConnection
 from tests.conftest import Gateway
@@ -294,7 +294,7 @@ async def test_responses_queued_for_a_non_reading_client_are_bounded_per_connect
     makes the gateway queue each response in ``Stream.pending``. While the replica's
     stream is open that is bounded by the windows we granted the replica (1 MiB per
     stream, 16 MiB per upstream connection). But when the replica's stream ends,
-    ``H2Connection._settle`` credits the upstream connection for every byte still queued
+    ``Flow.settle`` credits the upstream connection for every byte still queued
     toward the client, so the 16 MiB connection bound no longer holds: one client
     connection can make the gateway hold ~1 MiB for each of its 1000 streams (~1 GiB),
     and the design's "no buffer of ours to bound" is not true. Here 24 sequential 1 MiB

@@ -19,10 +19,10 @@ import hpack
 import pytest
 
 from merlin_dp.gateway.config import GatewayConfig
-from merlin_dp.gateway.grpc.proxy import format_timeout, parse_timeout
+from merlin_dp.gateway.grpc.request import format_timeout, parse_timeout
 from merlin_dp.gateway.h2 import frames as f
 from merlin_dp.gateway.h2.codec import HeaderDecoder, encode
-from merlin_dp.gateway.h2.connection import H2Limits
+from merlin_dp.gateway.h2.limits import H2Limits
 from tests.conftest import Gateway, model_endpoint, version
 
 Frame = tuple[int, int, int, bytes]  # type, flags, stream id, payload
@@ -568,12 +568,12 @@ async def test_streams_over_the_limit_are_refused(gateway_factory: Any, hang: Ha
 async def test_silent_and_idle_connections_are_closed(tmp_path: Any) -> None:
     from merlin_dp.common.net import bind_socket
     from merlin_dp.gateway.grpc.proxy import GrpcProxy
-    from merlin_dp.gateway.h2.server import GrpcListener
+    from merlin_dp.gateway.h2.server import H2Listener
     from merlin_dp.gateway.metrics import GatewayMetrics
-    from merlin_dp.gateway.pool.http1 import PoolLimits, UpstreamStats
+    from merlin_dp.gateway.pool.upstream import PoolLimits, UpstreamStats
 
     proxy = GrpcProxy(GatewayMetrics(UpstreamStats()), PoolLimits())
-    listener = GrpcListener(proxy, H2Limits(idle_seconds=0.2, handshake_seconds=0.2))
+    listener = H2Listener(proxy, H2Limits(idle_seconds=0.2, handshake_seconds=0.2))
     listener.TICK = 0.05
     sock = bind_socket("127.0.0.1", 0, reuse_port=False)
     port = sock.getsockname()[1]
@@ -599,7 +599,7 @@ async def test_bodies_of_failed_calls_are_credited_back(gateway_factory: Any) ->
     """A call held while its replica is dialled and then answered UNAVAILABLE never
     forwarded its body: the gateway still gives those bytes back to the connection's
     window, or 16 MiB of failed calls would stall the client for good."""
-    from tests.conftest import free_port
+    from merlin_dp.common.net import free_port
 
     gw = await gateway_to(gateway_factory, f"127.0.0.1:{free_port()}")  # refuses connects
     client = await Client.connect(gw)

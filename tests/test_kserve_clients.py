@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
+from merlin_dp.common.net import free_port
 from tests import clients
 from tests.clients import run_kserve
-from tests.conftest import ROOT, free_port, model_endpoint, version
+from tests.conftest import ROOT, model_endpoint, version
 from tests.test_strategies import wait_compared
 
 kserve_python = clients.kserve_python  # the session fixture: KServe's own client venv

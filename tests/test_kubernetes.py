@@ -19,9 +19,10 @@ import kmock
 import pytest
 import yaml
 
+from merlin_dp.common.net import free_port
 from merlin_dp.controller.kubernetes.client import api_client
 from merlin_dp.controller.kubernetes.informer import Informer
-from tests.conftest import ROOT, Proc, Replica, free_port
+from tests.conftest import ROOT, Proc, Replica
 from tests.kube import (
     DEPLOYMENTS,
     LEASES,

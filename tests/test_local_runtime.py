@@ -18,9 +18,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from merlin_dp.common.net import free_port
 from merlin_dp.runtime import DeploySpec, ReplicaInfo, RuntimeEvent
 from merlin_dp.runtime.local import LocalRuntime, LocalTimings
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 EXAMPLE = (sys.executable, str(ROOT / "examples" / "custom_model.py"))
 FAST = LocalTimings(probe_interval=0.05, liveness_interval=0.3, drain_seconds=0.2,

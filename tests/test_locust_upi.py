@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from merlin_dp.common.net import free_port
 from merlin_dp.loadtest.locust_common import read_summary, request_from_payload
-from tests.conftest import ROOT, Procs, free_port, write_routes
+from tests.conftest import ROOT, Procs, write_routes
 from tests.test_grpc_gateway import spec, start_upi, wait_ready
 
 

@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from merlin_dp.common.net import free_port
 from merlin_dp.protos.caraml.upi.v1 import upi_pb2_grpc
-from tests.conftest import ROOT, Proc, free_port, wait_port
+from tests.conftest import ROOT, Proc, wait_port
 from tests.test_upi_server import DOUBLE, make_table, request, scores
 
 EXAMPLE = ROOT / "examples" / "custom_model.py"

@@ -33,9 +33,10 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
+from merlin_dp.common.net import free_port
 from merlin_dp.controller.openapi import openapi_document
 from merlin_dp.controller.server import ControllerConfig, start_controller
-from tests.conftest import ROOT, Proc, free_port, wait_port
+from tests.conftest import ROOT, Proc, wait_port
 
 TOKEN = "openapi-document-tests"
 EXAMPLE = [sys.executable, str(ROOT / "examples" / "custom_model.py")]

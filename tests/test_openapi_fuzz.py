@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, Proc, free_port, wait_port
+from merlin_dp.common.net import free_port
+from tests.conftest import ROOT, Proc, wait_port
 
 TOKEN = "fuzz-token-0001"
 

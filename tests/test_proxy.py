@@ -9,9 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
+from merlin_dp.common.net import free_port
 from merlin_dp.gateway.config import GatewayConfig
-from merlin_dp.gateway.pool.http1 import PoolLimits
-from tests.conftest import Replica, free_port, model_endpoint, start_replicas, version
+from merlin_dp.gateway.pool.upstream import PoolLimits
+from tests.conftest import Replica, model_endpoint, start_replicas, version
 
 
 def two_versions(v1: list[str], v2: list[str], **rule: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from merlin_dp.gateway.config import GatewayConfig
-from merlin_dp.gateway.pool.http1 import PoolLimits
+from merlin_dp.gateway.pool.upstream import PoolLimits
 from tests.conftest import Procs, Replica, model_endpoint, version, write_routes
 from tests.test_bad_inputs import raw_exchange
 from tests.test_bytes import read_chunked
@@ -115,7 +115,7 @@ async def test_half_sent_upload_never_goes_back_to_the_pool(gateway_factory: Any
                 assert resp.status == 200 and await resp.read() == b"early"
         assert requests_seen[1:] == [b"GET /next HTTP/1.1"] * 3
         up = gw.worker.proxy.table.versions[0].upstreams[0]
-        assert up.outstanding == 0 and not gw.worker.registry.busy
+        assert up.outstanding == 0 and not gw.worker.http1.busy
     finally:
         server.close()
 
@@ -209,7 +209,8 @@ async def test_pipelining_client_that_never_reads_is_held_back(
     writer.write(request * 1000)  # 60 MB of answers asked for, none read
     await asyncio.sleep(2.0)
     buffered = 0
-    for conn in list(gw.worker.proxy.table.versions[0].upstreams[0].idle):
+    up = gw.worker.proxy.table.versions[0].upstreams[0]
+    for conn in list(gw.worker.http1.idle.get(up, [])):
         del conn
     import gc
 
@@ -260,18 +261,18 @@ async def test_abandoned_requests_release_their_replica(
         if up.outstanding == 0:
             break
         await asyncio.sleep(0.02)
-    assert up.outstanding == 0 and not gw.worker.registry.busy
+    assert up.outstanding == 0 and not gw.worker.http1.busy
     snap = gw.worker.metrics.snapshot()
     codes = {s["code"]: s["count"] for v in snap["versions"] for s in v["series"]}
     assert codes == {499: 5}
 
 
 def test_ejection_backoff_resets_after_recovery() -> None:
-    from merlin_dp.gateway.pool.http1 import Upstream, UpstreamStats
+    from merlin_dp.gateway.pool.upstream import Upstream, UpstreamStats
 
     loop = asyncio.new_event_loop()
     try:
-        up = Upstream("127.0.0.1", 1, loop, PoolLimits(eject_after=2), UpstreamStats(), set())
+        up = Upstream("127.0.0.1", 1, loop, PoolLimits(eject_after=2), UpstreamStats())
         for _incident in range(3):
             up.record_failure()
             up.record_failure()

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from merlin_dp.gateway.pool.http1 import Upstream
+from merlin_dp.gateway.pool.upstream import Upstream
 from tests.conftest import Procs, model_endpoint, start_replicas, version
 
 
@@ -110,7 +110,7 @@ async def test_removed_replica_drains_in_flight_requests(
         assert (await resp.json())["served_by"] == "a"
         resp.release()
     assert old.outstanding == 0
-    assert old.idle == []  # its connections closed once idle
+    assert gw.worker.http1.idle.get(old, []) == []  # its connections closed once idle
 
 
 async def test_killed_replica_costs_only_its_in_flight_requests(

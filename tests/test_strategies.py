@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from merlin_dp.gateway.metrics import render
+from merlin_dp.gateway.exposition import render
 from tests.conftest import Replica, model_endpoint, start_replicas, version
 
 
@@ -195,7 +195,7 @@ async def test_slow_or_failing_shadow_leaves_primary_untouched(
             await resp.read()
     # Every primary answered while its shadow copy was still hanging.
     assert statuses == Counter({200: 20})
-    assert gw.worker.proxy.shadowing.in_flight == 20
+    assert gw.worker.proxy.mirroring.in_flight == 20
     release.set()
     shadow = await wait_compared(gw, 20)
     assert shadow["mismatch"]["status"] == 20
@@ -220,7 +220,7 @@ async def test_shadow_bounds_drop_and_count(gateway_factory: Any, replicas: Any)
     config = GatewayConfig(proxy=ProxyLimits(buffer_body_bytes=1000))
     gw = await gateway_factory(endpoints(prod.address, slow.address, {"1": 100, "2": 0}, **rule),
                                config)  # fmt: skip
-    gw.worker.proxy.shadowing.limits = type(gw.worker.proxy.shadowing.limits)(max_in_flight=3)
+    gw.worker.proxy.mirroring.limits = type(gw.worker.proxy.mirroring.limits)(max_in_flight=3)
     for _ in range(5):
         async with gw.request("POST", "scorer.fraud.localhost", "/v1/predict", data=b"{}") as resp:
             assert resp.status == 200

@@ -14,7 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import ROOT, free_port
+from merlin_dp.common.net import free_port
+from tests.conftest import ROOT
 from tests.test_controller_api import BASE, Api
 
 IRIS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]

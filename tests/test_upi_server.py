@@ -19,10 +19,10 @@ import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
+from merlin_dp.common.net import free_port
 from merlin_dp.protos import _generate
 from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2, upi_pb2_grpc, variable_pb2
 from merlin_dp.servers.upi import METHOD, ports_from_env
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_DIR = ROOT / "examples" / "upi"

@@ -9,7 +9,7 @@ from pathlib import Path
 from merlin_dp.gateway.activation import ActivationLimits
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.http.proxy import ProxyLimits
-from merlin_dp.gateway.pool.http1 import PoolLimits
+from merlin_dp.gateway.pool.upstream import PoolLimits
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

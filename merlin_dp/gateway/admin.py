@@ -1,4 +1,4 @@
-"""The admin port: ``/metrics``, ``/healthz`` and ``/readyz``, apart from traffic.
+"""The admin port, apart from traffic: ``/metrics``, ``/signals``, ``/healthz``, ``/readyz``.
 
 The admin app asks a :class:`WorkerReports` for one report per worker (in-process for a
 single worker, over each worker's unix socket with ``--workers N``), merges their
@@ -9,12 +9,13 @@ which revision, from where, and the last table that was rejected.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from merlin_dp.common.net import bind_socket
-from merlin_dp.gateway.metrics import merge_snapshots, render
+from merlin_dp.gateway.exposition import render
+from merlin_dp.gateway.metrics_snapshot import merge_snapshots
+from merlin_dp.gateway.signals import SignalRecord
 from merlin_dp.gateway.worker import Report
 
 WorkerReports = Callable[[], Awaitable[list[Report]]]
@@ -33,8 +34,9 @@ def admin_app(reports: WorkerReports) -> web.Application:
             since = int(request.query.get("since", "0"))
         except ValueError:
             return web.json_response({"error": "since must be a whole second"}, status=400)
-        merged: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+        merged: dict[tuple[str, str, str, int], SignalRecord] = {}
         for report in await reports():
+            r: SignalRecord
             for r in report.get("signals", []):
                 if r["second"] <= since:
                     continue

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from merlin_dp.gateway.activation import ActivationLimits
 from merlin_dp.gateway.http.proxy import ProxyLimits
-from merlin_dp.gateway.pool.http1 import PoolLimits
+from merlin_dp.gateway.pool.upstream import PoolLimits
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TypedDict
 
 from merlin_dp.gateway.metrics import VersionStats
 
@@ -22,7 +22,21 @@ SAMPLE_SECONDS = 0.05
 HISTORY_SECONDS = 30
 
 
+class SignalRecord(TypedDict):
+    """One version endpoint's closed second, as ``/signals`` and the Redis stream carry it
+    (the autoscaler reads these keys)."""
+
+    project: str
+    model: str
+    version: str
+    second: int  # wall-clock, whole seconds since the epoch
+    requests: int  # arrivals within the second
+    concurrency: float  # mean requests in flight over the second
+
+
 class SignalRecorder:
+    """Samples every version's in-flight count and closes each second into ``history``."""
+
     def __init__(
         self,
         versions: Callable[[], Iterable[VersionStats]],
@@ -33,7 +47,7 @@ class SignalRecorder:
         self._second = math.floor(clock())
         self._samples: dict[tuple[str, str, str], list[float]] = {}  # key -> [sum, n]
         self._arrivals: dict[tuple[str, str, str], int] = {}
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_SECONDS * 64)
+        self.history: deque[SignalRecord] = deque(maxlen=HISTORY_SECONDS * 64)
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -76,5 +90,5 @@ class SignalRecorder:
                                      "requests": requests, "concurrency": concurrency})  # fmt: skip
         self._samples.clear()
 
-    def since(self, second: int) -> list[dict[str, Any]]:
+    def since(self, second: int) -> list[SignalRecord]:
         return [r for r in self.history if r["second"] > second]

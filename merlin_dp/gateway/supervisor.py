@@ -28,7 +28,7 @@ from aiohttp import web
 from merlin_dp.common.aio import raise_if_cancelling
 from merlin_dp.gateway.admin import admin_app, start_admin
 from merlin_dp.gateway.config import GatewayConfig
-from merlin_dp.gateway.metrics import empty_snapshot
+from merlin_dp.gateway.metrics_snapshot import empty_snapshot
 from merlin_dp.gateway.routing.sources import (
     ControllerRouteSource,
     FileRouteSource,

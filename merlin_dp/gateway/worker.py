@@ -1,10 +1,11 @@
 """One gateway worker: the traffic listener, its route source and its counters.
 
-A worker owns everything bound to its event loop: the upstream registry (pools), the
-metrics, the proxy handler and the listener. :meth:`GatewayWorker.apply` compiles a
-route table spec and swaps it in with one assignment, then drains the replicas the new
-table no longer names. With ``--workers N`` each worker is its own process bound to the
-same port with SO_REUSEPORT (see :mod:`merlin_dp.gateway.supervisor`).
+A worker owns everything bound to its event loop: the upstream registry, the HTTP/1.1
+connection pool, the metrics, the proxy handler and the listener.
+:meth:`GatewayWorker.apply` compiles a route table spec and swaps it in with one
+assignment, then drains the replicas the new table no longer names. With ``--workers N``
+each worker is its own process bound to the same port with SO_REUSEPORT (see
+:mod:`merlin_dp.gateway.supervisor`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from merlin_dp.common.net import bind_socket
 from merlin_dp.gateway.activation import Activator, HttpPoke
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.grpc.proxy import GrpcProxy
-from merlin_dp.gateway.h2.server import GrpcListener
+from merlin_dp.gateway.h2.server import H2Listener as GrpcListener
 from merlin_dp.gateway.http.proxy import Proxy
 from merlin_dp.gateway.http.server import GatewayHttpServer
 from merlin_dp.gateway.metrics import GatewayMetrics
-from merlin_dp.gateway.pool.http1 import UpstreamRegistry
+from merlin_dp.gateway.pool.http1 import Http1Pool
+from merlin_dp.gateway.pool.upstream import UpstreamRegistry
 from merlin_dp.gateway.routing.sources import RouteSource
 from merlin_dp.gateway.routing.table import compile_table
 from merlin_dp.gateway.signal_push import RedisSignalPusher
@@ -45,8 +47,10 @@ class GatewayWorker:
         self.config = config
         self.source = source
         self.registry = UpstreamRegistry(loop, config.pool)
+        self.http1 = Http1Pool(loop, config.pool, self.registry.stats)
+        self.registry.on_drain(self.http1.drop)
         self.metrics = GatewayMetrics(self.registry.stats)
-        self.proxy = Proxy(self.metrics, self.registry.stats, config.proxy)
+        self.proxy = Proxy(self.metrics, self.http1, config.proxy)
         activate_url = config.activate_url or config.controller_url
         self.poke = HttpPoke(activate_url, config.controller_token) if activate_url else None
         self.activator = Activator(self.metrics, config.activation, self.poke)
@@ -146,11 +150,12 @@ class GatewayWorker:
             await self._runner.cleanup()
         if self.grpc is not None:
             await self.grpc.close()
-        await self.proxy.shadowing.close()
+        await self.proxy.mirroring.close()
         await self.activator.close()
         if self.poke is not None:
             await self.poke.close()
         self.registry.close()
+        self.http1.close()
 
     def report(self) -> Report:
         return {

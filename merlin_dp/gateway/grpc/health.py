@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from typing import TYPE_CHECKING
+from types import MappingProxyType
 
 from merlin_dp.gateway.grpc.status import (
     CONTENT_TYPE,
@@ -42,11 +42,8 @@ from merlin_dp.gateway.grpc.status import (
 )
 from merlin_dp.gateway.h2 import frames as f
 from merlin_dp.gateway.h2.codec import Block
-from merlin_dp.gateway.h2.connection import Stream
+from merlin_dp.gateway.h2.streams import Stream
 from merlin_dp.gateway.routing.table import DIRECT_POLICY, ModelTarget, Target, describe
-
-if TYPE_CHECKING:
-    from merlin_dp.gateway.grpc.proxy import GrpcProxy
 
 PREFIX = b"/grpc.health.v1.Health/"
 CHECK = PREFIX + b"Check"
@@ -57,30 +54,34 @@ NOT_SERVING = 2
 # A HealthCheckRequest is one service name: anything bigger is not one.
 MAX_REQUEST = 4096
 # grpc-encoding → zlib's wbits: gzip framing, or zlib's (gRPC's "deflate").
-_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+_WBITS = MappingProxyType({b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS})
 
 
 class HealthError(Exception):
+    """A Check that can't be answered SERVING or NOT_SERVING: the call ends with ``code``."""
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
 def begin(
-    proxy: GrpcProxy,
     stream: Stream,
     target: Target,
     path: bytes,
     block: Block,
     timeout: float | None,
+    loop: asyncio.AbstractEventLoop,
+    can_activate: bool,
 ) -> None:
     """A health call on ``stream`` for ``target``: Check waits for its request; the
-    other methods are answered at once."""
+    other methods are answered at once. ``can_activate``: the gateway can start a version
+    scaled to zero (a call to one would be held, not refused)."""
     if path != CHECK:
         method = path.decode("latin-1").lstrip("/")
         answer(stream, UNIMPLEMENTED, f"{method} is not served by the gateway; call Check")
         return
-    call = HealthCall(proxy, stream, target, block, timeout)
+    call = HealthCall(stream, target, block, timeout, loop, can_activate)
     stream.handler = call
     if stream.remote_closed:
         call.request_end()
@@ -98,17 +99,18 @@ def answer(stream: Stream, code: int, message: str) -> None:
 class HealthCall:
     """One ``Check``: its request message collected (bounded), then the answer."""
 
-    __slots__ = ("body", "done", "encoding", "proxy", "size", "stream", "target", "timer")
+    __slots__ = ("body", "can_activate", "done", "encoding", "size", "stream", "target", "timer")
 
     def __init__(
         self,
-        proxy: GrpcProxy,
         stream: Stream,
         target: Target,
         block: Block,
         timeout: float | None,
+        loop: asyncio.AbstractEventLoop,
+        can_activate: bool,
     ) -> None:
-        self.proxy = proxy
+        self.can_activate = can_activate
         self.stream = stream
         self.target = target
         self.body: list[bytes] = []
@@ -120,7 +122,7 @@ class HealthCall:
                 self.encoding = value
         # A client that never finishes its request must not hold the stream for good.
         limit = DIRECT_POLICY.timeout
-        self.timer: asyncio.TimerHandle | None = proxy.loop.call_later(
+        self.timer: asyncio.TimerHandle | None = loop.call_later(
             limit if timeout is None else min(timeout, limit), self._deadline
         )
 
@@ -156,7 +158,7 @@ class HealthCall:
                 NOT_FOUND, f"unknown service {service!r}: {describe(target)} serves {UPI_SERVICE}"
             )
             return
-        status = SERVING if serving(target, self.proxy.activator is not None) else NOT_SERVING
+        status = SERVING if serving(target, self.can_activate) else NOT_SERVING
         self._finish()
         stream = self.stream
         if stream.open:

@@ -7,24 +7,26 @@ as it passes (up to the same limit). When both have ended, and only then, the pa
 decoded as ``PredictValuesResponse`` and compared: grpc-status first, then the result
 table and target name with the rule's relative tolerance (model metadata differ by
 design and are ignored). Counters are the HTTP path's shadow counters
-(:class:`merlin_dp.gateway.metrics.ShadowStats`).
+(:class:`merlin_dp.gateway.metrics.MirrorStats`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
+from merlin_dp.gateway.compare import json_agree
 from merlin_dp.gateway.h2.codec import Block
-from merlin_dp.gateway.h2.connection import Stream
 from merlin_dp.gateway.h2.frames import CANCEL
-from merlin_dp.gateway.http.mirror import ShadowLimits, json_agree
-from merlin_dp.gateway.metrics import ShadowStats
-from merlin_dp.gateway.pool.http1 import Upstream, UpstreamError
+from merlin_dp.gateway.h2.streams import Stream
+from merlin_dp.gateway.http.mirror import MirrorLimits
+from merlin_dp.gateway.metrics import GatewayMetrics, MirrorStats
+from merlin_dp.gateway.pool.h2 import UpstreamPool
+from merlin_dp.gateway.pool.upstream import Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.table import MirrorTarget
 from merlin_dp.protos.caraml.upi.v1 import upi_pb2
@@ -32,22 +34,23 @@ from merlin_dp.protos.caraml.upi.v1 import upi_pb2
 # A shadow that never answers must not hold a mirror slot for good.
 MIRROR_TIMEOUT = 30.0
 
-if TYPE_CHECKING:
-    from merlin_dp.gateway.grpc.proxy import GrpcProxy
-
 
 class Mirroring:
-    """The worker's mirror sender: bounds and counters."""
+    """The worker's mirror sender: bounds and counters. Copies go out on the proxy's
+    connection pool."""
 
-    def __init__(self, proxy: GrpcProxy, limits: ShadowLimits | None = None) -> None:
-        self.proxy = proxy
-        self.limits = limits or ShadowLimits()
+    def __init__(
+        self, metrics: GatewayMetrics, pool: UpstreamPool, limits: MirrorLimits | None = None
+    ) -> None:
+        self.metrics = metrics
+        self.pool = pool
+        self.limits = limits or MirrorLimits()
         self.in_flight = 0
         self.tasks: set[asyncio.Task[None]] = set()
 
     def begin(self, mirror: MirrorTarget, head: bytes) -> MirrorCopy | None:
         target = mirror.version
-        stats = self.proxy.metrics.shadow(target.project, target.model, target.version)
+        stats = self.metrics.mirror(target.project, target.model, target.version)
         if self.in_flight >= self.limits.max_in_flight:
             stats.count("dropped", "concurrency")
             return None
@@ -62,12 +65,14 @@ class Mirroring:
 
 
 class MirrorCopy:
+    """One call's shadow: its request copied, sent once whole, and both answers compared."""
+
     __slots__ = ("answer", "answer_bytes", "answer_code", "ended", "head", "mirror", "owner",
                  "primary", "primary_bytes", "primary_code", "request", "request_bytes",
                  "started", "stats", "stream", "timer", "up")  # fmt: skip
 
     def __init__(
-        self, owner: Mirroring, mirror: MirrorTarget, stats: ShadowStats, head: bytes
+        self, owner: Mirroring, mirror: MirrorTarget, stats: MirrorStats, head: bytes
     ) -> None:
         self.owner = owner
         self.mirror = mirror
@@ -130,8 +135,7 @@ class MirrorCopy:
             self._end("error", "no_replica")
             return
         self.up = up
-        pool = self.owner.proxy.pool
-        conn = pool.get(up)
+        conn = self.owner.pool.get(up)
         if conn is not None:
             self._send(conn.open_stream(self, self.head, False))
             return
@@ -141,7 +145,7 @@ class MirrorCopy:
 
     async def _connect(self, up: Upstream) -> None:
         try:
-            conn = await self.owner.proxy.pool.connect(up)
+            conn = await self.owner.pool.connect(up)
         except UpstreamError as exc:
             up.record_failure()
             self._end("error", exc.kind)

@@ -6,7 +6,8 @@ the version with the same rule objects (weights, header match on gRPC metadata,
 sticky), picks a replica with the same balancer, and pairs the client's stream with a
 stream on a pooled h2c connection to that replica. From then on frames pass through as
 bytes; header blocks are decoded (cached) and re-encoded as literals, with
-``x-model-version`` added to the response headers.
+``x-model-version`` added to the response headers. What a request's header block says
+is read once per distinct block (:mod:`merlin_dp.gateway.grpc.request`).
 
 The gateway answers on its own, Trailers-Only, when it can't route (``NOT_FOUND``), has
 no replica or none could take the call (``UNAVAILABLE``), or the call's deadline passes
@@ -20,13 +21,13 @@ failed, or the replica refused the stream (REFUSED_STREAM, or a GOAWAY below its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
 from time import perf_counter
-from typing import TypeVar, overload
+from types import MappingProxyType
 
 from merlin_dp.gateway.activation import ActivationRefused, Activator
 from merlin_dp.gateway.grpc import health
 from merlin_dp.gateway.grpc.mirror import MirrorCopy, Mirroring
+from merlin_dp.gateway.grpc.request import RequestHead, format_timeout
 from merlin_dp.gateway.grpc.status import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -41,12 +42,12 @@ from merlin_dp.gateway.grpc.status import (
     trailers_only,
 )
 from merlin_dp.gateway.h2 import frames as f
-from merlin_dp.gateway.h2.codec import Block, encode, encode_field
-from merlin_dp.gateway.h2.connection import CONNECTION_LOST, Stream
+from merlin_dp.gateway.h2.codec import Block, encode_field
+from merlin_dp.gateway.h2.streams import CONNECTION_LOST, Stream
 from merlin_dp.gateway.http.proxy import WRONG_PROTOCOL, RequestIds
 from merlin_dp.gateway.metrics import CHOSEN_DIRECT, GatewayMetrics, VersionStats
 from merlin_dp.gateway.pool.h2 import UpstreamPool
-from merlin_dp.gateway.pool.http1 import PoolLimits, Upstream, UpstreamError
+from merlin_dp.gateway.pool.upstream import PoolLimits, Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (
@@ -58,16 +59,16 @@ from merlin_dp.gateway.routing.table import (
     describe,
 )
 
-_T = TypeVar("_T")
-
 # gRPC's mapping of HTTP/2 RST_STREAM codes to statuses (doc/PROTOCOL-HTTP2.md).
-RST_TO_STATUS = {
-    f.REFUSED_STREAM: UNAVAILABLE,
-    f.CANCEL: CANCELLED,
-    f.ENHANCE_YOUR_CALM: RESOURCE_EXHAUSTED,
-    f.INADEQUATE_SECURITY: PERMISSION_DENIED,
-    CONNECTION_LOST: UNAVAILABLE,
-}
+RST_TO_STATUS = MappingProxyType(
+    {
+        f.REFUSED_STREAM: UNAVAILABLE,
+        f.CANCEL: CANCELLED,
+        f.ENHANCE_YOUR_CALM: RESOURCE_EXHAUSTED,
+        f.INADEQUATE_SECURITY: PERMISSION_DENIED,
+        CONNECTION_LOST: UNAVAILABLE,
+    }
+)
 
 # Request bodies kept to replay on another replica, while the replica might still
 # refuse the stream; bigger calls are not retried after their first bytes went out.
@@ -75,121 +76,14 @@ REPLAY_BYTES = 1024 * 1024
 # Times a call refused for a replica's stream limit is sent again without a retry spent.
 BUSY_REDISPATCHES = 4
 
-_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-def parse_timeout(value: bytes) -> float | None:
-    """``grpc-timeout``: at most 8 digits and a unit; None if malformed."""
-    unit = _TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
-        return None
-    return int(digits) * unit
-
-
-def format_timeout(seconds: float) -> bytes:
-    micros = max(1, int(seconds * 1e6))
-    if micros < 100_000_000:
-        return b"%du" % micros
-    return b"%dm" % min(99_999_999, micros // 1000)
-
-
-class Metadata(Mapping[str, str]):
-    """Request headers as the rule reads them: names case-insensitive (h2 names are
-    lowercase, rules may say ``X-Variant``); repeated cookies joined as HTTP/1 has them."""
-
-    __slots__ = ("_fields",)
-
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
-        fields: dict[str, str] = {}
-        for name, value in headers:
-            if name[:1] == b":":
-                continue
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            have = fields.get(key)
-            if have is None:
-                fields[key] = text
-            else:
-                fields[key] = have + ("; " if key == "cookie" else ", ") + text
-        self._fields = fields
-
-    def __getitem__(self, key: str) -> str:
-        return self._fields[key.lower()]
-
-    # Mapping.get would go through __getitem__ and a KeyError for every absent header
-    # a rule asks about: the common case on the hot path.
-    @overload
-    def get(self, key: str, /) -> str | None: ...
-
-    @overload
-    def get(self, key: str, default: str | _T, /) -> str | _T: ...
-
-    def get(self, key: str, default: object = None, /) -> object:
-        return self._fields.get(key.lower(), default)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-
-# RFC 9113 §8.2.2: connection-specific fields make a request malformed.
-CONNECTION_FIELDS = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-
-
-class RequestHead:
-    """What a request header block says, derived once per distinct block (cached with
-    it in the connection's decoder)."""
-
-    __slots__ = ("authority", "error", "forward", "forwarded_for", "has_request_id",
-                 "health", "metadata", "timeout")  # fmt: skip
-
-    def __init__(self, block: Block) -> None:
-        authority = path = method = None
-        timeout = None
-        self.has_request_id = False
-        self.forwarded_for: bytes | None = None
-        self.error: str | None = None
-        forward = []
-        for name, value in block.headers:
-            if name == b"x-forwarded-for":
-                # Extended with the client's address, as on HTTP.
-                prior: bytes | None = self.forwarded_for
-                self.forwarded_for = value if prior is None else prior + b", " + value
-                continue
-            forward.append((name, value))
-            if name in CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
-                self.error = f"connection-specific field {name.decode('latin-1')!r}"
-            elif name != name.lower():
-                self.error = "uppercase field name"
-            elif name == b":authority" or (name == b"host" and authority is None):
-                authority = value
-            elif name == b":path":
-                path = value
-            elif name == b":method":
-                method = value
-            elif name == b"grpc-timeout":
-                timeout = parse_timeout(value)
-                if timeout is None:
-                    self.error = "malformed grpc-timeout"
-            elif name == b"x-request-id":
-                self.has_request_id = True
-        if not path or method is None:
-            self.error = "a request needs :method and :path"
-        host = (authority or b"").decode("latin-1")
-        colon = host.rfind(":")
-        if colon >= 0 and not host.endswith("]"):
-            host = host[:colon]
-        self.authority = host.lower()
-        self.timeout = timeout
-        # A grpc.health.v1.Health method: the gateway answers it (merlin_dp.gateway.grpc.health).
-        self.health = path if path and path.startswith(health.PREFIX) else None
-        self.metadata = Metadata(block.headers)
-        self.forward = block.encoded() if self.forwarded_for is None else encode(forward)
+# GrpcCall.state: how far a call has got, in order (see GrpcCall for the transitions).
+# Plain ints, not an IntEnum: the state is read on every frame of a call, and an enum
+# member costs more to compare, and far more to look up on its class.
+ROUTING = 0
+WAITING = 1
+SENT = 2
+RESPONDING = 3
+DONE = 4
 
 
 class GrpcProxy:
@@ -208,7 +102,7 @@ class GrpcProxy:
         self.pool = UpstreamPool(self.loop, pool_limits, metrics.upstream)
         self.activator = activator
         self.request_ids = RequestIds()
-        self.mirroring = Mirroring(self)
+        self.mirroring = Mirroring(metrics, self.pool)
         self._version_fields: dict[str, bytes] = {}
         self._timeout_fields: dict[float, bytes] = {}
 
@@ -246,6 +140,43 @@ class GrpcProxy:
 
 
 class GrpcCall:
+    """One proxied call: the client's stream and, once dispatched, a stream on a
+    replica's connection; the handler of both.
+
+    ``state`` is how far the call has got (the values are ordered):
+
+    - ``ROUTING``: the client's HEADERS are in; :meth:`start` routes them.
+    - ``WAITING``: routed, with no replica stream yet: a task waits for the version's
+      activation (scaled to zero) or for a connection to the chosen replica. The
+      request's bytes are held uncredited meanwhile.
+    - ``SENT``: the request goes to a replica's stream (``upstream``) and nothing has
+      been answered, so a refused stream can still go elsewhere.
+    - ``RESPONDING``: the replica's response headers have gone to the client; frames
+      pass through until its trailers.
+    - ``DONE``: answered, failed or cancelled, and counted; what still arrives is
+      dropped (and credited), except request bytes for a replica stream still open.
+
+    Transitions:
+
+    - ROUTING → DONE (:meth:`start`): a malformed request (reset), no route
+      (NOT_FOUND), an HTTP_JSON endpoint (UNIMPLEMENTED), a health check (handed to
+      :mod:`merlin_dp.gateway.grpc.health`);
+    - ROUTING or WAITING → WAITING (``_dispatch``): an activation or a connect started,
+      including after a failed connect is retried, or a connection that filled up
+      while we waited for it;
+    - ROUTING or WAITING → SENT (``_open``): a replica's stream opened;
+    - SENT → WAITING or SENT: the replica refused the stream (REFUSED_STREAM, or above
+      its GOAWAY) and the call goes to another connection or replica (``_retry``);
+    - SENT → RESPONDING (:meth:`on_headers`): the replica's first header block;
+    - any → DONE (``_complete``): the replica's trailers or reset, the client's reset,
+      the deadline, no replica left or none that would take it.
+
+    What is not progress keeps its own field: whether the request has ended
+    (``body_end``) and can still be replayed (``replayable``), whether the one
+    reconnect after a GOAWAY was spent (``reconnected``), the retry budgets
+    (``retries_left``, ``busy_redispatches``), and the mirror copy (``mirror``).
+    """
+
     __slots__ = (
         "block",
         "body",
@@ -254,7 +185,6 @@ class GrpcCall:
         "busy_redispatches",
         "chosen",
         "client",
-        "done",
         "head",
         "mirror",
         "policy",
@@ -262,9 +192,9 @@ class GrpcCall:
         "reconnected",
         "replayable",
         "req_trailers",
-        "response_started",
         "retries_left",
         "start_time",
+        "state",
         "stats",
         "task",
         "timeout",
@@ -279,6 +209,7 @@ class GrpcCall:
     def __init__(self, proxy: GrpcProxy, client: Stream) -> None:
         self.proxy = proxy
         self.client = client
+        self.state = ROUTING
         self.start_time = perf_counter()
         self.upstream: Stream | None = None
         self.up: Upstream | None = None
@@ -292,8 +223,6 @@ class GrpcCall:
         self.replayable = True
         self.reconnected = False  # one retry on the same replica after its GOAWAY
         self.req_trailers: bytes | None = None
-        self.response_started = False
-        self.done = False
         self.head = b""
         self.block: Block | None = None
         self.timeout: float | None = None
@@ -304,6 +233,11 @@ class GrpcCall:
         self.retries_left = 0
         self.busy_redispatches = 0
         self.mirror: MirrorCopy | None = None
+
+    @property
+    def done(self) -> bool:
+        """The call has ended (``DONE``)."""
+        return self.state == DONE
 
     # --- start --------------------------------------------------------------------
 
@@ -317,7 +251,7 @@ class GrpcCall:
         if head.error is not None:
             self.client.conn.peer_reset(self.client)  # provoked: charged as a reset
             self.client.reset(f.PROTOCOL_ERROR)
-            self.done = True
+            self.state = DONE
             return
         table = proxy.table
         target = table.by_host.get(head.authority)
@@ -326,7 +260,7 @@ class GrpcCall:
             self._answer(
                 NOT_FOUND, f"no model endpoint or version endpoint at {head.authority!r}", b""
             )
-            self.done = True
+            self.state = DONE
             return
         if not target.grpc:
             # Sent on, it would reach an HTTP/1.1 replica that can't read it (and be
@@ -335,11 +269,19 @@ class GrpcCall:
             self._answer(
                 UNIMPLEMENTED, f"{describe(target)} serves HTTP_JSON; call it over HTTP", b""
             )
-            self.done = True
+            self.state = DONE
             return
         if head.health is not None:
-            self.done = True
-            health.begin(proxy, self.client, target, head.health, block, head.timeout)
+            self.state = DONE
+            health.begin(
+                self.client,
+                target,
+                head.health,
+                block,
+                head.timeout,
+                proxy.loop,
+                can_activate=proxy.activator is not None,
+            )
             return
         version, self.chosen, self.policy, mirror = choose_version(target, head.metadata)
         self.version = version
@@ -385,6 +327,7 @@ class GrpcCall:
         upstreams = version.upstreams
         if not upstreams:
             if version.scale_to_zero and proxy.activator is not None and self.tried is None:
+                self.state = WAITING
                 self.task = proxy.loop.create_task(self._activate(proxy.activator))
                 return
             self._fail(
@@ -398,6 +341,7 @@ class GrpcCall:
             return
         conn = proxy.pool.get(up)
         if conn is None:
+            self.state = WAITING
             self.task = proxy.loop.create_task(self._connect(up))
             return
         self._open(up, conn.open_stream(self, self.head, self._head_ends()))
@@ -412,7 +356,7 @@ class GrpcCall:
             self._fail(UNAVAILABLE, str(exc))
             return
         self.task = None
-        if self.done:
+        if self.state == DONE:
             return
         self.version = version
         if self.timeout is not None:
@@ -449,7 +393,7 @@ class GrpcCall:
             self._retry(up, "no replica could be reached")
             return
         self.task = None
-        if self.done:
+        if self.state == DONE:
             return
         if not conn.usable():
             if not (conn.closed or conn.draining or conn.goaway_received):
@@ -462,6 +406,7 @@ class GrpcCall:
         self._open(up, conn.open_stream(self, self.head, self._head_ends()))
 
     def _open(self, up: Upstream, stream: Stream) -> None:
+        self.state = SENT
         self.up = up
         up.outstanding += 1
         self.upstream = stream
@@ -480,7 +425,7 @@ class GrpcCall:
 
     def _retry(self, up: Upstream, reason: str, exclude: bool = True) -> None:
         """The replica never saw the call: try another, within the rule's retries."""
-        if self.done:
+        if self.state == DONE:
             return
         if not self.replayable or self.retries_left <= 0:
             self._fail(UNAVAILABLE, f"version endpoint failed: {reason}")
@@ -501,16 +446,19 @@ class GrpcCall:
         code = block.derived
         if code is None and end_stream:
             code = block.derived = _grpc_status(block)
-        if not self.response_started:
-            self.response_started = True
+        state = self.state
+        if state == RESPONDING:
+            self.client.send_headers(block.encoded(), end_stream)
+        else:
+            # The response's first block (or a block after the call ended, the replica's
+            # stream still open): the request can't be replayed any more.
             self.body.clear()
             self.replayable = False
-            assert self.version is not None
-            out = block.encoded() + self.proxy.version_field(self.version)
-            if not self.done:
+            if state < RESPONDING:
+                self.state = RESPONDING
+                assert self.version is not None
+                out = block.encoded() + self.proxy.version_field(self.version)
                 self.client.send_headers(out, end_stream)
-        elif not self.done:
-            self.client.send_headers(block.encoded(), end_stream)
         if end_stream:
             self._complete(code if code is not None else UNKNOWN, failed=False)
 
@@ -533,7 +481,7 @@ class GrpcCall:
                         self.replayable = False
                     else:
                         self.body.append(data)
-            elif self.done:
+            elif self.state == DONE:
                 stream.consumed(len(data))
             else:
                 # Held (not credited) until a replica takes the call: the client's
@@ -541,7 +489,7 @@ class GrpcCall:
                 self.body.append(data)
                 self.body_bytes += len(data)
             return
-        if stream is not self.upstream or self.done:
+        if stream is not self.upstream or self.state == DONE:
             stream.consumed(len(data))
             return
         if self.mirror is not None:
@@ -575,7 +523,7 @@ class GrpcCall:
             return
         self.upstream = None
         self.client.peer = None
-        if self.done:
+        if self.state == DONE:
             client = self.client
             if code == f.NO_ERROR and client.open and not client.remote_closed:
                 client.reset(f.NO_ERROR)  # the replica's "stop sending", passed on
@@ -587,12 +535,12 @@ class GrpcCall:
         if code == CONNECTION_LOST or code not in (f.CANCEL, f.REFUSED_STREAM, f.NO_ERROR):
             up_.record_failure()
             self.proxy.ustats.error("reset")
-        if code == f.REFUSED_STREAM and not self.response_started:
+        if code == f.REFUSED_STREAM and self.state < RESPONDING:
             conn = stream.conn
             if (
                 self.replayable
                 and not conn.goaway_received
-                and len(conn.streams) >= conn.peer_max_streams
+                and len(conn.streams) >= conn.peer_settings.max_streams
                 and self.busy_redispatches < BUSY_REDISPATCHES
             ):
                 # Refused for the replica's stream limit (opened before its SETTINGS said
@@ -608,7 +556,7 @@ class GrpcCall:
             self._retry(up_, "the replica refused the call", exclude=not fresh)
             return
         status = RST_TO_STATUS.get(code, INTERNAL)
-        if not self.response_started:
+        if self.state < RESPONDING:
             self._fail(status, _reset_reason(code))
         elif code == CONNECTION_LOST:
             self.client.send_headers(trailers(UNAVAILABLE, _reset_reason(code)), True)
@@ -621,13 +569,13 @@ class GrpcCall:
 
     def _deadline(self) -> None:
         self.timer = None
-        if self.done:
+        if self.state == DONE:
             return
         up = self.upstream
         if up is not None and up.open:
             up.reset(f.CANCEL)
         self.upstream = None
-        if self.response_started:
+        if self.state == RESPONDING:
             self.client.send_headers(trailers(DEADLINE_EXCEEDED, "deadline exceeded"), True)
             self._end_client()
             self._complete(DEADLINE_EXCEEDED, failed=False)
@@ -640,8 +588,9 @@ class GrpcCall:
         self._complete(code, failed=code == UNAVAILABLE)
 
     def _answer(self, code: int, message: str, extra: bytes) -> None:
-        if not self.response_started and self.client.open:
-            self.response_started = True
+        """Our own status, Trailers-Only, unless a response has begun; the caller then
+        ends the call (DONE)."""
+        if self.state < RESPONDING and self.client.open:
             self.client.send_headers(trailers_only(code, message, extra), True)
         self._end_client()
 
@@ -655,9 +604,9 @@ class GrpcCall:
             client.reset(f.NO_ERROR)
 
     def _complete(self, code: int, failed: bool) -> None:
-        if self.done:
+        if self.state == DONE:
             return
-        self.done = True
+        self.state = DONE
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

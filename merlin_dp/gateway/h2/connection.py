@@ -1,153 +1,51 @@
-"""What both ends of the proxy share: one HTTP/2 connection as an asyncio protocol.
+"""One HTTP/2 connection as an asyncio protocol: the frame loop and the send queue.
 
-:class:`H2Connection` parses frames inline in ``data_received`` (no reader task, no
-await), answers SETTINGS and PING, keeps both flow-control windows, and queues DATA a
-peer has no window for. The client-facing connection (:mod:`merlin_dp.gateway.h2.server`) and
-the replica-facing one (:mod:`merlin_dp.gateway.pool.h2`) differ only in how a header block
-opens or continues a stream.
+:class:`H2Connection` is what both ends of the proxy share. It parses frames inline in
+``data_received`` (no reader task, no await) and acts on each by type; assembles header
+blocks split over CONTINUATION frames and decodes them; answers SETTINGS and PING; and
+queues what we write: frames go out with one ``writelines`` per loop turn, and DATA a
+peer has no window for waits in its stream's ``pending`` until a WINDOW_UPDATE (or the
+transport resumes). It ends streams (END_STREAM both ways, RST_STREAM) and the
+connection (GOAWAY, then a lingering close).
 
-Back-pressure is end to end with no buffer of our own to bound: bytes received on one
-side are credited back to their sender (WINDOW_UPDATE) only once written to the other
-side's transport, and nothing is written while that transport is paused. A stream
-therefore never holds more than the window we granted its source.
+Each other concern has its own module: the windows and the crediting of what we read
+in :mod:`merlin_dp.gateway.h2.flow`, the SETTINGS exchange in
+:mod:`merlin_dp.gateway.h2.settings`, streams and their handlers in
+:mod:`merlin_dp.gateway.h2.streams`, our budgets in :mod:`merlin_dp.gateway.h2.limits`.
+The client-facing connection (:mod:`merlin_dp.gateway.h2.server`) and the replica-facing
+one (:mod:`merlin_dp.gateway.pool.h2`) differ only in how a header block opens or
+continues a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import cast
 
 from merlin_dp.gateway.h2 import frames as f
+from merlin_dp.gateway.h2 import settings
 from merlin_dp.gateway.h2.codec import Block, HeaderBlockError, HeaderDecoder, encode_field
+from merlin_dp.gateway.h2.flow import Flow, opening_update
+from merlin_dp.gateway.h2.limits import H2Limits, TokenBucket
+from merlin_dp.gateway.h2.settings import PeerSettings, SettingsError
+from merlin_dp.gateway.h2.streams import CONNECTION_LOST, Stream
 
 log = logging.getLogger("merlin_dp.gateway.h2")
 
-# on_reset's code when the connection itself is gone: the peer may or may not have
-# seen the stream.
-CONNECTION_LOST = -1
-
-_DATA = 0
 LINGER_SECONDS = 2.0
 # Bytes queued for the peer in one turn after which the client-facing side stops reading.
 OUT_LIMIT = 256 * 1024
+# What a stream's pending frame is.
+_DATA = 0
 _HEADERS = 1
 
 
-@dataclass(frozen=True, slots=True)
-class H2Limits:
-    """What we grant a peer, and what we allow it before cutting the connection."""
-
-    stream_window: int = 1024 * 1024
-    connection_window: int = 16 * 1024 * 1024
-    max_frame_size: int = f.DEFAULT_MAX_FRAME  # frames we accept
-    max_header_list_size: int = 16 * 1024
-    # Concurrent streams, as nginx's http2_max_concurrent_streams: with the stream window
-    # it bounds what one client connection can have us hold (128 x 1 MiB).
-    max_concurrent_streams: int = 128
-    # Response bytes queued for one client connection after which new streams are
-    # refused (REFUSED_STREAM) until it reads.
-    queued_budget: int = 8 * 1024 * 1024
-    max_continuations: int = 16  # CONTINUATION frames per header block
-    # Rapid reset (CVE-2023-44487): streams a client may cancel, as a token bucket.
-    reset_burst: int = 200
-    resets_per_second: float = 100.0
-    # SETTINGS and PING frames answered, as a token bucket (each costs us a write).
-    control_burst: int = 200
-    control_per_second: float = 50.0
-    idle_seconds: float = 300.0  # a connection with no stream for this long is closed
-    handshake_seconds: float = 10.0  # preface and first SETTINGS must arrive this soon
-
-
-class TokenBucket:
-    """``burst`` tokens, refilled at ``per_second``: what a peer may make us do."""
-
-    __slots__ = ("at", "burst", "per_second", "tokens")
-
-    def __init__(self, burst: int, per_second: float, now: float) -> None:
-        self.burst = float(burst)
-        self.per_second = per_second
-        self.tokens = self.burst
-        self.at = now
-
-    def take(self, now: float) -> bool:
-        tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
-        self.at = now
-        if tokens < 1:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - 1
-        return True
-
-
-class StreamHandler(Protocol):
-    """Who a stream's frames go to (the proxied call, or a mirror copy)."""
-
-    def on_headers(self, stream: Stream, block: Block, end_stream: bool) -> None: ...
-
-    def on_data(self, stream: Stream, data: bytes, end_stream: bool) -> None: ...
-
-    def on_reset(self, stream: Stream, code: int) -> None: ...
-
-
-class Stream:
-    """One stream on one connection. ``peer`` is the stream whose bytes this one sends:
-    writing them credits the peer's window on its own connection."""
-
-    __slots__ = (
-        "conn",
-        "credited",
-        "handler",
-        "id",
-        "local_closed",
-        "peer",
-        "pending",
-        "received",
-        "recv_window",
-        "remote_closed",
-        "send_window",
-        "sent",
-        "unacked",
-    )  # fmt: skip
-
-    def __init__(self, conn: H2Connection, stream_id: int, handler: StreamHandler) -> None:
-        self.conn = conn
-        self.id = stream_id
-        self.handler = handler
-        self.peer: Stream | None = None
-        self.send_window = conn.peer_initial_window
-        self.recv_window = conn.limits.stream_window
-        self.pending: deque[tuple[bytes, int, bool]] = deque()
-        self.sent = 0  # DATA bytes written, for crediting the peer
-        self.received = 0  # DATA bytes handed to the handler
-        self.credited = 0  # bytes received and credited back to the sender
-        self.unacked = 0  # credited but not yet announced in a WINDOW_UPDATE
-        self.local_closed = False
-        self.remote_closed = False
-
-    @property
-    def open(self) -> bool:
-        return self.conn.streams.get(self.id) is self
-
-    def send_headers(self, block: bytes, end_stream: bool) -> None:
-        self.conn.send_headers(self, block, end_stream)
-
-    def send_data(self, data: bytes, end_stream: bool) -> None:
-        self.conn.send_data(self, data, end_stream)
-
-    def reset(self, code: int) -> None:
-        self.conn.reset_stream(self, code)
-
-    def consumed(self, n: int) -> None:
-        """``n`` received bytes are dropped or done with: credit them to the sender."""
-        self.credited += n
-        self.conn.credit(self, n)
-
-
 class H2Connection(asyncio.Protocol):
+    """One HTTP/2 connection, at either end. A subclass says what a header block means
+    (``on_header_block``: a new stream, or one continued) and what the peer's GOAWAY
+    does (``on_goaway``), and fills in the hooks it needs."""
+
     client_side = False
     # The connection-level window is given back as bytes arrive, not once they are
     # written on (per stream it stays end to end). The replica-facing side does: one
@@ -161,20 +59,12 @@ class H2Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.blocked: dict[int, Stream] = {}  # streams with queued frames, in order
         self.decoder = HeaderDecoder(limits.max_header_list_size)
-        self.send_window = f.DEFAULT_WINDOW
-        self.recv_window = limits.connection_window
-        self.conn_unacked = 0
-        self.peer_initial_window = f.DEFAULT_WINDOW
-        self.peer_max_frame = f.DEFAULT_MAX_FRAME
-        self.peer_max_streams = 2**31
-        # The peer changed SETTINGS_HEADER_TABLE_SIZE: our next header block must start
-        # with a dynamic table size update (RFC 7541 §4.2). We never index, so 0 fits.
-        self.table_size_update = False
+        self.flow = Flow(limits, self.credit_on_receipt, self.send)
+        self.peer_settings = PeerSettings()
         self.paused = False
         self.closed = False
         self.goaway_sent = False
         self.goaway_received = False
-        self.settings_received = False
         self.last_peer_stream = 0  # highest stream id the peer opened
         self.peer_host = b"unknown"
         self.forwarded_for = encode_field(b"x-forwarded-for", b"unknown")
@@ -188,8 +78,6 @@ class H2Connection(asyncio.Protocol):
         self._cont_parts: list[bytes] = []
         self._cont_count = 0
         self._cont_size = 0
-        self._stream_threshold = limits.stream_window // 4
-        self._conn_threshold = limits.connection_window // 4
         self._control = TokenBucket(limits.control_burst, limits.control_per_second, loop.time())
 
     # --- transport ----------------------------------------------------------------
@@ -200,19 +88,10 @@ class H2Connection(asyncio.Protocol):
         self.transport.write(self.initial_frames())
 
     def initial_frames(self) -> bytes:
-        lim = self.limits
-        settings = {
-            f.SETTINGS_MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams,
-            f.SETTINGS_INITIAL_WINDOW_SIZE: lim.stream_window,
-            f.SETTINGS_MAX_FRAME_SIZE: lim.max_frame_size,
-            f.SETTINGS_MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
-        }
-        if self.client_side:
-            settings[f.SETTINGS_ENABLE_PUSH] = 0
-        out = f.settings_frame(settings)
-        if lim.connection_window > f.DEFAULT_WINDOW:
-            out += f.window_update(0, lim.connection_window - f.DEFAULT_WINDOW)
-        return out
+        """Our SETTINGS and our connection window: the first thing we send."""
+        limits = self.limits
+        announced = settings.announced(limits, self.client_side)
+        return f.settings_frame(announced) + opening_update(limits)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -367,12 +246,13 @@ class H2Connection(asyncio.Protocol):
             self.fail(f.PROTOCOL_ERROR, "DATA on stream 0")
             return
         size = len(payload)
-        self.recv_window -= size
-        if self.recv_window < 0:
+        flow = self.flow
+        flow.recv_window -= size
+        if flow.recv_window < 0:
             self.fail(f.FLOW_CONTROL_ERROR, "connection window exceeded")
             return
-        if self.credit_on_receipt:
-            self._credit_connection(size)
+        if flow.on_receipt:
+            flow.received(size)
         data = payload
         if flags & f.PADDED:
             if size == 0 or payload[0] >= size:
@@ -382,17 +262,17 @@ class H2Connection(asyncio.Protocol):
         stream = self.streams.get(sid)
         if stream is None or stream.remote_closed:
             # Closed (we reset it, or it ended): drop the bytes, keep the window whole.
-            self.credit(None, size)
+            flow.credit(None, size)
             if stream is None and sid > self.last_peer_stream and not self.client_side:
                 self.fail(f.PROTOCOL_ERROR, "DATA on an idle stream")
             return
         stream.recv_window -= size
         if stream.recv_window < 0:
-            self.credit(None, size)
+            flow.credit(None, size)
             self._stream_error(stream, f.FLOW_CONTROL_ERROR)
             return
         if len(data) != size:
-            self.credit(stream, size - len(data))
+            flow.credit(stream, size - len(data))  # the padding
         end = bool(flags & f.END_STREAM)
         if end:
             stream.remote_closed = True
@@ -477,7 +357,7 @@ class H2Connection(asyncio.Protocol):
         stream.local_closed = stream.remote_closed = True
         self.peer_reset(stream)
         stream.handler.on_reset(stream, f.u32(payload))
-        self._settle(stream)
+        self.flow.settle(stream)
         self.stream_closed(stream)
 
     def peer_reset(self, stream: Stream) -> None:
@@ -492,47 +372,15 @@ class H2Connection(asyncio.Protocol):
         return True
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
-        if sid != 0:
-            self.fail(f.PROTOCOL_ERROR, "SETTINGS on a stream")
-            return
-        if flags & f.ACK:
-            if payload:
-                self.fail(f.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
-            return
-        if len(payload) % 6:
-            self.fail(f.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
-            return
-        if not self._control_frame():
-            return
-        grow = False
-        for key, value in f.parse_settings(payload):
-            if key == f.SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > f.MAX_WINDOW:
-                    self.fail(f.FLOW_CONTROL_ERROR, "initial window too large")
-                    return
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > f.MAX_WINDOW:
-                        # RFC 9113 §6.9.2: a connection error.
-                        self.fail(f.FLOW_CONTROL_ERROR, "a stream window overflowed")
-                        return
-                grow = grow or delta > 0
-            elif key == f.SETTINGS_MAX_FRAME_SIZE:
-                if not f.DEFAULT_MAX_FRAME <= value <= 16_777_215:
-                    self.fail(f.PROTOCOL_ERROR, "bad max frame size")
-                    return
-                self.peer_max_frame = value
-            elif key == f.SETTINGS_MAX_CONCURRENT_STREAMS:
-                self.peer_max_streams = value
-            elif key == f.SETTINGS_HEADER_TABLE_SIZE:
-                self.table_size_update = True
-            elif key == f.SETTINGS_ENABLE_PUSH and value > 1:
-                self.fail(f.PROTOCOL_ERROR, "bad enable push")
+        try:
+            settings.check_frame(flags, sid, payload)
+            if flags & f.ACK or not self._control_frame():
                 return
+            grow = settings.apply(self.peer_settings, payload, self.streams.values())
+        except SettingsError as exc:
+            self.fail(exc.code, str(exc))
+            return
         self.send(f.SETTINGS_ACK)
-        self.settings_received = True
         if grow:
             self.flush_all()
 
@@ -553,8 +401,9 @@ class H2Connection(asyncio.Protocol):
             if increment == 0:
                 self.fail(f.PROTOCOL_ERROR, "zero WINDOW_UPDATE")
                 return
-            self.send_window += increment
-            if self.send_window > f.MAX_WINDOW:
+            flow = self.flow
+            flow.send_window += increment
+            if flow.send_window > f.MAX_WINDOW:
                 self.fail(f.FLOW_CONTROL_ERROR, "connection window overflow")
                 return
             self.flush_all()
@@ -579,35 +428,6 @@ class H2Connection(asyncio.Protocol):
         self.reset_stream(stream, code)
         stream.handler.on_reset(stream, code)
 
-    # --- flow control toward the peer -----------------------------------------------
-
-    def credit(self, stream: Stream | None, n: int) -> None:
-        """``n`` received bytes are off our hands: let the peer send as many more."""
-        if self.closed or n <= 0:
-            return
-        out = b""
-        if not self.credit_on_receipt:
-            self.conn_unacked += n
-            if self.conn_unacked >= self._conn_threshold:
-                out = f.window_update(0, self.conn_unacked)
-                self.recv_window += self.conn_unacked
-                self.conn_unacked = 0
-        if stream is not None and not stream.remote_closed:
-            stream.unacked += n
-            if stream.unacked >= self._stream_threshold:
-                out += f.window_update(stream.id, stream.unacked)
-                stream.recv_window += stream.unacked
-                stream.unacked = 0
-        if out:
-            self.send(out)
-
-    def _credit_connection(self, n: int) -> None:
-        self.conn_unacked += n
-        if self.conn_unacked >= self._conn_threshold and not self.closed:
-            self.send(f.window_update(0, self.conn_unacked))
-            self.recv_window += self.conn_unacked
-            self.conn_unacked = 0
-
     def queued_bytes(self) -> int:
         """DATA bytes waiting in this connection's streams for window or transport."""
         return sum(
@@ -625,15 +445,16 @@ class H2Connection(asyncio.Protocol):
     def _write_headers(self, stream: Stream, block: bytes, end_stream: bool) -> None:
         if self.closed or self.transport is None:
             return
-        if self.table_size_update:
-            self.table_size_update = False
+        peer = self.peer_settings
+        if peer.table_size_update:
+            peer.table_size_update = False
             block = b"\x20" + block  # dynamic table size update: 0
         n = len(block)
-        if n <= self.peer_max_frame:
+        if n <= peer.max_frame:
             flags = f.END_HEADERS | f.END_STREAM if end_stream else f.END_HEADERS
             self.send(f.frame_head(n, f.HEADERS, flags, stream.id) + block)
         else:
-            self.send(f.headers_frames(stream.id, block, end_stream, self.peer_max_frame))
+            self.send(f.headers_frames(stream.id, block, end_stream, peer.max_frame))
         if end_stream:
             stream.local_closed = True
             if stream.remote_closed:
@@ -661,10 +482,11 @@ class H2Connection(asyncio.Protocol):
                 self.send(f.frame_head(0, f.DATA, f.END_STREAM, sid))
                 self._local_end(stream)
             return None
-        window = min(self.send_window, stream.send_window)
+        flow = self.flow
+        window = min(flow.send_window, stream.send_window)
         if window <= 0:
             return data
-        max_frame = self.peer_max_frame
+        max_frame = self.peer_settings.max_frame
         if n <= window and n <= max_frame:
             head = f.frame_head(n, f.DATA, f.END_STREAM if end else 0, sid)
             if n <= 4096:
@@ -686,15 +508,17 @@ class H2Connection(asyncio.Protocol):
                 parts.append(view[written : written + size])
                 written += size
                 window -= size
-        self.send_window -= written
+        flow.send_window -= written
         stream.send_window -= written
         peer = stream.peer
         if peer is not None:
+            # The bytes came from the peer stream: written on, they are credited back to
+            # their sender (here, not in a method of flow's: this runs per DATA frame).
             stream.sent += written
             extra = stream.sent - peer.credited
             if extra > 0:
                 peer.credited += extra
-                peer.conn.credit(peer, extra)
+                peer.conn.flow.credit(peer, extra)
         if written < n:
             return data[written:]
         if end:
@@ -728,7 +552,7 @@ class H2Connection(asyncio.Protocol):
         if not self.blocked:
             return
         for stream in list(self.blocked.values()):
-            if self.paused or self.send_window <= 0 or self.closed:
+            if self.paused or self.flow.send_window <= 0 or self.closed:
                 return
             self.flush(stream)
 
@@ -741,27 +565,15 @@ class H2Connection(asyncio.Protocol):
         stream.pending.clear()
         stream.local_closed = stream.remote_closed = True
         self.send(f.rst_stream(stream.id, code))
-        self._settle(stream)
+        self.flow.settle(stream)
         self.stream_closed(stream)
 
     def _closed(self, stream: Stream) -> None:
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
             self.blocked.pop(stream.id, None)
-            self._settle(stream)
+            self.flow.settle(stream)
             self.stream_closed(stream)
-
-    def _settle(self, stream: Stream) -> None:
-        """A stream left the connection: bytes it received that were never credited
-        (held for a call that failed, queued toward a peer that went away) go back to the
-        connection's window, or the window would shrink for good."""
-        owed = stream.received - stream.credited
-        if owed > 0:
-            stream.credited += owed
-            self.credit(None, owed)
 
     def stream_closed(self, stream: Stream) -> None:
         """Hook: a stream left the connection (ended both ways, or reset)."""
-
-
-Factory = Callable[[], H2Connection]

@@ -1,7 +1,8 @@
 """HTTP/2 wire constants (RFC 9113) and the serializers for every frame we send.
 
-Parsing lives in :class:`merlin_dp.gateway.h2.connection.H2Connection` (inline, for speed); this
-module only names numbers and builds bytes.
+Frame parsing lives in :class:`merlin_dp.gateway.h2.connection.H2Connection` (inline, for
+speed); this module names the numbers, builds frames, and unpacks the few fixed-layout
+payloads (SETTINGS entries, GOAWAY, a 32-bit value).
 """
 
 from __future__ import annotations

@@ -1,42 +1,44 @@
-"""Client-facing HTTP/2 connections and the gRPC listener that accepts them.
+"""The server side of HTTP/2: client-facing connections and the listener that accepts them.
 
 A :class:`ServerConnection` checks the client preface, opens a stream per request
-HEADERS and hands it to the :class:`Acceptor` (the gRPC proxy), enforces the limits a
-public port needs (concurrent streams, header list size, CONTINUATION floods, rapid
-reset, control-frame floods, idle and handshake timeouts) by answering GOAWAY, and
-drains with GOAWAY on shutdown. :class:`GrpcListener` owns the listening socket and the
-one ticker that checks every connection's timeouts.
+HEADERS and hands it to the :class:`Acceptor` (the front that serves it: the gRPC proxy),
+enforces the limits a public port needs (concurrent streams, queued answers, header list
+size, CONTINUATION floods, rapid reset, control-frame floods, idle and handshake
+timeouts) by answering GOAWAY, and drains with GOAWAY on shutdown. :class:`H2Listener`
+owns a listening socket, its connections and the one ticker that checks their timeouts.
+Nothing here knows what the streams carry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections import deque
 from typing import Protocol
 
 from merlin_dp.gateway.h2 import frames as f
 from merlin_dp.gateway.h2.codec import Block, encode_field
-from merlin_dp.gateway.h2.connection import H2Connection, H2Limits, Stream, TokenBucket, log
+from merlin_dp.gateway.h2.connection import H2Connection, log
+from merlin_dp.gateway.h2.limits import H2Limits, TokenBucket
+from merlin_dp.gateway.h2.streams import RecentResets, Stream
 
 
 class Acceptor(Protocol):
+    """The front a listener's streams go to: a new request, and a request's trailers."""
+
     def accept(self, stream: Stream, block: Block, end_stream: bool) -> None: ...
 
     def trailers(self, stream: Stream, block: Block, end_stream: bool) -> None: ...
 
 
-# Stream ids we reset, remembered so their late frames are told from a misbehaving peer.
-RESET_IDS_KEPT = 1024
-
-
 class ServerConnection(H2Connection):
+    """One client's connection: a stream per request, within the limits."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         limits: H2Limits,
         acceptor: Acceptor,
-        listener: GrpcListener,
+        listener: H2Listener,
     ) -> None:
         super().__init__(loop, limits)
         self.acceptor = acceptor
@@ -48,8 +50,7 @@ class ServerConnection(H2Connection):
         self._first_frame_checked = False
         # Streams we reset or refused lately: their late HEADERS are ignored; any other
         # HEADERS on a used stream id is a connection error (RFC 9113 §5.1.1).
-        self._reset_ids: set[int] = set()
-        self._reset_order: deque[int] = deque()
+        self.reset_ids = RecentResets()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -135,7 +136,7 @@ class ServerConnection(H2Connection):
                 self._closed(stream)
             return
         if sid <= self.last_peer_stream:
-            if sid in self._reset_ids:
+            if sid in self.reset_ids:
                 return  # a stream we reset: the block only kept HPACK in step
             self.fail(f.PROTOCOL_ERROR, f"HEADERS on closed stream {sid}")
             return
@@ -150,7 +151,7 @@ class ServerConnection(H2Connection):
             or (self.blocked and self.queued_bytes() >= self.limits.queued_budget)
         ):
             self.send(f.rst_stream(sid, f.REFUSED_STREAM))
-            self.remember_reset(sid)
+            self.reset_ids.add(sid)
             return
         stream = Stream(self, sid, _NO_HANDLER)
         stream.remote_closed = end_stream
@@ -167,18 +168,9 @@ class ServerConnection(H2Connection):
         if not self.streams:
             self.close()
 
-    def remember_reset(self, sid: int) -> None:
-        ids = self._reset_ids
-        if sid in ids:
-            return
-        ids.add(sid)
-        self._reset_order.append(sid)
-        if len(self._reset_order) > RESET_IDS_KEPT:
-            ids.discard(self._reset_order.popleft())
-
     def reset_stream(self, stream: Stream, code: int) -> None:
         if self.streams.get(stream.id) is stream and not stream.remote_closed:
-            self.remember_reset(stream.id)
+            self.reset_ids.add(stream.id)
         super().reset_stream(stream, code)
 
     def peer_reset(self, stream: Stream) -> None:
@@ -202,7 +194,7 @@ class ServerConnection(H2Connection):
 
     def tick(self, now: float) -> None:
         lim = self.limits
-        if not self.settings_received and now - self.opened_at > lim.handshake_seconds:
+        if not self.peer_settings.received and now - self.opened_at > lim.handshake_seconds:
             self.fail(f.PROTOCOL_ERROR, "no connection preface in time")
         elif not self.streams and now - self.last_active > lim.idle_seconds:
             self.drain()
@@ -224,8 +216,9 @@ class _NoHandler:
 _NO_HANDLER = _NoHandler()
 
 
-class GrpcListener:
-    """The gRPC port of one worker."""
+class H2Listener:
+    """One listening socket of one worker (the gRPC port): its connections, their
+    timeouts, and the drain on shutdown."""
 
     TICK = 1.0
 

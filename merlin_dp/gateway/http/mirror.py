@@ -1,41 +1,40 @@
-"""Shadow traffic: copy a share of requests to a candidate version and compare answers.
+"""Mirroring on the HTTP front: copy a share of requests to a candidate version and
+compare the answers.
 
-A mirrored copy never delays or fails the primary. :meth:`Shadowing.launch` is called
+A mirrored copy never delays or fails the primary. :meth:`Mirroring.launch` is called
 with the primary's already-buffered body and a ready-made request head; it drops the
 copy (and counts why) when the body is over the size bound or too many copies are in
 flight. Otherwise the copy goes out on a pooled connection to the candidate and is
 driven by the connection's callbacks — no task, no future — unless a new connection
 must be opened first (then one task does the connect). When both answers are in (the
-handler reports the primary's through :meth:`Shadow.primary_done`), they are compared:
-status, then body — equal bytes, or JSON-aware (key order ignored, numbers equal within
-a relative tolerance). The client only ever sees the primary's answer.
+handler reports the primary's through :meth:`MirrorCopy.primary_done`), they are
+compared: status, then body (:func:`merlin_dp.gateway.compare.bodies_agree`). The client
+only ever sees the primary's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import math
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
 
-from merlin_dp.gateway.metrics import GatewayMetrics, ShadowStats
-from merlin_dp.gateway.pool.http1 import Upstream, UpstreamConnection, UpstreamError
+from merlin_dp.gateway.compare import bodies_agree
+from merlin_dp.gateway.metrics import GatewayMetrics, MirrorStats
+from merlin_dp.gateway.pool.http1 import Http1Pool, UpstreamConnection
+from merlin_dp.gateway.pool.upstream import Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.table import MirrorTarget
 
-log = logging.getLogger("merlin_dp.gateway.http.mirror")
-
 
 @dataclass(frozen=True, slots=True)
-class ShadowLimits:
+class MirrorLimits:
+    """Bounds on mirrored copies, per worker; the gRPC mirror takes the same ones."""
+
     max_in_flight: int = 128
-    max_body_bytes: int = 256 * 1024  # request copies and shadow answers alike
+    max_body_bytes: int = 256 * 1024  # request copies and the copies' answers alike
 
 
-class Shadow:
+class MirrorCopy:
     """One mirrored copy in flight, and the comparison once both answers are in."""
 
     __slots__ = (
@@ -49,7 +48,7 @@ class Shadow:
         "up",
     )
 
-    def __init__(self, owner: Shadowing, stats: ShadowStats, tolerance: float) -> None:
+    def __init__(self, owner: Mirroring, stats: MirrorStats, tolerance: float) -> None:
         self.owner = owner
         self.stats = stats
         self.tolerance = tolerance
@@ -106,7 +105,7 @@ class Shadow:
             up.record_failure()
         else:
             up.record_success()
-        up.release(conn)
+        self.owner.pool.release(conn)
         self.stats.latency.observe(perf_counter() - self.started)
         self.stats.count("sent", "")
         self.answer = (status, chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -127,21 +126,24 @@ class Shadow:
             stats.mismatch["body"] = stats.mismatch.get("body", 0) + 1
 
 
-class Shadowing:
-    """The worker's shadow sender: bounds and counters."""
+class Mirroring:
+    """The worker's sender of mirrored copies: bounds and counters."""
 
-    def __init__(self, metrics: GatewayMetrics, limits: ShadowLimits | None = None) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics, pool: Http1Pool, limits: MirrorLimits | None = None
+    ) -> None:
         self.metrics = metrics
-        self.limits = limits or ShadowLimits()
+        self.pool = pool
+        self.limits = limits or MirrorLimits()
         self.loop = asyncio.get_running_loop()
         self.in_flight = 0
         self._connecting: set[asyncio.Task[None]] = set()
 
     def launch(
         self, mirror: MirrorTarget, head: bytes, body: bytes | None, silence: float
-    ) -> Shadow | None:
+    ) -> MirrorCopy | None:
         target = mirror.version
-        stats = self.metrics.shadow(target.project, target.model, target.version)
+        stats = self.metrics.mirror(target.project, target.model, target.version)
         if body is None or len(body) > self.limits.max_body_bytes:
             stats.count("dropped", "body_too_large")
             return None
@@ -152,57 +154,32 @@ class Shadowing:
         if up is None:
             stats.count("error", "no_replica")
             return None
-        shadow = Shadow(self, stats, mirror.relative_tolerance)
+        copy = MirrorCopy(self, stats, mirror.relative_tolerance)
         self.in_flight += 1
         data = head + body if body else head
-        conn = up.take_idle()
+        conn = self.pool.take_idle(up)
         if conn is not None:
-            shadow.send(up, conn, data, silence)
+            copy.send(up, conn, data, silence)
         else:
-            task = self.loop.create_task(self._connect_and_send(shadow, up, data, silence))
+            task = self.loop.create_task(self._connect_and_send(copy, up, data, silence))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
-        return shadow
+        return copy
 
     async def _connect_and_send(
-        self, shadow: Shadow, up: Upstream, data: bytes, silence: float
+        self, copy: MirrorCopy, up: Upstream, data: bytes, silence: float
     ) -> None:
         try:
-            conn = await up.connect()
+            conn = await self.pool.connect(up)
         except UpstreamError as exc:
             up.record_failure()
             self.in_flight -= 1
-            shadow.stats.count("error", exc.kind)
+            copy.stats.count("error", exc.kind)
             return
-        shadow.send(up, conn, data, silence)
+        copy.send(up, conn, data, silence)
 
     async def close(self) -> None:
         for task in list(self._connecting):
             task.cancel()
         if self._connecting:
             await asyncio.gather(*self._connecting, return_exceptions=True)
-
-
-def bodies_agree(a: bytes, b: bytes, rel_tol: float) -> bool:
-    """JSON-aware equality: key order ignored, numbers within ``rel_tol``; else bytes."""
-    if a == b:
-        return True
-    try:
-        left, right = json.loads(a), json.loads(b)
-    except ValueError:
-        return False
-    return json_agree(left, right, rel_tol)
-
-
-def json_agree(a: Any, b: Any, rel_tol: float) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return a == b or math.isclose(a, b, rel_tol=rel_tol, abs_tol=0.0)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_agree(a[k], b[k], rel_tol) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(
-            json_agree(x, y, rel_tol) for x, y in zip(a, b, strict=True)
-        )
-    return bool(a == b)

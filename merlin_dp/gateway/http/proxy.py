@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -35,7 +36,7 @@ from aiohttp.web_request import BaseRequest
 
 from merlin_dp.gateway.activation import ActivationRefused, Activator
 from merlin_dp.gateway.errors import error_response
-from merlin_dp.gateway.http.mirror import Shadowing, ShadowLimits
+from merlin_dp.gateway.http.mirror import Mirroring, MirrorLimits
 from merlin_dp.gateway.http.relay import (
     PLAIN_CONNECTION,
     RESPONSE_SKIP,
@@ -45,13 +46,8 @@ from merlin_dp.gateway.http.relay import (
     relay,
 )
 from merlin_dp.gateway.metrics import GatewayMetrics
-from merlin_dp.gateway.pool.http1 import (
-    ClientSideError,
-    Upstream,
-    UpstreamConnection,
-    UpstreamError,
-    UpstreamStats,
-)
+from merlin_dp.gateway.pool.http1 import Http1Pool, UpstreamConnection
+from merlin_dp.gateway.pool.upstream import ClientSideError, Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (
@@ -113,17 +109,18 @@ class Proxy:
     def __init__(
         self,
         metrics: GatewayMetrics,
-        upstream_stats: UpstreamStats,
+        pool: Http1Pool,
         limits: ProxyLimits | None = None,
-        shadow_limits: ShadowLimits | None = None,
+        mirror_limits: MirrorLimits | None = None,
     ) -> None:
         self.table: RouteTable = EMPTY_TABLE
         self.metrics = metrics
-        self.upstream_stats = upstream_stats
+        self.pool = pool
+        self.upstream_stats = pool.stats
         self.limits = limits or ProxyLimits()
         self.request_ids = RequestIds()
         self.loop = asyncio.get_running_loop()
-        self.shadowing = Shadowing(metrics, shadow_limits)
+        self.mirroring = Mirroring(metrics, pool, mirror_limits)
         self.activator: Activator | None = None
         self.grpc_port: int | None = None  # where UPI_V1 endpoints are served, if anywhere
 
@@ -168,13 +165,13 @@ class Proxy:
             if mirror is None:
                 resp = await self._forward(request, version, policy, path, authority=authority)
             else:
-                shadow_path = original
+                mirror_path = original
                 if kind is not None:
-                    shadow_path = mirror.version.rewritten[kind] + (
+                    mirror_path = mirror.version.rewritten[kind] + (
                         path[path.find("?") :] if query >= 0 else ""
                     )
                 resp = await self._mirrored(
-                    request, version, policy, path, mirror, shadow_path, authority
+                    request, version, policy, path, mirror, mirror_path, authority
                 )
         except (ConnectionError, asyncio.CancelledError):
             # The client left; nginx's 499 says so in the metrics.
@@ -247,10 +244,10 @@ class Proxy:
         policy: RoutePolicy,
         path: str,
         mirror: MirrorTarget,
-        shadow_path: str,
+        mirror_path: str,
         authority: str | None,
     ) -> web.StreamResponse:
-        """The primary exchange, with a copy sent to the shadow version beside it."""
+        """The primary exchange, with a copy sent to the mirror version beside it."""
         body: bytes | None = b""
         if request.body_exists:
             length = request.content_length
@@ -262,25 +259,26 @@ class Proxy:
                 body = None  # streams: can't be copied, counted as dropped
         if body is None:
             head = None
-            shadow = self.shadowing.launch(mirror, b"", None, policy.timeout)
+            copy = self.mirroring.launch(mirror, b"", None, policy.timeout)
         else:
             head = self._request_head(request, path, False, authority)
-            # The copy's head is the primary's with its own request line and a marker.
+            # The copy's head is the primary's with its own request line and a marker (the
+            # replica-facing header keeps its name).
             line_end = head[0].index(b"\r\n") + 2
-            shadow_head = (
-                f"{request.method} {shadow_path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+            copy_head = (
+                f"{request.method} {mirror_path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
                 + head[0][line_end:-2]
                 + b"X-Shadow-Request: 1\r\n\r\n"
             )
-            shadow = self.shadowing.launch(mirror, shadow_head, body, policy.timeout)
-        if shadow is None:
+            copy = self.mirroring.launch(mirror, copy_head, body, policy.timeout)
+        if copy is None:
             return await self._forward(request, version, policy, path, body, head, authority)
         try:
             resp = await self._forward(request, version, policy, path, body, head, authority)
         except BaseException:
-            shadow.primary_done(-1, None)
+            copy.primary_done(-1, None)
             raise
-        shadow.primary_done(resp.status, response_body(resp))
+        copy.primary_done(resp.status, response_body(resp))
         return resp
 
     def _continue(self, request: BaseRequest, length: int | None) -> None:
@@ -340,9 +338,9 @@ class Proxy:
             status, message, code=code, retry_after=retry_after, headers=extra, close=close
         )
 
-    # --- forwarding ---------------------------------------------------------------
+    # --- forwarding: the body policy, activation, the exchange with retries ---------
 
-    async def _forward(
+    def _forward(
         self,
         request: BaseRequest,
         version: VersionTarget,
@@ -351,8 +349,21 @@ class Proxy:
         preread: bytes | None = None,
         prebuilt: tuple[bytes, bytes] | None = None,
         authority: str | None = None,
-    ) -> web.StreamResponse:
-        limits = self.limits
+    ) -> Awaitable[web.StreamResponse]:
+        """The answer to ``request`` from ``version``, to be awaited, by the body policy.
+
+        A body framed in a way that can't go on, or over the size limit, is refused; a
+        small one is read whole (one write with the head, and replayable); a larger or
+        chunked one streams. ``Expect: 100-continue`` is answered first for a body not
+        read yet; ``preread`` is a body :meth:`_mirrored` has read already, ``prebuilt``
+        its head.
+
+        Not a coroutine itself: when the body is in hand (or there is none) and the
+        version has a replica, as nearly always, it hands back :meth:`_send`'s coroutine,
+        so a request awaits no more than the exchange. A body still on its way
+        (:meth:`_read_then_forward`) and a version without a replica
+        (:meth:`_activate_then_send`) are waited for first.
+        """
         body: bytes | None = b""  # None: the body streams and can't be replayed
         chunked = False
         if request.body_exists:
@@ -362,43 +373,75 @@ class Proxy:
             if length is None:
                 refused = _unforwardable_framing(request)
                 if refused is not None:
-                    return self._error(request, refused[0], refused[1], close=True)
+                    return _answered(self._error(request, refused[0], refused[1], close=True))
                 chunked = True
                 body = None
-            elif length > limits.max_body_bytes:
-                return self._error(
-                    request,
-                    413,
-                    f"request body of {length} bytes is over the limit of "
-                    f"{limits.max_body_bytes} bytes",
-                    close=True,
-                )
+            elif length > self.limits.max_body_bytes:
+                return _answered(self._too_large(request, length))
             elif preread is not None:
                 body = preread
-            elif length <= limits.buffer_body_bytes:
+            elif length > self.limits.buffer_body_bytes:
+                body = None
+            else:
                 content = request.content
+                if not content.is_eof():
+                    return self._read_then_forward(request, version, policy, path, authority)
                 # Small bodies have usually arrived with the head: take them without the
                 # coroutine chain of read().
-                body = content.read_nowait() if content.is_eof() else await request.read()
-            else:
-                body = None
+                body = content.read_nowait()
         head, request_id = prebuilt or self._request_head(request, path, chunked, authority)
-        upstreams = version.upstreams
-        if not upstreams and version.scale_to_zero and self.activator is not None:
+        if not version.upstreams:
+            return self._activate_then_send(
+                request, version, policy, head, body, chunked, request_id
+            )
+        return self._send(request, version, policy, head, body, chunked, request_id)
+
+    def _too_large(self, request: BaseRequest, length: int) -> web.Response:
+        limit = self.limits.max_body_bytes
+        return self._error(
+            request,
+            413,
+            f"request body of {length} bytes is over the limit of {limit} bytes",
+            close=True,
+        )
+
+    async def _read_then_forward(
+        self,
+        request: BaseRequest,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        path: str,
+        authority: str | None,
+    ) -> web.StreamResponse:
+        """:meth:`_forward`, once a body small enough to buffer has all arrived."""
+        body = await request.read()
+        return await self._forward(request, version, policy, path, body, None, authority)
+
+    async def _activate_then_send(
+        self,
+        request: BaseRequest,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        head: bytes,
+        body: bytes | None,
+        chunked: bool,
+        request_id: bytes,
+    ) -> web.StreamResponse:
+        """The exchange for a version without a ready replica: the request waits while
+        the version starts from zero, if its route allows that; else 503."""
+        if version.scale_to_zero and self.activator is not None:
             try:
                 version = await self.activator.activate(version)
             except ActivationRefused as exc:
-                version_header = {"X-Model-Version": version.version_header}
                 return self._error(
                     request,
                     503,
                     str(exc),
                     request_id=request_id,
                     retry_after=1,
-                    headers=version_header,
+                    headers={"X-Model-Version": version.version_header},
                 )
-            upstreams = version.upstreams
-        if not upstreams:
+        if not version.upstreams:
             return self._error(
                 request,
                 503,
@@ -407,8 +450,30 @@ class Proxy:
                 retry_after=1,
                 headers={"X-Model-Version": version.version_header},
             )
-        replayable = body is not None and (policy.idempotent or request.method in SAFE_METHODS)
+        return await self._send(request, version, policy, head, body, chunked, request_id)
+
+    async def _send(
+        self,
+        request: BaseRequest,
+        version: VersionTarget,
+        policy: RoutePolicy,
+        head: bytes,
+        body: bytes | None,
+        chunked: bool,
+        request_id: bytes,
+    ) -> web.StreamResponse:
+        """The exchange with a replica of ``version``, and another after a failure, as
+        far as the route's retries allow and the request can be sent again.
+
+        A request is sent again when its body was read whole and its method or route is
+        idempotent, or when the replica provably never read it. A pooled connection the
+        replica had closed costs a free retry on a fresh one; each replica tried is left
+        out of the next choice.
+        """
+        upstreams = version.upstreams
+        pool = self.pool
         ustats = self.upstream_stats
+        replayable = body is not None and (policy.idempotent or request.method in SAFE_METHODS)
         tried: list[Upstream] | None = None
         failure: UpstreamError | None = None
         retries_left = policy.retries
@@ -416,11 +481,11 @@ class Proxy:
         up = choose(upstreams)
         fresh = False
         while up is not None:
-            conn = None if fresh else up.take_idle()
+            conn = None if fresh else pool.take_idle(up)
             fresh = False
             if conn is None:
                 try:
-                    conn = await up.connect()
+                    conn = await pool.connect(up)
                 except UpstreamError as exc:
                     up.record_failure()
                     ustats.error(exc.kind)
@@ -451,14 +516,7 @@ class Proxy:
                 ustats.error(exc.kind)
                 up.record_failure()
                 if exc.kind == "timeout":
-                    return self._error(
-                        request,
-                        504,
-                        f"version endpoint {version.full_name} did not answer within "
-                        f"{policy.timeout:g} s",
-                        request_id=request_id,
-                        headers={"X-Model-Version": version.version_header},
-                    )
+                    return self._timed_out(request, version, policy, request_id)
                 failure = exc
                 if not (replayable or (exc.unread and body is not None)) or retries_left == 0:
                     break
@@ -472,6 +530,18 @@ class Proxy:
             request,
             502,
             f"version endpoint {version.full_name} failed: {_client_reason(failure)}",
+            request_id=request_id,
+            headers={"X-Model-Version": version.version_header},
+        )
+
+    def _timed_out(
+        self, request: BaseRequest, version: VersionTarget, policy: RoutePolicy, request_id: bytes
+    ) -> web.Response:
+        """504: the replica was silent for the route's whole timeout."""
+        return self._error(
+            request,
+            504,
+            f"version endpoint {version.full_name} did not answer within {policy.timeout:g} s",
             request_id=request_id,
             headers={"X-Model-Version": version.version_header},
         )
@@ -582,7 +652,7 @@ class Proxy:
             up.record_failure()
         else:
             up.record_success()
-        up.release(conn)
+        self.pool.release(conn)
 
     async def _send_body(
         self, request: BaseRequest, conn: UpstreamConnection, chunked: bool, exchange: int
@@ -744,3 +814,8 @@ def _response_headers(
     out.append(("X-Model-Version", version_header))
     out.append(("X-Request-Id", request_id.decode("latin-1")))
     return out
+
+
+async def _answered(resp: web.StreamResponse) -> web.StreamResponse:
+    """An answer already made, as the awaitable :meth:`Proxy._forward` hands back."""
+    return resp

@@ -71,7 +71,7 @@ class RelayedResponse(web.StreamResponse):
         # No super().__init__(): that builds the header multidict we exist to avoid.
         self._relay_status = status
         self._data = data
-        self.payload = payload  # the body alone, for shadow comparison
+        self.payload = payload  # the body alone, for the mirror's comparison
         self._keep_alive = keep_alive
 
     @property

@@ -14,8 +14,10 @@ import contextlib
 
 from merlin_dp.gateway.h2 import frames as f
 from merlin_dp.gateway.h2.codec import Block
-from merlin_dp.gateway.h2.connection import H2Connection, H2Limits, Stream, StreamHandler
-from merlin_dp.gateway.pool.http1 import (
+from merlin_dp.gateway.h2.connection import H2Connection
+from merlin_dp.gateway.h2.limits import H2Limits
+from merlin_dp.gateway.h2.streams import Stream, StreamHandler
+from merlin_dp.gateway.pool.upstream import (
     PoolLimits,
     Upstream,
     UpstreamError,
@@ -32,8 +34,9 @@ IDLE_SECONDS = 60.0
 
 
 class UpstreamH2(H2Connection):
-    credit_on_receipt = True
+    """One h2c connection to a replica: streams we open, answered by the replica."""
 
+    credit_on_receipt = True
     client_side = True
 
     def __init__(
@@ -57,7 +60,7 @@ class UpstreamH2(H2Connection):
             not self.closed
             and not self.draining
             and not self.goaway_received
-            and len(self.streams) < self.peer_max_streams
+            and len(self.streams) < self.peer_settings.max_streams
         )
 
     def open_stream(self, handler: StreamHandler, block: bytes, end_stream: bool) -> Stream:
@@ -98,6 +101,8 @@ class UpstreamH2(H2Connection):
 
 
 class UpstreamPool:
+    """The worker's h2c connections, per replica (:class:`Upstream`)."""
+
     def __init__(
         self, loop: asyncio.AbstractEventLoop, limits: PoolLimits, stats: UpstreamStats
     ) -> None:

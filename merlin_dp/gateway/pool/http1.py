@@ -1,244 +1,97 @@
-"""Replicas as the gateway sees them: keep-alive connection pools and health state.
+"""The HTTP/1.1 connection pool: keep-alive connections to replicas, and the lean client.
 
-Each :class:`Upstream` is one replica address. It owns a pool of idle HTTP/1.1
-connections, the count of requests outstanding on it (for least-outstanding choice),
-and its passive outlier-ejection state. Upstreams outlive route tables: the
-:class:`UpstreamRegistry` hands the same object to every table that names the address,
-so pools and counts carry across a table swap, and an address that leaves the table
-drains (no new requests; its connections close once idle).
+:class:`Http1Pool` is the worker's pool for the HTTP front: idle connections kept per
+replica (:class:`~merlin_dp.gateway.pool.upstream.Upstream`) for reuse, the clock of
+the exchanges in flight on them, and the expiry of connections idle too long. A replica
+that drains loses its idle connections at once, and the busy ones close when they end.
 
 :class:`UpstreamConnection` is the lean client: an asyncio protocol with an httptools
 response parser. It never creates a task; the request handler awaits a single future
-per state change, and timeouts are loop timers, not ``wait_for``.
+per state change, and timeouts are the pool's ticker, not ``wait_for``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TypeVar, cast
+from collections.abc import Callable
+from typing import cast
 
 import httptools
 
-from merlin_dp.common.aio import raise_if_cancelling
+from merlin_dp.gateway.pool.upstream import (
+    ClientSideError,
+    PoolLimits,
+    Upstream,
+    UpstreamError,
+    UpstreamStats,
+    connect_to,
+)
 
 # Response body bytes buffered from an upstream before we stop reading from it; the
 # client side drains it. This bounds the gateway's memory per streamed response.
 READ_HIGH_WATER = 256 * 1024
 
 
-class UpstreamError(Exception):
-    """An exchange with a replica failed; ``kind`` names how, for metrics and retry.
+class Http1Pool:
+    """The worker's HTTP/1.1 connections to replicas.
 
-    ``unread`` marks a reset that proves the replica never read the request: the kernel
-    answers with RST, before any response byte, only when the replica's socket is gone
-    or is closed with our bytes still unread (a replica that read the request and then
-    died closes with FIN instead). Such a request is safe to send elsewhere.
+    Idle connections are kept per replica, newest last, so the ones idle longest are
+    first to expire. Exchanges in flight register in ``busy`` with a deadline, and one
+    ticker (every ``TICK`` seconds) times out the late ones and closes pooled connections
+    idle too long: a timer per request would cost more than the rest of the bookkeeping
+    together.
     """
 
-    def __init__(self, kind: str, message: str, unread: bool = False) -> None:
-        super().__init__(message)
-        self.kind = kind  # connect | reset | protocol | timeout
-        self.unread = unread
+    __slots__ = ("_ticker", "_ticks", "busy", "idle", "limits", "loop", "stats")
 
-
-class ClientSideError(UpstreamError):
-    """The exchange failed because of the client (body too large, stalled, gone).
-
-    The replica is not to blame: no ejection, no upstream error metric; ``status`` is
-    what the client is told (413, 408, or 499 when it is gone).
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__("client", message)
-        self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class PoolLimits:
-    max_idle: int = 64
-    # Below the keep-alive timeout of common servers (uvicorn 5 s, aiohttp 75 s, nginx
-    # 75 s): a pooled connection closed by the replica while idle is a request lost to
-    # a race, so we let go of idle connections first.
-    idle_seconds: float = 4.0
-    connect_timeout: float = 3.0
-    # Passive outlier ejection, in the spirit of Envoy's consecutive_5xx detector.
-    eject_after: int = 5
-    eject_base_seconds: float = 5.0
-    eject_max_seconds: float = 120.0
-    # A replica's response head (with any 1xx heads before it) is refused 502 past these,
-    # and its connection dropped: without a bound, a replica streaming one endless header
-    # grows the parser's buffer until the gateway runs out of memory. Envoy's defaults
-    # (60 KiB, 100 headers) in round numbers; nginx's proxy_buffer_size (4-8 KiB) is
-    # tighter than model servers' heads need.
-    max_head_bytes: int = 64 * 1024
-    max_headers: int = 100
-
-
-_P = TypeVar("_P", bound=asyncio.BaseProtocol)
-
-
-async def connect_to(up: Upstream, protocol: Callable[[], _P], limit_s: float) -> _P:
-    """A connection to the replica within ``limit_s``; UpstreamError("connect") if not.
-    Shared by the HTTP upstream pool and the gRPC one."""
-    try:
-        async with asyncio.timeout(limit_s):
-            _, conn = await asyncio.get_running_loop().create_connection(protocol, up.host, up.port)
-    except TimeoutError:
-        raise_if_cancelling()
-        raise UpstreamError("connect", f"connect to {up.address} timed out") from None
-    except OSError as exc:
-        raise UpstreamError(
-            "connect", f"connect to {up.address} failed: {exc.strerror or exc}"
-        ) from None
-    return conn
-
-
-class Upstream:
-    """One replica address: its connection pool, load and health."""
-
-    __slots__ = (
-        "address",
-        "draining",
-        "ejected",
-        "ejections",
-        "failures",
-        "host",
-        "idle",
-        "limits",
-        "loop",
-        "outstanding",
-        "port",
-        "registry_busy",
-        "stats",
-    )
+    TICK = 0.05
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        loop: asyncio.AbstractEventLoop,
-        limits: PoolLimits,
-        stats: UpstreamStats,
-        busy: set[UpstreamConnection],
+        self, loop: asyncio.AbstractEventLoop, limits: PoolLimits, stats: UpstreamStats
     ) -> None:
-        self.host = host
-        self.port = port
-        self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.loop = loop
         self.limits = limits
         self.stats = stats
-        self.registry_busy = busy  # exchanges on the clock (see UpstreamRegistry)
-        self.idle: list[UpstreamConnection] = []
-        self.outstanding = 0
-        self.failures = 0  # consecutive connect errors, resets and 5xx
-        self.ejected = False
-        self.ejections = 0  # consecutive ejections, for the back-off
-        self.draining = False
+        self.idle: dict[Upstream, list[UpstreamConnection]] = {}
+        self.busy: set[UpstreamConnection] = set()  # exchanges on the clock
+        self._ticks = 0
+        self._ticker: asyncio.TimerHandle | None = loop.call_later(self.TICK, self._tick)
 
-    def take_idle(self) -> UpstreamConnection | None:
-        idle = self.idle
+    def take_idle(self, up: Upstream) -> UpstreamConnection | None:
+        idle = self.idle.get(up)
         while idle:
             conn = idle.pop()
             if conn.usable():
                 return conn
         return None
 
-    async def connect(self) -> UpstreamConnection:
-        loop = self.loop
+    async def connect(self, up: Upstream) -> UpstreamConnection:
+        idle = self.idle.get(up)
+        if idle is None:
+            idle = self.idle[up] = []
         return await connect_to(
-            self, lambda: UpstreamConnection(self, loop), self.limits.connect_timeout
+            up, lambda: UpstreamConnection(self, up, idle), self.limits.connect_timeout
         )
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Return a finished connection to the pool, or close it."""
-        if conn.reusable() and not self.draining and len(self.idle) < self.limits.max_idle:
+        """Return a finished connection to its replica's idle list, or close it."""
+        idle = conn.idle_list
+        if conn.reusable() and not conn.upstream.draining and len(idle) < self.limits.max_idle:
             conn.idle_since = self.loop.time()
-            self.idle.append(conn)
+            idle.append(conn)
         else:
             conn.close()
 
-    def close_idle_since(self, cutoff: float) -> None:
-        """Close pooled connections idle since before ``cutoff`` (oldest are first)."""
-        idle = self.idle
-        stale = 0
-        while stale < len(idle) and idle[stale].idle_since < cutoff:
-            idle[stale].close()
-            stale += 1
-        if stale:
-            del idle[:stale]
-
-    def record_success(self) -> None:
-        if self.failures:
-            self.failures = 0
-            self.ejections = 0  # the back-off counts consecutive ejections only
-
-    def record_failure(self) -> None:
-        self.failures += 1
-        if not self.ejected and self.failures >= self.limits.eject_after:
-            self._eject()
-
-    def _eject(self) -> None:
-        limits = self.limits
-        self.ejected = True
-        self.ejections += 1
-        self.stats.ejections += 1
-        seconds = min(limits.eject_base_seconds * self.ejections, limits.eject_max_seconds)
-        self.loop.call_later(seconds, self._readmit)
-
-    def _readmit(self) -> None:
-        # Back in rotation on probation: one more failure streak ejects it for longer;
-        # a success clears the streak and the back-off.
-        self.ejected = False
-        self.failures = self.limits.eject_after - 1 if self.ejections else 0
-
-    def drain(self) -> None:
-        """Leave rotation: no new requests, idle connections closed now."""
-        self.draining = True
-        idle, self.idle = self.idle, []
-        for conn in idle:
-            conn.close()
-
-
-class UpstreamStats:
-    """Gateway-wide upstream counters, shared by every Upstream (one worker)."""
-
-    __slots__ = ("connects", "ejections", "errors", "retries")
-
-    def __init__(self) -> None:
-        self.connects = 0
-        self.ejections = 0
-        self.retries = 0
-        self.errors: dict[str, int] = {}
-
-    def error(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-
-
-class UpstreamRegistry:
-    """The one Upstream object per address, shared by every route table that names it.
-
-    It also keeps the worker's clock for connections: exchanges in flight register in
-    ``busy`` with a deadline, and one ticker (every ``TICK`` seconds) times out the late
-    ones and closes pooled connections idle too long. A timer per request would cost
-    more than the rest of the bookkeeping together.
-    """
-
-    TICK = 0.05
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, limits: PoolLimits) -> None:
-        self._loop = loop
-        self._limits = limits
-        self._by_address: dict[tuple[str, int], Upstream] = {}
-        self.stats = UpstreamStats()
-        self.busy: set[UpstreamConnection] = set()
-        self._ticks = 0
-        self._ticker: asyncio.TimerHandle | None = loop.call_later(self.TICK, self._tick)
+    def drop(self, up: Upstream) -> None:
+        """Close the idle connections to a replica that drains (a registry drain listener)."""
+        idle = self.idle.pop(up, None)
+        if idle:
+            for conn in idle:
+                conn.close()
 
     def _tick(self) -> None:
-        now = self._loop.time()
+        now = self.loop.time()
         # A paused reader is waiting on a slow client, not on the replica.
         late = [c for c in self.busy if c.deadline <= now and not c.read_paused]
         for conn in late:
@@ -246,34 +99,30 @@ class UpstreamRegistry:
             conn.time_out()
         self._ticks += 1
         if self._ticks % 20 == 0:
-            cutoff = now - self._limits.idle_seconds
-            for up in self._by_address.values():
-                up.close_idle_since(cutoff)
-        self._ticker = self._loop.call_later(self.TICK, self._tick)
+            self._close_idle_since(now - self.limits.idle_seconds)
+        self._ticker = self.loop.call_later(self.TICK, self._tick)
 
-    def get(self, host: str, port: int) -> Upstream:
-        key = (host, port)
-        up = self._by_address.get(key)
-        if up is None or up.draining:
-            up = Upstream(host, port, self._loop, self._limits, self.stats, self.busy)
-            self._by_address[key] = up
-        return up
-
-    def retain(self, keep: Iterable[Upstream]) -> None:
-        """Drain every upstream not in ``keep`` (called after a table swap)."""
-        wanted = {id(u) for u in keep}
-        for key, up in list(self._by_address.items()):
-            if id(up) not in wanted:
-                up.drain()
-                del self._by_address[key]
+    def _close_idle_since(self, cutoff: float) -> None:
+        """Close pooled connections idle since before ``cutoff`` (oldest are first)."""
+        for up, idle in list(self.idle.items()):
+            if up.draining:
+                # Made by a connect that began before the replica drained: its connections
+                # close as they come back, and the entry goes here.
+                self.drop(up)
+                continue
+            stale = 0
+            while stale < len(idle) and idle[stale].idle_since < cutoff:
+                idle[stale].close()
+                stale += 1
+            if stale:
+                del idle[:stale]
 
     def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        for up in self._by_address.values():
-            up.drain()
-        self._by_address.clear()
+        for up in list(self.idle):
+            self.drop(up)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -293,12 +142,14 @@ class UpstreamConnection(asyncio.Protocol):
         "head_done",
         "head_room",
         "headers",
+        "idle_list",
         "idle_since",
         "keep_alive",
         "listener",
         "loop",
         "no_body",
         "parser",
+        "pool",
         "read_paused",
         "status",
         "timeout",
@@ -311,9 +162,13 @@ class UpstreamConnection(asyncio.Protocol):
         "write_waiter",
     )
 
-    def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, pool: Http1Pool, upstream: Upstream, idle_list: list[UpstreamConnection]
+    ) -> None:
+        self.pool = pool
         self.upstream = upstream
-        self.loop = loop
+        self.idle_list = idle_list  # where it waits between exchanges (see Http1Pool)
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -325,7 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
         self.waiter: asyncio.Future[None] | None = None
-        # A callback-driven user (a shadow copy) is called at every state change instead
+        # A callback-driven user (a mirrored copy) is called at every state change instead
         # of awaiting a future.
         self.listener: Callable[[], None] | None = None
         self.read_paused = False
@@ -336,7 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.head_done = False
-        self.head_room = self.upstream.limits.max_head_bytes  # response head bytes still allowed
+        self.head_room = self.pool.limits.max_head_bytes  # response head bytes still allowed
         self.complete = False
         self.got_bytes = False
         self.no_body = False
@@ -397,7 +252,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.body_sent = body_sent
         self.timeout = timeout
         self.deadline = self.loop.time() + timeout
-        self.upstream.registry_busy.add(self)
+        self.pool.busy.add(self)
         if self.closed:
             # Closed by the replica after we took it: nothing was sent, fail fast.
             self.error = UpstreamError("reset", "the replica closed the connection", unread=True)
@@ -407,7 +262,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def finish(self) -> None:
-        self.upstream.registry_busy.discard(self)
+        self.pool.busy.discard(self)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -465,7 +320,7 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.upstream.stats.connects += 1
+        self.pool.stats.connects += 1
 
     def data_received(self, data: bytes) -> None:
         if self.complete or not self.used:
@@ -494,7 +349,7 @@ class UpstreamConnection(asyncio.Protocol):
         # within it (then it is body). Slices of a view: nothing copied.
         self.parser.feed_data(data[:room])
         if not self.head_done:
-            limit = self.upstream.limits.max_head_bytes
+            limit = self.pool.limits.max_head_bytes
             self.fail(UpstreamError("protocol", f"response head over {limit} bytes"))
             return
         self.parser.feed_data(data[room:])
@@ -563,8 +418,8 @@ class UpstreamConnection(asyncio.Protocol):
             # 101 would hand us another protocol; outside 100-599 is no HTTP status.
             self.fail(UpstreamError("protocol", f"the replica answered status {status}"))
             return
-        if len(self.headers) > self.upstream.limits.max_headers:
-            limit = self.upstream.limits.max_headers
+        if len(self.headers) > self.pool.limits.max_headers:
+            limit = self.pool.limits.max_headers
             self.fail(UpstreamError("protocol", f"response head with over {limit} headers"))
             return
         self.status = status

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from merlin_dp.gateway.pool.http1 import Upstream
+from merlin_dp.gateway.pool.upstream import Upstream
 
 
 def choose(

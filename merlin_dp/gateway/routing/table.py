@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from merlin_dp.gateway.metrics import CHOSEN_MATCH, CHOSEN_STICKY, CHOSEN_WEIGHT, VersionStats
-from merlin_dp.gateway.pool.http1 import Upstream, UpstreamRegistry
+from merlin_dp.gateway.pool.upstream import Upstream, UpstreamRegistry
 from merlin_dp.spec.endpoints import ModelEndpointSpec
 from merlin_dp.spec.routes import RouteTableSpec, parse_address
 from merlin_dp.spec.rule import full_name
