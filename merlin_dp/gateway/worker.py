@@ -24,7 +24,7 @@ from merlin_dp.common.net import bind_socket
 from merlin_dp.gateway.activation import Activator, HttpPoke
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.grpc.proxy import GrpcProxy
-from merlin_dp.gateway.h2.server import H2Listener as GrpcListener
+from merlin_dp.gateway.h2.server import H2Listener
 from merlin_dp.gateway.http.proxy import Proxy
 from merlin_dp.gateway.http.server import GatewayHttpServer
 from merlin_dp.gateway.metrics import GatewayMetrics
@@ -56,10 +56,10 @@ class GatewayWorker:
         self.activator = Activator(self.metrics, config.activation, self.poke)
         self.proxy.activator = self.activator
         self.grpc: GrpcProxy | None = None
-        self.grpc_listener: GrpcListener | None = None
+        self.grpc_listener: H2Listener | None = None
         if config.grpc_port is not None:
             self.grpc = GrpcProxy(self.metrics, config.pool, self.activator)
-            self.grpc_listener = GrpcListener(self.grpc)
+            self.grpc_listener = H2Listener(self.grpc)
         self.grpc_port = config.grpc_port
         self.signals = SignalRecorder(self.metrics.versions)
         # With Redis, signals are pushed too: an autoscaler needn't know every gateway.
