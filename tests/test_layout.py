@@ -107,6 +107,31 @@ def test_imports_run_only_down_the_table() -> None:
     assert not wrong, "\n".join(sorted(wrong))
 
 
+# Inside the gateway: the two fronts meet only in what they share at the gateway's root
+# (routing, pools, activation, metrics, mirror); HTTP/2 framing knows nothing of gRPC.
+GATEWAY_APART = {
+    "http": {"grpc", "h2"},
+    "grpc": {"http"},
+    "h2": {"grpc", "http"},
+    "routing": {"grpc", "http", "h2"},
+    "pool": {"grpc", "http"},
+}
+
+
+def test_the_gateways_fronts_import_only_what_they_share() -> None:
+    prefix = f"{PACKAGE}.gateway."
+    wrong = []
+    for module, targets in graph().items():
+        if not module.startswith(prefix):
+            continue
+        here = module.removeprefix(prefix).split(".")[0]
+        for target in targets:
+            there = target.removeprefix(prefix).split(".")[0]
+            if target.startswith(prefix) and there in GATEWAY_APART.get(here, set()):
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
 def test_no_import_circles() -> None:
     edges = graph()
     # Tarjan's strongly connected components: any with two or more modules is a circle.

@@ -41,6 +41,14 @@ PerVersion = TypeVar("PerVersion")
 COLD_START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 
+# The unrouted status counted for a request on the wrong front. An HTTP request for a
+# UPI_V1 (gRPC) endpoint gets 400, as gRPC servers answer HTTP/1.1 themselves (grpc-go:
+# "gRPC requires HTTP/2"): no retry or other replica can serve it as sent. Not 426, which
+# promises an Upgrade on this same connection (we have none), nor 421, which tells
+# clients to retry on another connection. The gRPC front counts its refusals alike.
+WRONG_PROTOCOL = 400
+
+
 class CodeStats:
     """One series' observations: how many, their sum, and a count per bucket."""
 

@@ -19,12 +19,11 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
-from merlin_dp.gateway.compare import json_agree
 from merlin_dp.gateway.h2.codec import Block
 from merlin_dp.gateway.h2.frames import CANCEL
 from merlin_dp.gateway.h2.streams import Stream
-from merlin_dp.gateway.http.mirror import MirrorLimits
 from merlin_dp.gateway.metrics import GatewayMetrics, MirrorStats
+from merlin_dp.gateway.mirror import MirrorLimits, json_agree
 from merlin_dp.gateway.pool.h2 import UpstreamPool
 from merlin_dp.gateway.pool.upstream import Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose

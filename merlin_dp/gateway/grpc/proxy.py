@@ -44,10 +44,10 @@ from merlin_dp.gateway.grpc.status import (
 from merlin_dp.gateway.h2 import frames as f
 from merlin_dp.gateway.h2.codec import Block, encode_field
 from merlin_dp.gateway.h2.streams import CONNECTION_LOST, Stream
-from merlin_dp.gateway.http.proxy import WRONG_PROTOCOL, RequestIds
-from merlin_dp.gateway.metrics import CHOSEN_DIRECT, GatewayMetrics, VersionStats
+from merlin_dp.gateway.metrics import CHOSEN_DIRECT, WRONG_PROTOCOL, GatewayMetrics, VersionStats
 from merlin_dp.gateway.pool.h2 import UpstreamPool
 from merlin_dp.gateway.pool.upstream import PoolLimits, Upstream, UpstreamError
+from merlin_dp.gateway.request_ids import RequestIds
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (

@@ -8,30 +8,21 @@ flight. Otherwise the copy goes out on a pooled connection to the candidate and 
 driven by the connection's callbacks — no task, no future — unless a new connection
 must be opened first (then one task does the connect). When both answers are in (the
 handler reports the primary's through :meth:`MirrorCopy.primary_done`), they are
-compared: status, then body (:func:`merlin_dp.gateway.compare.bodies_agree`). The client
+compared: status, then body (:func:`merlin_dp.gateway.mirror.bodies_agree`). The client
 only ever sees the primary's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from time import perf_counter
 
-from merlin_dp.gateway.compare import bodies_agree
 from merlin_dp.gateway.metrics import GatewayMetrics, MirrorStats
+from merlin_dp.gateway.mirror import MirrorLimits, bodies_agree
 from merlin_dp.gateway.pool.http1 import Http1Pool, UpstreamConnection
 from merlin_dp.gateway.pool.upstream import Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.table import MirrorTarget
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorLimits:
-    """Bounds on mirrored copies, per worker; the gRPC mirror takes the same ones."""
-
-    max_in_flight: int = 128
-    max_body_bytes: int = 256 * 1024  # request copies and the copies' answers alike
 
 
 class MirrorCopy:

@@ -23,8 +23,6 @@ headers no longer say).
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from time import perf_counter
@@ -36,7 +34,7 @@ from aiohttp.web_request import BaseRequest
 
 from merlin_dp.gateway.activation import ActivationRefused, Activator
 from merlin_dp.gateway.errors import error_response
-from merlin_dp.gateway.http.mirror import Mirroring, MirrorLimits
+from merlin_dp.gateway.http.mirror import Mirroring
 from merlin_dp.gateway.http.relay import (
     PLAIN_CONNECTION,
     RESPONSE_SKIP,
@@ -45,9 +43,11 @@ from merlin_dp.gateway.http.relay import (
     drop_connection_tokens,
     relay,
 )
-from merlin_dp.gateway.metrics import GatewayMetrics
+from merlin_dp.gateway.metrics import WRONG_PROTOCOL, GatewayMetrics
+from merlin_dp.gateway.mirror import MirrorLimits
 from merlin_dp.gateway.pool.http1 import Http1Pool, UpstreamConnection
 from merlin_dp.gateway.pool.upstream import ClientSideError, Upstream, UpstreamError
+from merlin_dp.gateway.request_ids import RequestIds
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (
@@ -76,11 +76,6 @@ REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 # What the gateway passes on (a 405 must say: RFC 9110 §15.5.6).
 FORWARDED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 PATH_FORM_PREFIX = "/serving/"
-# An HTTP request for a UPI_V1 (gRPC) endpoint. 400, as gRPC servers answer HTTP/1.1
-# themselves (grpc-go: "gRPC requires HTTP/2"): no retry or other replica can serve it
-# as sent. Not 426, which promises an Upgrade on this same connection (we have none),
-# nor 421, which tells clients to retry on another connection.
-WRONG_PROTOCOL = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,19 +83,6 @@ class ProxyLimits:
     max_body_bytes: int = 64 * 1024 * 1024
     # Bodies up to this size are read whole before sending: one write, and replayable.
     buffer_body_bytes: int = 256 * 1024
-
-
-class RequestIds:
-    """Unique request ids without a syscall or a UUID per request."""
-
-    __slots__ = ("_counter", "_prefix")
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex().encode()
-        self._counter = itertools.count(1)
-
-    def next(self) -> bytes:
-        return b"%s-%x" % (self._prefix, next(self._counter))
 
 
 class Proxy:

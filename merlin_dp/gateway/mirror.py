@@ -1,4 +1,5 @@
-"""Comparing a mirrored copy's answer with the primary's, for both fronts' mirrors.
+"""What both fronts' mirrors share: their bounds, and comparing a copy's answer with the
+primary's.
 
 Equal bytes agree; otherwise, if both are JSON, they agree when they are equal with key
 order ignored and numbers equal within a relative tolerance (a candidate model's floats
@@ -11,7 +12,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorLimits:
+    """Bounds on mirrored copies, per worker; the gRPC mirror takes the same ones."""
+
+    max_in_flight: int = 128
+    max_body_bytes: int = 256 * 1024  # request copies and the copies' answers alike
 
 
 def bodies_agree(a: bytes, b: bytes, rel_tol: float) -> bool:
