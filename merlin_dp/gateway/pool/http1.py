@@ -432,6 +432,11 @@ class UpstreamConnection(asyncio.Protocol):
                 or (n.lower() == b"transfer-encoding" and v.lower().rstrip().endswith(b"chunked"))
                 for n, v in self.headers
             )
+        if not self.body_sent:
+            # Answered while the upload still streams: the replica may never read the rest,
+            # so bytes of this body could stand where it expects the next request's head.
+            # Even if the rest is sent by the time the answer ends, the connection is spent.
+            self.keep_alive = False
         if self.no_body:
             # A HEAD response: httptools can't be told to expect no body, so the exchange
             # ends at the head and the connection is not reused.
