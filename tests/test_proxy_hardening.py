@@ -7,7 +7,7 @@ import asyncio
 import json
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,20 @@ async def test_half_sent_upload_never_goes_back_to_the_pool(gateway_factory: Any
 
         config = GatewayConfig(proxy=ProxyLimits(buffer_body_bytes=1024))
         gw = await gateway_factory(spec(f"127.0.0.1:{port}"), config)
-        big = b"u" * 200_000  # over the buffer: streamed
-        async with gw.request("POST", "scorer.fraud.localhost", "/upload", data=big) as resp:
+
+        async def slow_upload() -> AsyncIterator[bytes]:
+            # Over the buffer, so streamed, and slow enough that the answer surely comes
+            # while it still streams: sent at once, the whole body could leave the
+            # gateway before it reads the answer, and nothing would tell it apart from a
+            # replica that read it all.
+            for _ in range(10):
+                yield b"u" * 20_000
+                await asyncio.sleep(0.02)
+
+        async with gw.request(
+            "POST", "scorer.fraud.localhost", "/upload", data=slow_upload(),
+            headers={"Content-Length": "200000"},
+        ) as resp:  # fmt: skip
             assert await resp.read() == b"early"
         for _ in range(3):
             async with gw.request("GET", "scorer.fraud.localhost", "/next") as resp:
