@@ -411,28 +411,23 @@ class Proxy:
     ) -> web.StreamResponse:
         """The exchange for a version without a ready replica: the request waits while
         the version starts from zero, if its route allows that; else 503."""
+        refused = None
         if version.scale_to_zero and self.activator is not None:
             try:
                 version = await self.activator.activate(version)
             except ActivationRefused as exc:
-                return self._error(
-                    request,
-                    503,
-                    str(exc),
-                    request_id=request_id,
-                    retry_after=1,
-                    headers={"X-Model-Version": version.version_header},
-                )
-        if not version.upstreams:
-            return self._error(
-                request,
-                503,
-                f"version endpoint {version.project}/{version.full_name} has no ready replica",
-                request_id=request_id,
-                retry_after=1,
-                headers={"X-Model-Version": version.version_header},
-            )
-        return await self._send(request, version, policy, head, body, chunked, request_id)
+                refused = str(exc)
+        if refused is None and version.upstreams:
+            return await self._send(request, version, policy, head, body, chunked, request_id)
+        return self._error(
+            request,
+            503,
+            refused
+            or f"version endpoint {version.project}/{version.full_name} has no ready replica",
+            request_id=request_id,
+            retry_after=1,
+            headers={"X-Model-Version": version.version_header},
+        )
 
     async def _send(
         self,
