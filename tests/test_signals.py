@@ -13,28 +13,35 @@ from merlin_dp.gateway.signals import SignalRecorder
 from tests.conftest import model_endpoint, start_replicas, version
 
 
-def test_recorder_closes_each_second_with_mean_concurrency_and_arrivals() -> None:
+def test_recorder_closes_each_second_with_means_arrivals_and_service_time() -> None:
     now = [100.0]
     vs = VersionStats("fraud", "scorer", "1")
     rec = SignalRecorder(lambda: [vs], clock=lambda: now[0])
-    # Second 100: in flight 2 for half the samples, 4 for the other half; 7 arrivals.
+    # Second 100: in flight 2 for half the samples, 4 for the other half, of which 1 and
+    # then 3 queued; 7 arrivals; 5 exchanges ended, 0.25 s in all.
     vs.arrivals = 7
     for i in range(20):
         vs.in_flight = 2 if i < 10 else 4
+        vs.queued = 1 if i < 10 else 3
         rec.sample()
         now[0] += 0.05
-    vs.in_flight = 0
+    vs.in_flight = vs.queued = 0
+    vs.served, vs.service_seconds = 5, 0.25
     now[0] = 101.0
     rec.sample()  # crosses into second 101: closes 100
     assert rec.since(0) == [{"project": "fraud", "model": "scorer", "version": "1",
-                             "second": 100, "requests": 7, "concurrency": 3.0}]  # fmt: skip
-    # An idle second leaves no record; arrivals are counted per second, not in total.
+                             "second": 100, "requests": 7, "concurrency": 3.0,
+                             "in_service": 1.0, "queued": 2.0, "completions": 5,
+                             "service_seconds": 0.25}]  # fmt: skip
+    # An idle second leaves no record; counts are per second, not in total.
     now[0] = 102.0
     rec.sample()
-    vs.arrivals = 10
+    vs.arrivals, vs.served, vs.service_seconds = 10, 8, 0.40
     now[0] = 103.0
     rec.sample()
-    assert [r["requests"] for r in rec.since(100)] == [3]
+    (last,) = rec.since(100)
+    assert (last["requests"], last["completions"]) == (3, 3)
+    assert abs(last["service_seconds"] - 0.15) < 1e-9
 
 
 async def test_gateway_serves_signals_on_its_admin_port(

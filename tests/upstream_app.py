@@ -41,9 +41,19 @@ def make_app(name: str) -> web.Application:
         await request.read()
         return web.json_response({"served_by": name, "status": code}, status=code)
 
+    busy = {"now": 0, "peak": 0}  # /sleep requests in progress, and the most at once
+
     async def sleep(request: web.Request) -> web.Response:
-        await asyncio.sleep(float(request.query.get("s", "1")))
+        busy["now"] += 1
+        busy["peak"] = max(busy["peak"], busy["now"])
+        try:
+            await asyncio.sleep(float(request.query.get("s", "1")))
+        finally:
+            busy["now"] -= 1
         return web.json_response({"served_by": name, "slept": True})
+
+    async def peak(_: web.Request) -> web.Response:
+        return web.json_response({"served_by": name, **busy})
 
     async def big(request: web.Request) -> web.StreamResponse:
         total = int(request.query.get("bytes", "1048576"))
@@ -87,6 +97,7 @@ def make_app(name: str) -> web.Application:
     app.router.add_get("/", live)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("*", "/sleep", sleep)
+    app.router.add_get("/peak", peak)
     app.router.add_get("/big", big)
     app.router.add_post("/echo", echo)
     app.router.add_post("/count", count)

@@ -332,6 +332,7 @@ def route_table(state: ControllerState) -> RouteTableSpec:
             protocol=v.spec.protocol, replicas=v.replicas,
             # Gateways hold (not refuse) its requests while a replica starts from zero.
             scale_to_zero=v.spec.resource_request.min_replica == 0 and v.status in DEPLOYED,
+            container_concurrency=v.spec.concurrency_limit,
         )
         # A failed version stays in the table with no replicas (503 for its traffic) so a
         # rule naming it stays valid until someone routes away.

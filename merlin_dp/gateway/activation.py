@@ -1,20 +1,28 @@
-"""Activation: holding requests for a version endpoint that is scaled to zero.
+"""Each version endpoint's queue: requests waiting for a replica to serve them.
 
-A version whose route entry allows ``scale_to_zero`` and that has no ready replica is not
-an error: its requests wait here, in a bounded queue per version, while the autoscaler is
-poked at once (and again every second while anything waits, in case a poke was lost) to
-start a replica. When a route table arrives in which the version has replicas, every
-waiting request goes on with the new table's target. Past the queue bound, or when the
-deadline passes, the caller gets 503 with Retry-After — never "model not ready".
+A request waits here in two cases, under one bound (``max_waiting`` per version and
+worker) and one deadline (``timeout``); past either the caller gets 503 with Retry-After,
+never "model not ready":
 
-How long each request waited is the ``cold_start_seconds`` histogram
-(:class:`~merlin_dp.gateway.metrics.ActivationStats`).
+- **At zero.** A version whose route entry allows ``scale_to_zero`` and that has no
+  ready replica is not an error: the autoscaler is poked at once (and again every second
+  while anything waits, in case a poke was lost) to start a replica. When a route table
+  arrives in which the version has replicas, every waiting request goes on with the new
+  table's target. How long each waited is the ``cold_start_seconds`` histogram.
+- **At the limit.** A version with a concurrency limit (``container_concurrency``, as
+  Knative's containerConcurrency) never has more than that many requests on one replica
+  from this worker: when every ready replica is at its limit, a request waits in the
+  version's FIFO (:class:`VersionQueue`) and a request ending on a replica hands its slot
+  straight to the first in line. So a replica's queue is empty, dispatch-to-answer is the
+  service time, and the backlog is where the autoscaler can see it (the version's
+  ``queued`` count, sampled into its per-second signals).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -22,7 +30,9 @@ from time import perf_counter
 import aiohttp
 
 from merlin_dp.common.aio import cancel_and_wait, raise_if_cancelling
-from merlin_dp.gateway.metrics import ActivationStats, GatewayMetrics
+from merlin_dp.gateway.metrics import ActivationStats, GatewayMetrics, VersionStats
+from merlin_dp.gateway.pool.upstream import Upstream
+from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.table import RouteTable, VersionKey, VersionTarget
 
 log = logging.getLogger("gateway")
@@ -42,6 +52,54 @@ class ActivationRefused(Exception):
     """The request can't wait any longer (queue full, deadline, version gone): 503."""
 
 
+class VersionQueue:
+    """Requests waiting for a free slot on a version whose ready replicas are all at its
+    limit, first come first served. Every replica of the version points here
+    (``Upstream.queue``), so the request ending on it hands the slot over in O(1)."""
+
+    __slots__ = ("limit", "stats", "waiters")
+
+    def __init__(self, limit: int, stats: VersionStats) -> None:
+        self.limit = limit
+        self.stats = stats
+        # A waiter's future gets the replica whose slot it now holds (already counted in
+        # its ``outstanding``), or None: the version left the table.
+        self.waiters: deque[asyncio.Future[Upstream | None]] = deque()
+
+    def hand_over(self, up: Upstream) -> None:
+        """``up`` has a free slot (or several): the first in line take them."""
+        waiters = self.waiters
+        limit = self.limit
+        while waiters and (up.outstanding < limit or not limit) and not up.draining:
+            future = waiters.popleft()
+            if future.done():
+                continue  # gave up (deadline, client gone); it removes itself
+            up.outstanding += 1
+            future.set_result(up)
+
+    def dispatch(self, upstreams: tuple[Upstream, ...]) -> None:
+        """After a table swap: the free slots of the version's replicas now, least
+        loaded first (new replicas take the backlog)."""
+        if not upstreams:
+            return
+        if not self.limit:
+            # The limit was lifted: everyone goes, spread as the balancer spreads them.
+            while self.waiters:
+                up = choose(upstreams)
+                assert up is not None
+                self.hand_over(up)
+            return
+        for up in sorted(upstreams, key=lambda u: u.outstanding):
+            self.hand_over(up)
+
+    def close(self) -> None:
+        """The version left the table: whoever waits is refused."""
+        while self.waiters:
+            future = self.waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+
+
 class Activator:
     def __init__(
         self, metrics: GatewayMetrics, limits: ActivationLimits, poke: Poke | None = None
@@ -51,9 +109,74 @@ class Activator:
         self.poke = poke
         self._waiting: dict[VersionKey, list[asyncio.Future[VersionTarget | None]]] = {}
         self._pokers: dict[VersionKey, asyncio.Task[None]] = {}
+        self._queues: dict[VersionKey, VersionQueue] = {}  # versions with a limit
 
     def waiting(self, key: VersionKey) -> int:
+        """Requests waiting for ``key`` at zero."""
         return len(self._waiting.get(key, ()))
+
+    def queued(self, key: VersionKey) -> int:
+        """Requests waiting for ``key`` in all: at zero and for a free slot."""
+        queue = self._queues.get(key)
+        return self.waiting(key) + (len(queue.waiters) if queue is not None else 0)
+
+    async def wait_for_slot(self, version: VersionTarget) -> Upstream:
+        """Wait in ``version``'s queue for a free slot on one of its replicas; returns the
+        replica, the slot already counted in its ``outstanding``."""
+        key = version.key
+        queue = self._queues.get(key)
+        if queue is None:  # a table applied without table_swapped (tests): adopt it now
+            queue = self._adopt(version)
+        stats = self.metrics.activation(*key)
+        queued = self.queued(key)
+        if queued >= self.limits.max_waiting:
+            stats.overflow += 1
+            raise ActivationRefused(
+                f"every replica of version endpoint {version.project}/{version.full_name} is "
+                f"serving its limit of {queue.limit} requests and {queued} requests already wait"
+            )
+        future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
+        queue.waiters.append(future)
+        stats.queued += 1
+        vstats = version.stats
+        vstats.queued += 1
+        try:
+            async with asyncio.timeout(self.limits.timeout):
+                up = await future
+        except BaseException as exc:
+            if future.done() and not future.cancelled():
+                held = future.result()
+                if held is not None:  # a slot came as we gave up: pass it on
+                    held.outstanding -= 1
+                    queue.hand_over(held)
+            else:
+                future.cancel()
+                queue.waiters.remove(future)
+            if isinstance(exc, TimeoutError):
+                stats.timed_out += 1
+                raise ActivationRefused(
+                    f"no replica of version endpoint {version.project}/{version.full_name} "
+                    f"had a free slot within {self.limits.timeout:g} s"
+                ) from None
+            raise
+        finally:
+            vstats.queued -= 1
+        if up is None:
+            stats.timed_out += 1
+            raise ActivationRefused(
+                f"version endpoint {version.project}/{version.full_name} was removed while "
+                "requests waited for it"
+            )
+        return up
+
+    def _adopt(self, version: VersionTarget) -> VersionQueue:
+        queue = self._queues.get(version.key)
+        if queue is None:
+            queue = self._queues[version.key] = VersionQueue(version.limit, version.stats)
+        queue.limit = version.limit
+        for up in version.upstreams:
+            up.queue = queue
+        return queue
 
     async def activate(self, version: VersionTarget) -> VersionTarget:
         """Wait until ``version`` has a ready replica; returns the newer table's target."""
@@ -62,15 +185,18 @@ class Activator:
         waiters = self._waiting.get(key)
         if waiters is None:
             waiters = self._waiting[key] = []
-        if len(waiters) >= self.limits.max_waiting:
+        queued = self.queued(key)
+        if queued >= self.limits.max_waiting:
             stats.overflow += 1
             raise ActivationRefused(
                 f"version endpoint {version.project}/{version.full_name} is starting from "
-                f"zero and {len(waiters)} requests already wait for it"
+                f"zero and {queued} requests already wait for it"
             )
         future: asyncio.Future[VersionTarget | None] = asyncio.get_running_loop().create_future()
         waiters.append(future)
         stats.held += 1
+        vstats = version.stats
+        vstats.queued += 1
         started = perf_counter()
         self._ensure_poking(version, stats)
         try:
@@ -83,6 +209,7 @@ class Activator:
                 f"within {self.limits.timeout:g} s"
             ) from None
         finally:
+            vstats.queued -= 1
             if not future.done():
                 future.cancel()
             if future in waiters:
@@ -98,7 +225,14 @@ class Activator:
         return target
 
     def table_swapped(self, table: RouteTable) -> None:
-        """Release whatever waits for a version the new table can serve (or has dropped)."""
+        """Point each version's replicas at its queue and dispatch what waits for a slot;
+        release whatever waits at zero for a version the new table can serve (or has
+        dropped)."""
+        versions = table.by_key
+        for key in [k for k in self._queues if k not in versions]:
+            self._queues.pop(key).close()
+        for version in versions.values():
+            self._requeue(version)
         if not self._waiting:
             return
         for key, waiters in list(self._waiting.items()):
@@ -108,6 +242,24 @@ class Activator:
             for future in waiters:
                 if not future.done():
                     future.set_result(target)
+
+    def _requeue(self, version: VersionTarget) -> None:
+        """``version`` as a new table has it: its replicas point at its queue (or at none
+        without a limit), and free slots go to whoever waits."""
+        if version.limit:
+            queue: VersionQueue | None = self._adopt(version)
+        else:
+            for up in version.upstreams:
+                up.queue = None
+            queue = self._queues.get(version.key)
+            if queue is None:
+                return
+            queue.limit = 0
+        assert queue is not None
+        if queue.waiters:
+            queue.dispatch(version.upstreams)
+        if not version.limit and not queue.waiters:
+            del self._queues[version.key]
 
     def _ensure_poking(self, version: VersionTarget, stats: ActivationStats) -> None:
         key = version.key

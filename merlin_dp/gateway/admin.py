@@ -15,8 +15,8 @@ from aiohttp import web
 from merlin_dp.common.net import bind_socket
 from merlin_dp.gateway.exposition import render
 from merlin_dp.gateway.metrics_snapshot import merge_snapshots
-from merlin_dp.gateway.signals import SignalRecord
 from merlin_dp.gateway.worker import Report
+from merlin_dp.spec.signals import SignalRecord, merge_records
 
 WorkerReports = Callable[[], Awaitable[list[Report]]]
 
@@ -29,22 +29,18 @@ def admin_app(reports: WorkerReports) -> web.Application:
         )
 
     async def signals(request: web.Request) -> web.Response:
-        """Per-version, per-second arrivals and mean concurrency, summed over workers."""
+        """Per-version, per-second signals (:class:`SignalRecord`), summed over workers."""
         try:
             since = int(request.query.get("since", "0"))
         except ValueError:
             return web.json_response({"error": "since must be a whole second"}, status=400)
-        merged: dict[tuple[str, str, str, int], SignalRecord] = {}
-        for report in await reports():
-            r: SignalRecord
-            for r in report.get("signals", []):
-                if r["second"] <= since:
-                    continue
-                key = (r["project"], r["model"], r["version"], r["second"])
-                into = merged.setdefault(key, {**r, "requests": 0, "concurrency": 0.0})
-                into["requests"] += r["requests"]
-                into["concurrency"] += r["concurrency"]
-        return web.json_response({"signals": sorted(merged.values(), key=lambda r: r["second"])})
+        fresh: list[SignalRecord] = [
+            r
+            for report in await reports()
+            for r in report.get("signals", [])
+            if r["second"] > since
+        ]
+        return web.json_response({"signals": merge_records(fresh)})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

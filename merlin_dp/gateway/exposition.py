@@ -169,8 +169,9 @@ def _activation_families(activations: list[ActivationRecord]) -> Iterator[Metric
     labels = ["project", "model", "version"]
     held = CounterMetricFamily(
         "gateway_activation_requests",
-        "Requests that arrived while their version endpoint had no replica, by outcome "
-        "(held: waited for one; overflow, timed_out: answered 503).",
+        "Requests that waited in their version endpoint's queue, by outcome (held: for a "
+        "replica to start from zero; queued: for a free slot, every ready replica at its "
+        "container_concurrency; overflow, timed_out: answered 503).",
         labels=[*labels, "result"],
     )
     pokes = CounterMetricFamily(
@@ -187,6 +188,7 @@ def _activation_families(activations: list[ActivationRecord]) -> Iterator[Metric
     for a in activations:
         base = [a["project"], a["model"], a["version"]]
         held.add_metric([*base, "held"], a["held"])
+        held.add_metric([*base, "queued"], a["queued"])
         held.add_metric([*base, "overflow"], a["overflow"])
         held.add_metric([*base, "timed_out"], a["timed_out"])
         pokes.add_metric([*base, "ok"], a["pokes"])

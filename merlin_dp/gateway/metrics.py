@@ -70,14 +70,18 @@ class VersionStats:
     """Per version endpoint: in-flight requests and latency by (chosen_by, code)."""
 
     __slots__ = ("arrivals", "by_choice", "grpc_by_choice", "in_flight", "model", "project",
-                 "version")  # fmt: skip
+                 "queued", "served", "service_seconds", "version")  # fmt: skip
 
     def __init__(self, project: str, model: str, version: str) -> None:
         self.project = project
         self.model = model
         self.version = version
         self.in_flight = 0
-        self.arrivals = 0  # requests started, for the autoscaler's per-second rate
+        # For the autoscaler's per-second signals (merlin_dp.gateway.signals):
+        self.arrivals = 0  # requests started
+        self.queued = 0  # of those in flight, waiting in the version's queue now
+        self.served = 0  # exchanges with a replica that ended
+        self.service_seconds = 0.0  # their summed time from dispatch to answer
         self.by_choice: tuple[dict[int, CodeStats], ...] = tuple({} for _ in CHOSEN_BY)
         # gRPC calls by grpc-status (their HTTP status is always 200).
         self.grpc_by_choice: tuple[dict[int, CodeStats], ...] = tuple({} for _ in CHOSEN_BY)
@@ -117,16 +121,18 @@ class MirrorStats:
 
 
 class ActivationStats:
-    """Per version endpoint: requests held while it started from zero, and how long."""
+    """Per version endpoint: requests held while it started from zero, and how long, and
+    requests that waited for a free slot."""
 
     __slots__ = ("cold_start", "held", "model", "overflow", "poke_errors", "pokes",
-                 "project", "timed_out", "version")  # fmt: skip
+                 "project", "queued", "timed_out", "version")  # fmt: skip
 
     def __init__(self, project: str, model: str, version: str) -> None:
         self.project = project
         self.model = model
         self.version = version
         self.held = 0
+        self.queued = 0  # waited for a free slot: every ready replica was at its limit
         self.overflow = 0  # refused: the queue was full
         self.timed_out = 0  # refused: no replica before the deadline (or version removed)
         self.pokes = 0
@@ -217,6 +223,7 @@ class GatewayMetrics:
                 "model": a.model,
                 "version": a.version,
                 "held": a.held,
+                "queued": a.queued,
                 "overflow": a.overflow,
                 "timed_out": a.timed_out,
                 "pokes": a.pokes,

@@ -62,6 +62,7 @@ class ActivationRecord(TypedDict):
     model: str
     version: str
     held: int
+    queued: int  # waited for a free slot: every ready replica was at its limit
     overflow: int
     timed_out: int
     pokes: int
@@ -172,6 +173,7 @@ def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
                 merged["activations"].append(act)
             else:
                 act["held"] += a["held"]
+                act["queued"] += a["queued"]
                 act["overflow"] += a["overflow"]
                 act["timed_out"] += a["timed_out"]
                 act["pokes"] += a["pokes"]

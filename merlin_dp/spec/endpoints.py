@@ -19,6 +19,13 @@ from merlin_dp.spec.rule import Name, Protocol, Rule, StrictModel
 MetricsType = Literal["cpu_utilization", "memory_utilization", "rps", "concurrency"]
 ModelType = Literal["custom", "pyfunc", "sklearn", "kubernetes"]
 
+# Requests one replica of a version serves at once when its deploy body does not say
+# (Knative's containerConcurrency; 0 there means no limit). The shipped servers run a
+# synchronous predict on a pool of threads at least this large, or an async one in their
+# event loop, so four in flight is within what each can do; a custom server declares its
+# own. Past the limit, requests wait in the gateway, where the autoscaler sees them.
+DEFAULT_CONTAINER_CONCURRENCY = 4
+
 CPU = r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$"
 MEMORY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -70,6 +77,13 @@ class VersionEndpointSpec(StrictModel):
     resource_request: ResourceRequest = Field(default_factory=ResourceRequest)
     autoscaling_policy: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy)
     env_vars: dict[str, str] = Field(default_factory=dict)
+    container_concurrency: int | None = Field(
+        default=None, ge=0, le=1000,
+        description="Requests one replica serves at once (Knative's containerConcurrency): "
+        "the gateway never sends a replica more, and holds the rest in a bounded queue per "
+        "version. 0: no limit (the replica queues what it can't serve, where no one can see "
+        f"it). Omitted: {DEFAULT_CONTAINER_CONCURRENCY}.",
+    )  # fmt: skip
     ready_deadline_seconds: float = Field(
         default=120.0, gt=0, le=3600,
         description="Fails the version if no replica is ready by then (a crash loop fails "
@@ -81,6 +95,13 @@ class VersionEndpointSpec(StrictModel):
         "in it mean what they meant where it was deployed from (merlin-dp deploy sends the "
         "caller's current directory). Empty: the controller's working directory.",
     )  # fmt: skip
+
+    @property
+    def concurrency_limit(self) -> int:
+        """The per-replica limit in force: declared, or the documented default."""
+        if self.container_concurrency is None:
+            return DEFAULT_CONTAINER_CONCURRENCY
+        return self.container_concurrency
 
     @field_validator("env_vars")
     @classmethod

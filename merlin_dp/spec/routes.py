@@ -37,6 +37,11 @@ class RouteTableVersionEndpoint(StrictModel):
         description="The version may be scaled to zero: with no replicas, gateways hold its "
         "requests while one starts instead of answering 503.",
     )
+    container_concurrency: int = Field(
+        default=0, ge=0, le=1000,
+        description="Requests one replica serves at once; past it, gateways queue them. "
+        "0: no limit.",
+    )  # fmt: skip
 
     @field_validator("replicas")
     @classmethod

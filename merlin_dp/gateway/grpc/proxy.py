@@ -48,7 +48,7 @@ from merlin_dp.gateway.metrics import CHOSEN_DIRECT, WRONG_PROTOCOL, GatewayMetr
 from merlin_dp.gateway.pool.h2 import UpstreamPool
 from merlin_dp.gateway.pool.upstream import PoolLimits, Upstream, UpstreamError
 from merlin_dp.gateway.request_ids import RequestIds
-from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.balancer import choose, choose_free
 from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (
     DIRECT_POLICY,
@@ -185,7 +185,9 @@ class GrpcCall:
         "busy_redispatches",
         "chosen",
         "client",
+        "dispatched",
         "head",
+        "held",
         "mirror",
         "policy",
         "proxy",
@@ -213,6 +215,8 @@ class GrpcCall:
         self.start_time = perf_counter()
         self.upstream: Stream | None = None
         self.up: Upstream | None = None
+        self.held: Upstream | None = None  # a slot the version's queue handed us
+        self.dispatched = 0.0  # when the replica's stream opened
         self.version: VersionTarget | None = None
         self.stats: VersionStats | None = None
         self.chosen = CHOSEN_DIRECT
@@ -321,6 +325,9 @@ class GrpcCall:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        if self.held is not None:  # a retry: the queue's slot goes back
+            self.held.release()
+            self.held = None
         version = self.version
         assert version is not None
         proxy = self.proxy
@@ -335,16 +342,44 @@ class GrpcCall:
                 f"version endpoint {version.project}/{version.full_name} has no ready replica",
             )
             return
-        up = choose(upstreams, self.tried)
+        limit = version.limit
+        if not limit:
+            up = choose(upstreams, self.tried)
+        else:
+            up = choose_free(upstreams, limit, self.tried)
+            if up is None and self.tried is None and proxy.activator is not None:
+                # Every replica is at its limit: wait in the version's queue.
+                self.state = WAITING
+                self.task = proxy.loop.create_task(self._queue(proxy.activator))
+                return
         if up is None:
             self._fail(UNAVAILABLE, f"version endpoint {version.full_name}: no replica left")
             return
+        self._dispatch_to(up)
+
+    def _dispatch_to(self, up: Upstream) -> None:
+        proxy = self.proxy
         conn = proxy.pool.get(up)
         if conn is None:
             self.state = WAITING
             self.task = proxy.loop.create_task(self._connect(up))
             return
         self._open(up, conn.open_stream(self, self.head, self._head_ends()))
+
+    async def _queue(self, activator: Activator) -> None:
+        assert self.version is not None
+        try:
+            up = await activator.wait_for_slot(self.version)
+        except ActivationRefused as exc:
+            self.task = None
+            self._fail(UNAVAILABLE, str(exc))
+            return
+        self.task = None
+        if self.state == DONE:
+            up.release()  # the slot goes on to the next in line
+            return
+        self.held = up  # its slot is ours until the stream opens, or we give up
+        self._dispatch_to(up)
 
     async def _activate(self, activator: Activator) -> None:
         assert self.version is not None
@@ -408,7 +443,11 @@ class GrpcCall:
     def _open(self, up: Upstream, stream: Stream) -> None:
         self.state = SENT
         self.up = up
-        up.outstanding += 1
+        if self.held is up:
+            self.held = None  # the queue counted it already
+        else:
+            up.outstanding += 1
+        self.dispatched = perf_counter()
         self.upstream = stream
         stream.peer = self.client
         self.client.peer = stream
@@ -422,6 +461,14 @@ class GrpcCall:
                 self.replayable = False
         if self.req_trailers is not None:
             stream.send_headers(self.req_trailers, True)
+
+    def _served(self, up: Upstream) -> None:
+        """The replica's stream ended: its slot is free, the exchange's time counted."""
+        up.release()
+        stats = self.stats
+        if stats is not None:
+            stats.served += 1
+            stats.service_seconds += perf_counter() - self.dispatched
 
     def _retry(self, up: Upstream, reason: str, exclude: bool = True) -> None:
         """The replica never saw the call: try another, within the rule's retries."""
@@ -530,7 +577,7 @@ class GrpcCall:
             return
         up_ = self.up
         assert up_ is not None
-        up_.outstanding -= 1
+        self._served(up_)
         self.up = None
         if code == CONNECTION_LOST or code not in (f.CANCEL, f.REFUSED_STREAM, f.NO_ERROR):
             up_.record_failure()
@@ -607,6 +654,9 @@ class GrpcCall:
         if self.state == DONE:
             return
         self.state = DONE
+        if self.held is not None:
+            self.held.release()
+            self.held = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -621,7 +671,7 @@ class GrpcCall:
                 up.record_failure()
             else:
                 up.record_success()
-            up.outstanding -= 1
+            self._served(up)
             self.up = None
         stats = self.stats
         if stats is not None:

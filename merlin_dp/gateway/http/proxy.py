@@ -48,7 +48,7 @@ from merlin_dp.gateway.mirror import MirrorLimits
 from merlin_dp.gateway.pool.http1 import Http1Pool, UpstreamConnection
 from merlin_dp.gateway.pool.upstream import ClientSideError, Upstream, UpstreamError
 from merlin_dp.gateway.request_ids import RequestIds
-from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.balancer import choose, choose_free
 from merlin_dp.gateway.routing.choice import choose_version
 from merlin_dp.gateway.routing.table import (
     EMPTY_TABLE,
@@ -419,11 +419,22 @@ class Proxy:
                 refused = str(exc)
         if refused is None and version.upstreams:
             return await self._send(request, version, policy, head, body, chunked, request_id)
+        return self._unavailable(
+            request,
+            version,
+            refused
+            or f"version endpoint {version.project}/{version.full_name} has no ready replica",
+            request_id,
+        )
+
+    def _unavailable(
+        self, request: BaseRequest, version: VersionTarget, message: str, request_id: bytes
+    ) -> web.Response:
+        """503 with Retry-After: nothing can serve the request now, try again soon."""
         return self._error(
             request,
             503,
-            refused
-            or f"version endpoint {version.project}/{version.full_name} has no ready replica",
+            message,
             request_id=request_id,
             retry_after=1,
             headers={"X-Model-Version": version.version_header},
@@ -446,24 +457,46 @@ class Proxy:
         idempotent, or when the replica provably never read it. A pooled connection the
         replica had closed costs a free retry on a fresh one; each replica tried is left
         out of the next choice.
+
+        The replica's slot (its ``outstanding`` count) is taken when it is chosen; with a
+        concurrency limit only a replica with a free slot is chosen, and when there is
+        none the request waits in the version's queue first. A retry goes only to a
+        replica with a free slot now.
         """
         upstreams = version.upstreams
         pool = self.pool
         ustats = self.upstream_stats
+        stats = version.stats
         replayable = body is not None and (policy.idempotent or request.method in SAFE_METHODS)
         tried: list[Upstream] | None = None
         failure: UpstreamError | None = None
         retries_left = policy.retries
         stale_retry = body is not None  # one free retry after a dead pooled connection
-        up = choose(upstreams)
+        limit = version.limit
+        held = False  # up's slot is taken already (handed over by the queue, or kept)
+        if not limit:
+            up = choose(upstreams)
+        else:
+            up = choose_free(upstreams, limit)
+            if up is None and self.activator is not None:
+                try:
+                    up = await self.activator.wait_for_slot(version)
+                except ActivationRefused as exc:
+                    return self._unavailable(request, version, str(exc), request_id)
+                held = True
         fresh = False
         while up is not None:
+            if held:
+                held = False
+            else:
+                up.outstanding += 1
             conn = None if fresh else pool.take_idle(up)
             fresh = False
             if conn is None:
                 try:
                     conn = await pool.connect(up)
                 except UpstreamError as exc:
+                    up.release()
                     up.record_failure()
                     ustats.error(exc.kind)
                     failure = exc
@@ -472,10 +505,14 @@ class Proxy:
                     retries_left -= 1
                     ustats.retries += 1
                     tried = [up] if tried is None else [*tried, up]
-                    up = choose(upstreams, tried)
+                    up = (
+                        choose(upstreams, tried)
+                        if not limit
+                        else choose_free(upstreams, limit, tried)
+                    )
                     continue
             used = up
-            used.outstanding += 1
+            dispatched = perf_counter()
             try:
                 return await self._exchange(
                     request, used, conn, head, body, chunked, version, policy, request_id
@@ -487,7 +524,7 @@ class Proxy:
                     # A pooled connection the replica had already closed: nothing reached
                     # it, and a fresh connection to the same replica will likely work.
                     stale_retry = False
-                    fresh = True
+                    fresh = held = True  # the same replica, on the slot it has
                     ustats.retries += 1
                     continue
                 ustats.error(exc.kind)
@@ -500,9 +537,12 @@ class Proxy:
                 retries_left -= 1
                 ustats.retries += 1
                 tried = [up] if tried is None else [*tried, up]
-                up = choose(upstreams, tried)
+                up = choose_free(upstreams, limit, tried)
             finally:
-                used.outstanding -= 1
+                if not held:
+                    stats.served += 1
+                    stats.service_seconds += perf_counter() - dispatched
+                    used.release()
         return self._error(
             request,
             502,

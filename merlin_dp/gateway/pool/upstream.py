@@ -16,9 +16,9 @@ the worker's upstream counters and :func:`connect_to`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from merlin_dp.common.aio import raise_if_cancelling
 
@@ -104,6 +104,7 @@ class Upstream:
         "loop",
         "outstanding",
         "port",
+        "queue",
         "stats",
     )
 
@@ -126,6 +127,17 @@ class Upstream:
         self.ejected = False
         self.ejections = 0  # consecutive ejections, for the back-off
         self.draining = False  # out of every table: no new requests
+        # Its version's queue when the version has a concurrency limit (set on each table
+        # swap): a request that ends here hands its slot to the first one waiting.
+        self.queue: SlotQueue | None = None
+
+    def release(self) -> None:
+        """A request left this replica: its slot goes to the first request waiting for
+        one, if the version has a limit and a queue."""
+        self.outstanding -= 1
+        queue = self.queue
+        if queue is not None and queue.waiters:
+            queue.hand_over(self)
 
     def record_success(self) -> None:
         if self.failures:
@@ -150,6 +162,15 @@ class Upstream:
         # a success clears the streak and the back-off.
         self.ejected = False
         self.failures = self.limits.eject_after - 1 if self.ejections else 0
+
+
+class SlotQueue(Protocol):
+    """What a replica needs of its version's queue (merlin_dp.gateway.activation)."""
+
+    @property
+    def waiters(self) -> Sized: ...
+
+    def hand_over(self, up: Upstream) -> None: ...
 
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)

@@ -78,6 +78,9 @@ class VersionTarget:
     scale_to_zero: bool = False
     # Serves UPI_V1 (gRPC), else HTTP_JSON: each front refuses the other's targets.
     grpc: bool = False
+    # Requests one replica serves at once (containerConcurrency); 0: no limit. Past it,
+    # requests wait in the version's queue (merlin_dp.gateway.activation).
+    limit: int = 0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -208,6 +211,7 @@ def compile_table(
             key=(ve.project, ve.model, ve.version),
             scale_to_zero=ve.scale_to_zero,
             grpc=ve.protocol == "UPI_V1",
+            limit=ve.container_concurrency,
         )
         versions[(ve.project, ve.model, ve.version)] = vt
         by_host[f"{name}.{ve.project}.{domain}"] = vt
