@@ -83,8 +83,9 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Protocol
 
-from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
-from merlin_dp.autoscaler.window import SecondBuckets
+from merlin_dp.autoscaler.inputs import Replicas, VersionAutoscaler
+from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState
+from merlin_dp.spec.signals import SignalRecord
 
 SERVICE_MEAN_S = 0.05
 SERVICE_SIGMA = 0.5
@@ -94,7 +95,8 @@ STARTUPS = (5, 30)
 LIMITS = (1, 4)
 SEEDS = (1, 2, 3)
 CLUSTER_CAP = 2000
-HISTORY_S = 300  # prefilled signal history before t = 0 (the longest window any policy reads)
+HISTORY_S = 300  # signal history kept before t = 0 (the longest window any policy reads)
+WARMUP_S = 120  # simulated before t = 0 at λ(0) with the oracle's replicas: the history
 SLO_FLOOR = 0.001  # miss shares below 0.1% compare as 0.1%
 MAX_TAIL_S = 900  # after the trace: time allowed for the backlog to drain
 
@@ -109,7 +111,8 @@ class Trace:
     ``kind`` selects the shape: ``steady`` (``base``), ``step`` (``base`` then ``high``
     from ``at``), ``spike`` (``base``, ``high`` during ``[at, at + width)``), ``diurnal``
     (a sine from ``base`` up to ``high`` and back over ``period``), ``onoff`` (``high``
-    during ``[at + k·period, at + k·period + width)``, else zero).
+    during ``[at + k·period, at + k·period + width)``, else zero), ``periodic`` (the same
+    bursts over ``base``: a batch caller every ``period`` on top of other traffic).
     """
 
     name: str
@@ -133,9 +136,10 @@ class Trace:
         if self.kind == "diurnal":
             mid, amp = (self.base + self.high) / 2, (self.high - self.base) / 2
             return mid - amp * math.cos(2 * math.pi * t / self.period)
-        if self.kind == "onoff":
+        if self.kind in ("onoff", "periodic"):
             phase = t - self.at
-            return self.high if phase >= 0 and phase % self.period < self.width else 0.0
+            between = 0.0 if self.kind == "onoff" else self.base
+            return self.high if phase >= 0 and phase % self.period < self.width else between
         raise ValueError(f"unknown trace kind {self.kind!r}")
 
     @property
@@ -147,9 +151,17 @@ class Trace:
         """Instants where the rate steps up (time to capacity is measured from these)."""
         if self.kind in ("step", "spike"):
             return (self.at,)
-        if self.kind == "onoff":
+        if self.kind in ("onoff", "periodic"):
             return tuple(self.at + k * self.period for k in range(self.cycles))
         return ()
+
+    @property
+    def learned_at(self) -> float:
+        """When the trace's pattern has been seen twice (periodic: the second burst is
+        over), so a forecast could know it; 0 for traces with nothing to learn."""
+        if self.kind == "periodic":
+            return self.at + self.period + self.width
+        return 0.0
 
     @property
     def cycles(self) -> int:
@@ -162,7 +174,11 @@ TRACES: tuple[Trace, ...] = (
     Trace("spike", "spike", 600, base=20.0, high=200.0, at=120.0, width=30.0),
     Trace("diurnal", "diurnal", 600, base=20.0, high=200.0, period=600.0),
     Trace("onoff", "onoff", 600, base=0.0, high=100.0, at=60.0, width=30.0, period=150.0),
+    Trace("periodic", "periodic", 1200, base=5.0, high=150.0, at=60.0, width=20.0, period=180.0),
 )
+# Where a policy has what it needs to meet the oracle closely: load that holds still, moves
+# slowly, steps with a short start-up, or repeats (cost compared once it has repeated).
+PREDICTABLE = {"steady": (5, 30), "diurnal": (5, 30), "step": (5,), "periodic": (5, 30)}
 
 
 def needed_replicas(rate: float, limit: int) -> int:
@@ -183,7 +199,8 @@ class Workload:
 
     arrivals: list[float]
     service: list[float]
-    # count_before[s] / sum_before[s]: number and sum of arrival times before second s.
+    # count_before[s + WARMUP_S] / sum_before[...]: number and sum of arrival times before
+    # second s (arrivals begin at -WARMUP_S, the warm-up).
     count_before: list[int]
     sum_before: list[float]
 
@@ -193,7 +210,7 @@ def make_workload(trace: Trace, seed: int) -> Workload:
     peak = trace.peak
     mu = math.log(SERVICE_MEAN_S) - SERVICE_SIGMA**2 / 2
     arrivals: list[float] = []
-    t = 0.0
+    t = -float(WARMUP_S)
     while True:
         t += rng.expovariate(peak)
         if t >= trace.duration:
@@ -202,14 +219,14 @@ def make_workload(trace: Trace, seed: int) -> Workload:
             arrivals.append(t)
     service = [rng.lognormvariate(mu, SERVICE_SIGMA) for _ in arrivals]
     horizon = trace.duration + MAX_TAIL_S + 2
-    count_before = [0] * (horizon + 1)
-    sum_before = [0.0] * (horizon + 1)
+    count_before = [0] * (horizon + WARMUP_S + 1)
+    sum_before = [0.0] * (horizon + WARMUP_S + 1)
     i, total, n = 0, 0.0, len(arrivals)
-    for s in range(horizon + 1):
+    for s in range(-WARMUP_S, horizon + 1):
         while i < n and arrivals[i] < s:
             total += arrivals[i]
             i += 1
-        count_before[s], sum_before[s] = i, total
+        count_before[s + WARMUP_S], sum_before[s + WARMUP_S] = i, total
     return Workload(arrivals, service, count_before, sum_before)
 
 
@@ -277,61 +294,49 @@ def project_config(metrics_type: str, limit: int) -> PolicyConfig:
     return policy_config(ScaledVersion("sim", "model", "1", policy, resources))
 
 
-MIN_SERVED = 100  # completions a service-time estimate needs
+def gateway_record(view: View, second: int) -> SignalRecord:
+    """The simulated gateway's record of ``second``: what a real gateway counts and
+    samples (:mod:`merlin_dp.gateway.signals`), from the simulator's own events — arrivals,
+    requests waiting in its queue and on replicas (exact time integrals), completions and
+    their dispatch-to-answer times. Never the trace or the service-time distribution."""
+    i = second + HISTORY_S
+    concurrency = view.concurrency[i]
+    in_service = view.busy[i]
+    return {
+        "project": "sim", "model": "model", "version": "1", "second": second,
+        "requests": int(view.arrivals[i]), "concurrency": concurrency,
+        "in_service": in_service, "queued": max(0.0, concurrency - in_service),
+        "completions": int(view.served[i]), "service_seconds": view.served_time[i],
+    }  # fmt: skip
 
 
 class ProjectPolicy:
-    """``merlin_dp.autoscaler.policy.decide`` fed the way ``merlin_dp/autoscaler/scaler.py``
-    feeds it: every second, windowed means from :class:`SecondBuckets` of arrivals and
-    concurrency."""
+    """This project's autoscaler as production runs it: a
+    :class:`~merlin_dp.autoscaler.inputs.VersionAutoscaler` fed, every second, the
+    simulated gateway's records (:func:`gateway_record`) and the runtime's replica counts
+    and measured start-up time — the one signal path production uses."""
 
     def __init__(self, view: View, metrics_type: str = "concurrency") -> None:
-        self.config = project_config(metrics_type, view.limit)
-        horizon = int(max(self.config.stable_window, self.config.panic_window)) + 2
-        self.rps = SecondBuckets(horizon)
-        self.conc = SecondBuckets(horizon)
-        self.served = SecondBuckets(horizon)
-        self.served_time = SecondBuckets(horizon)
-        for s in range(-horizon, view.now):
-            self._add(view, s)
-        self.added = view.now  # seconds before this one are in the buckets
-        self.service_time = SERVICE_MEAN_S  # measured before the run (the version served)
-        self.state = PolicyState(desired=view.live, last_active=None if view.live == 0 else 0.0)
+        config = project_config(metrics_type, view.limit)
+        state = PolicyState(desired=view.live, last_active=None if view.live == 0 else 0.0)
+        self.scaler = VersionAutoscaler(config, state)
+        self.added = -WARMUP_S  # records before this second are in
+        self._observe(view)
 
-    def _add(self, view: View, second: int) -> None:
-        i = second + HISTORY_S
-        self.rps.add(second, view.arrivals[i], second + 1)
-        self.conc.add(second, view.concurrency[i], second + 1)
-        self.served.add(second, view.served[i], second + 1)
-        self.served_time.add(second, view.served_time[i], second + 1)
+    def _observe(self, view: View) -> None:
+        records = [gateway_record(view, s) for s in range(self.added, view.now)]
+        self.scaler.observe(records, float(view.now))
+        self.added = view.now
 
     def decide(self, view: View) -> int | None:
-        now = float(view.now)
-        for second in range(self.added, view.now):
-            self._add(view, second)
-        self.added = view.now
-        cfg = self.config
-        series = self.rps if cfg.metrics_type == "rps" else self.conc
-        served = self.served.average(now, cfg.stable_window)
-        if served * cfg.stable_window >= MIN_SERVED:  # else the last estimate holds
-            self.service_time = self.served_time.average(now, cfg.stable_window) / served
-        signals = Signals(
-            stable=series.average(now, cfg.stable_window),
-            panic=series.average(now, cfg.panic_window),
-            ready=view.ready,
-            starting=view.starting,
-            draining=view.draining,
-            waiting=view.queued if view.ready == 0 else 0,
-            rate_stable=self.rps.average(now, cfg.stable_window),
-            rate_panic=self.rps.average(now, cfg.panic_window),
-            rate_recent=self.rps.average(now, cfg.recent_window),
-            service_time=self.service_time,
-            queued=view.queued,
-            startup_time=float(view.startup),
-        )
-        decision = decide(cfg, signals, self.state, now)
-        self.state = decision.state
-        return decision.desired
+        self._observe(view)
+        # The runtime measured the start-up of the replicas running at t = 0.
+        replicas = Replicas(view.ready, view.starting, view.draining, float(view.startup))
+        # At zero, the gateway pokes when the first request arrives, holding that one, and
+        # production decides on the poke at once; the simulator decides on whole seconds,
+        # by when more have arrived, but the poke it models said one.
+        waiting = min(view.queued, 1) if view.live == 0 else 0
+        return self.scaler.decide(replicas, float(view.now), waiting=waiting).desired
 
 
 # --- the simulation ------------------------------------------------------------------------
@@ -340,6 +345,7 @@ class ProjectPolicy:
 @dataclass(frozen=True)
 class RunResult:
     cost: float  # replica-seconds over the trace
+    cost_learned: float  # replica-seconds from ``trace.learned_at`` on
     requests: int
     misses: int  # waited over the SLO
     p99: float  # seconds
@@ -357,6 +363,7 @@ def simulate(
 ) -> RunResult:
     arr, svc = work.arrivals, work.service
     n = len(arr)
+    w0 = WARMUP_S
     duration = trace.duration
     end = duration + MAX_TAIL_S
     size = HISTORY_S + end + 2
@@ -368,23 +375,15 @@ def simulate(
     view.served = [0.0] * size
     view.served_time = [0.0] * size
     view.written = [False] * size
-    dep_cnt = [0] * (end + 2)  # requests finishing in second s, and their finish times
-    dep_sum = [0.0] * (end + 2)
-    start_cnt = [0] * (end + 2)  # requests starting service in second s
-    start_sum = [0.0] * (end + 2)
-    svc_sum = [0.0] * (end + 2)
-    last_second = end + 1
-
-    # Steady state before t = 0: expected signals at λ(0), the oracle's count ready.
-    n0 = initial_replicas(trace, limit)
-    lam0 = trace.rate(0.0)
-    for i in range(HISTORY_S):
-        view.arrivals[i] = lam0
-        view.concurrency[i] = view.busy[i] = lam0 * SERVICE_MEAN_S
-        view.slots[i] = n0 * limit
-        view.served[i] = lam0
-        view.served_time[i] = lam0 * SERVICE_MEAN_S
-        view.written[i] = n0 > 0
+    # Per second s, at index s + w0: requests finishing (and their finish times, and
+    # service times), requests starting service (and their start times).
+    dep_cnt = [0] * (end + w0 + 2)
+    dep_sum = [0.0] * (end + w0 + 2)
+    start_cnt = [0] * (end + w0 + 2)
+    start_sum = [0.0] * (end + w0 + 2)
+    svc_sum = [0.0] * (end + w0 + 2)
+    last_index = end + w0 + 1
+    count_before, sum_before = work.count_before, work.sum_before
 
     # Replicas: parallel lists indexed by replica id.
     requested: list[float] = []
@@ -409,12 +408,15 @@ def simulate(
         else:
             starting.append((ready_at, rid))
 
+    # The warm-up: the oracle's replicas for λ(0), ready before it begins, serve the
+    # warm-up's requests; its seconds are the history every controller starts with.
+    n0 = initial_replicas(trace, limit)
     for _ in range(n0):
-        add_replica(0.0, 0)
+        add_replica(-float(w0), -w0)
     for rid in range(n0):
-        requested[rid] = -float(startup)
+        requested[rid] = -float(w0 + startup)
 
-    controller = factory(view)
+    controller: Controller | None = None
     wait = [math.inf] * n
     nxt = 0  # FIFO: requests start in arrival order; nxt is the first not yet started
     integral_prev = 0.0
@@ -423,24 +425,25 @@ def simulate(
     ready_at_tick: list[int] = []
     targets: list[int] = [n0]
 
-    t = 0
+    t = -w0
     while t < end:
-        if t > 0:
+        if t > -w0:
             # Close second t-1: integrals of requests in system and on replicas.
             s = t - 1
-            cum_dep_cnt += dep_cnt[s]
-            cum_dep_sum += dep_sum[s]
-            cum_start_cnt += start_cnt[s]
-            cum_start_sum += start_sum[s]
-            a_cnt, a_sum = work.count_before[t], work.sum_before[t]
+            k = s + w0
+            cum_dep_cnt += dep_cnt[k]
+            cum_dep_sum += dep_sum[k]
+            cum_start_cnt += start_cnt[k]
+            cum_start_sum += start_sum[k]
+            a_cnt, a_sum = count_before[t + w0], sum_before[t + w0]
             integral = cum_dep_sum + (a_cnt - cum_dep_cnt) * t - a_sum
             busy_int = cum_dep_sum + (cum_start_cnt - cum_dep_cnt) * t - cum_start_sum
             i = s + HISTORY_S
-            view.arrivals[i] = a_cnt - work.count_before[s]
+            view.arrivals[i] = a_cnt - count_before[k]
             view.concurrency[i] = integral - integral_prev
             view.busy[i] = busy_int - busy_prev
-            view.served[i] = dep_cnt[s]
-            view.served_time[i] = svc_sum[s]
+            view.served[i] = dep_cnt[k]
+            view.served_time[i] = svc_sum[k]
             view.written[i] = view.written[i] or view.concurrency[i] > 0
             integral_prev, busy_prev = integral, busy_int
         # Replicas whose start-up is over become ready.
@@ -456,41 +459,44 @@ def simulate(
         view.ready = len(ready)
         view.starting = len(starting)
         view.draining = len(draining_leave)
-        view.queued = work.count_before[t] - nxt
+        view.queued = count_before[t + w0] - nxt
         i = t + HISTORY_S
         view.slots[i] = len(ready) * limit
         view.written[i] = len(ready) > 0
 
         if t >= duration and nxt >= n:
             break
-        desired = controller.decide(view)
-        if desired is not None:
-            desired = max(0, min(CLUSTER_CAP, desired))
-            live = len(ready) + len(starting)
-            if desired > live:
-                for _ in range(desired - live):
-                    add_replica(float(t), t + startup)
-            elif desired < live:
-                drop = live - desired
-                while drop and starting:
-                    _, rid = starting.pop()
-                    left[rid] = t
-                    gone[rid] = True
-                    drop -= 1
-                while drop and ready:
-                    rid = ready.pop()
-                    gone[rid] = True
-                    leave = max(float(t), busy_until[rid])
-                    left[rid] = leave
-                    if leave > t:
-                        draining_leave.append(leave)
-                    drop -= 1
-                if len(heap) > 4 * limit * (len(ready) + 1):
-                    heap = [e for e in heap if not gone[e[1]]]
-                    heapq.heapify(heap)
-            if desired != targets[-1]:
-                targets.append(desired)
-        ready_at_tick.append(len(ready))
+        if t >= 0:
+            if controller is None:
+                controller = factory(view)
+            desired = controller.decide(view)
+            if desired is not None:
+                desired = max(0, min(CLUSTER_CAP, desired))
+                live = len(ready) + len(starting)
+                if desired > live:
+                    for _ in range(desired - live):
+                        add_replica(float(t), t + startup)
+                elif desired < live:
+                    drop = live - desired
+                    while drop and starting:
+                        _, rid = starting.pop()
+                        left[rid] = t
+                        gone[rid] = True
+                        drop -= 1
+                    while drop and ready:
+                        rid = ready.pop()
+                        gone[rid] = True
+                        leave = max(float(t), busy_until[rid])
+                        left[rid] = leave
+                        if leave > t:
+                            draining_leave.append(leave)
+                        drop -= 1
+                    if len(heap) > 4 * limit * (len(ready) + 1):
+                        heap = [e for e in heap if not gone[e[1]]]
+                        heapq.heapify(heap)
+                if desired != targets[-1]:
+                    targets.append(desired)
+            ready_at_tick.append(len(ready))
 
         # Serve the queue until the next second boundary.
         boundary = t + 1.0
@@ -511,30 +517,37 @@ def simulate(
             if done > busy_until[rid]:
                 busy_until[rid] = done
             wait[nxt] = st - a
-            ss = int(st)
+            ss = int(st + w0)
             start_cnt[ss] += 1
             start_sum[ss] += st
-            ds = int(done)
-            if ds > last_second:
-                ds = last_second
+            ds = int(done + w0)
+            if ds > last_index:
+                ds = last_index
             dep_cnt[ds] += 1
             dep_sum[ds] += done
             svc_sum[ds] += svc[nxt]
             nxt += 1
         t += 1
 
-    cost = 0.0
+    cost = cost_learned = 0.0
+    learned = trace.learned_at
     for rid in range(len(requested)):
         lo = max(requested[rid], 0.0)
         hi = min(left[rid], float(duration))
         if hi > lo:
             cost += hi - lo
-    misses = sum(1 for w in wait if w > SLO_WAIT_S)
-    latencies = sorted(w + s for w, s in zip(wait, svc, strict=True))
-    p99 = latencies[min(n - 1, int(0.99 * n))] if n else 0.0
+        lo = max(lo, learned)
+        if hi > lo:
+            cost_learned += hi - lo
+    first = count_before[w0]  # requests of the trace proper, not the warm-up's
+    counted = n - first
+    misses = sum(1 for w in wait[first:] if w > SLO_WAIT_S)
+    latencies = sorted(w + s for w, s in zip(wait[first:], svc[first:], strict=True))
+    p99 = latencies[min(counted - 1, int(0.99 * counted))] if counted else 0.0
     return RunResult(
         cost=cost,
-        requests=n,
+        cost_learned=cost_learned,
+        requests=counted,
         misses=misses,
         p99=p99,
         time_to_capacity=_time_to_capacity(trace, ready_at_tick, limit),

@@ -6,6 +6,7 @@ the autoscaler, poked, starts a replica), and scaling down under load fails no r
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -40,7 +41,8 @@ KEY = "fraud/scorer/1"
 HOST = "scorer.fraud.localhost"
 # Knative's timings scaled down so a test sees a whole cycle in seconds.
 FAST = PolicyConfig(stable_window=4.0, panic_window=1.0, scale_down_delay=2.0,
-                    scale_to_zero_grace=2.0, stabilization_window=3.0)  # fmt: skip
+                    scale_to_zero_grace=2.0, stabilization_window=3.0,
+                    forecast_min_period=8.0)  # fmt: skip
 # A pyfunc model that spends CPU on every request: n squares summed.
 BURN_MODEL = """
 class Burn:
@@ -249,3 +251,119 @@ async def _get(s: aiohttp.ClientSession, stack: Stack, path: str) -> tuple[int, 
     async with s.get(f"http://127.0.0.1:{stack.worker.port}{path}",
                      headers={"Host": HOST}) as r:  # fmt: skip
         return r.status, await r.text()
+
+
+# --- the gateway owns the queue: open-loop load, long requests, periodic bursts --------
+
+
+async def _poisson(
+    s: aiohttp.ClientSession,
+    stack: Stack,
+    rate: float,
+    seconds: float,
+    path: str,
+    seed: int = 1,
+) -> list[int]:
+    """Open-loop arrivals: a Poisson process at ``rate`` for ``seconds``, each request sent
+    when it arrives whatever is in flight (closed-loop clients would bound the load by
+    their count); the statuses, once all are answered."""
+    import random
+
+    rng = random.Random(seed)
+    calls: list[asyncio.Future[tuple[int, str]]] = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    at = loop.time()
+    while True:
+        at += rng.expovariate(rate)
+        if at >= end:
+            break
+        await asyncio.sleep(max(0.0, at - loop.time()))
+        calls.append(asyncio.ensure_future(_get(s, stack, path)))
+    return [status for status, _ in await asyncio.gather(*calls)]
+
+
+async def _watch_desired(stack: Stack, into: list[int], stop: asyncio.Event) -> None:
+    """What the autoscaler asks for, every 50 ms."""
+    while not stop.is_set():
+        scaler = stack.scaler.scalers.get(KEY)
+        if scaler is not None:
+            into.append(scaler.state.desired)
+        await asyncio.sleep(0.05)
+
+
+async def test_an_open_loop_burst_asks_for_what_it_needs_not_its_backlog(stack: Stack) -> None:
+    # 40 requests/s of a 50 ms model, one request per replica at a time: 2 busy, so
+    # ceil(2 / 0.7) = 3 replicas. While they start, requests queue in the gateway; sized
+    # on that queue (Knative's concurrency), the burst would ask for many more.
+    await stack.deploy(min_replica=1, max_replica=20, container_concurrency=1)
+    needed = math.ceil(40 * 0.05 / 0.7)
+    asked: list[int] = []
+    stop = asyncio.Event()
+    watcher = asyncio.ensure_future(_watch_desired(stack, asked, stop))
+    async with aiohttp.ClientSession() as s:
+        statuses = await _poisson(s, stack, 40.0, 10.0, "/sleep?s=0.05")
+    stop.set()
+    await watcher
+    assert statuses.count(200) == len(statuses) > 300
+    assert max(asked) >= needed - 1  # it did scale for the burst
+    assert max(asked) <= 1.5 * needed, asked
+
+
+async def test_one_long_request_changes_no_scale(stack: Stack) -> None:
+    # The defaults (concurrency, target 1, max 2): one request far longer than every
+    # window (stable 4 s here) is one replica busy, not a burst.
+    await stack.deploy(min_replica=1, max_replica=2)
+    assert stack.controller.runtime is not None
+    scaled: list[int] = []
+    runtime = stack.controller.runtime
+    original = runtime.scale
+
+    async def counting(key: str, replicas: int) -> None:
+        scaled.append(replicas)
+        await original(key, replicas)
+
+    runtime.scale = counting  # type: ignore[method-assign]
+    async with aiohttp.ClientSession() as s:
+        status, _ = await _get(s, stack, "/sleep?s=12")
+    assert status == 200
+    await asyncio.sleep(1.0)
+    assert scaled == [], stack.scaler.last_reason
+    assert stack.live() == 1
+
+
+async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: Stack) -> None:
+    # A trickle, and a batch caller's 3 s burst every 12 s: after two bursts the forecast
+    # knows the period and orders the replicas one start-up time ahead of the third.
+    await stack.deploy(min_replica=1, max_replica=10, container_concurrency=1)
+    period, width, first = 12.0, 3.0, 6.0
+    needed = math.ceil(30 * 0.05 / 0.7)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    ready_at_third: list[int] = []
+
+    async def trickle(s: aiohttp.ClientSession) -> None:
+        await _poisson(s, stack, 3.0, first + 2 * period + width + 1, "/sleep?s=0.05", seed=2)
+
+    async def bursts(s: aiohttp.ClientSession) -> list[int]:
+        statuses: list[int] = []
+        for k in range(3):
+            await asyncio.sleep(max(0.0, began + first + k * period - loop.time()))
+            if k == 2:
+                ready_at_third.append(len(stack.ready()))
+            statuses += await _poisson(s, stack, 30.0, width, "/sleep?s=0.05", seed=10 + k)
+        return statuses
+
+    async with aiohttp.ClientSession() as s:
+        _, statuses = await asyncio.gather(trickle(s), bursts(s))
+    assert statuses.count(200) == len(statuses)
+    async with stack.api.session.get(stack.api.url + "/metrics") as resp:
+        families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+    reasons = {s.labels["reason"]: s.value for s in families["merlin_autoscaler_decisions"].samples}
+    assert reasons.get("forecast", 0) >= 1, reasons
+    signals = {
+        s.labels["metric"]: s.value for s in families["merlin_autoscaler_signal_value"].samples
+    }
+    assert signals.get("forecast_period_seconds") == pytest.approx(period, abs=1)
+    # The third burst found its replicas ready (the first two had to wait for them).
+    assert ready_at_third[0] >= needed, (ready_at_third, stack.scaler.last_reason)

@@ -41,8 +41,11 @@ class Runtime:
 
 
 def record(second: int, requests: int, concurrency: float) -> dict[str, Any]:
+    """A gateway's second with nothing queued: as many answered as arrived, the time in
+    service adding up to the mean in flight."""
     return {"project": "fraud", "model": "scorer", "version": "1", "second": second,
-            "requests": requests, "concurrency": concurrency}  # fmt: skip
+            "requests": requests, "concurrency": concurrency, "in_service": concurrency,
+            "queued": 0.0, "completions": requests, "service_seconds": concurrency}  # fmt: skip
 
 
 def endpoint(**policy: Any) -> ScaledVersion:
@@ -56,7 +59,7 @@ def endpoint(**policy: Any) -> ScaledVersion:
 
 
 async def test_the_policy_gets_rates_service_time_and_start_up_time() -> None:
-    # 60 s of 100 requests/s at a mean of 5 in flight: 50 ms per request (Little's law).
+    # 60 s of 100 requests/s answered in 5 s of service each second: 50 ms per request.
     records = [record(int(NOW) - s, 100, 5.0) for s in range(1, 61)]
 
     async def signals(_: web.Request) -> web.Response:
@@ -85,7 +88,7 @@ async def test_the_policy_gets_rates_service_time_and_start_up_time() -> None:
         # 100/s x 50 ms = 5 busy replicas at 70% of a target of 1: ceil(7.14) = 8 run.
         assert runtime.asked == []
         # Two minutes on, a trickle: too few requests to trust a new estimate (3 requests
-        # at 0.9 in flight would say 300 ms); the last good one holds.
+        # in 0.9 s of service would say 300 ms); the last good one holds.
         clock[0] = NOW + 120
         records[:] = [record(int(NOW) + 119, 3, 0.9)]
         await scaler.tick()
@@ -119,7 +122,8 @@ async def test_two_gateways_sum_and_a_silent_one_ages_out() -> None:
     served["b"].append(record(second, 20, 1.0))
     try:
         assert await collector.poll(NOW) == (2, 2)
-        rps, conc = collector.buckets(("fraud", "scorer", "1"))
+        series = collector.series(("fraud", "scorer", "1"))
+        rps, conc = series.requests, series.concurrency
         assert rps.average(NOW, 1) == 50 and conc.average(NOW, 1) == 2.5
         # Asking again returns nothing twice: only seconds after the last one reported.
         assert await collector.poll(NOW + 0.5) == (2, 2)

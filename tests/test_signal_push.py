@@ -49,7 +49,7 @@ async def test_gateways_push_and_the_autoscaler_sums_them(
             await asyncio.sleep(0.1)
             now = time.time()
             answered, expected = await reader.poll(now)
-            rps, _ = reader.buckets(("fraud", "scorer", "1"))
+            rps = reader.series(("fraud", "scorer", "1")).requests
             total = rps.average(now, 10) * 10  # every request of the last 10 s
             if round(total) == 15 and answered == 2:
                 break

@@ -127,8 +127,15 @@ def run_http(args: argparse.Namespace) -> int:
             procs, "proxy", lambda p: nginx_proxy_conf(p, proxy_port, upstream),
             nginx_path=tools["nginx"], port=proxy_port, workdir=workdir, cpus=sut_cpus,
         )  # fmt: skip
-        routes = build_routes(upstream, model_rule=canary_match_rule())
+        routes = build_routes(
+            upstream, model_rule=canary_match_rule(),
+            container_concurrency=args.container_concurrency,
+        )  # fmt: skip
         routes_file = write_route_file(routes, workdir / "routes.yaml")
+        # The baseline may predate container_concurrency: it gets the table without it.
+        base_routes = write_route_file(
+            build_routes(upstream, model_rule=canary_match_rule()), workdir / "base-routes.yaml"
+        )
         gateway = start_gateway(
             procs, routes_file, port=gateway_port, admin_port=admin_port,
             workdir=workdir, cpus=sut_cpus, extra_args=args.gateway_arg,
@@ -148,7 +155,7 @@ def run_http(args: argparse.Namespace) -> int:
             # gateway takes its turn in every round.
             base_port, base_admin = free_ports(2)
             baseline = start_gateway(
-                procs, routes_file, port=base_port, admin_port=base_admin, workdir=workdir,
+                procs, base_routes, port=base_port, admin_port=base_admin, workdir=workdir,
                 cpus=sut_cpus, extra_args=args.gateway_arg, name=HTTP_BASELINE,
                 root=args.baseline_root,
             )  # fmt: skip
@@ -275,4 +282,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
     )
     add_round_options(parser)
+    parser.add_argument(
+        "--container-concurrency", type=int, default=None, metavar="N",
+        help="limit the gateway's requests per replica (past it they queue in the gateway); "
+        "the baseline runs without a limit. Default: no limit, the field left out",
+    )  # fmt: skip
     parser.set_defaults(run=run_http)

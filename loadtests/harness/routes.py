@@ -48,13 +48,19 @@ def build_routes(
     model: str = BENCH_MODEL,
     versions: Sequence[str] = tuple(DEFAULT_WEIGHTS),
     model_rule: Mapping[str, Any] | None = None,
+    container_concurrency: int | None = None,
 ) -> dict[str, Any]:
     """A route table: each version served by `replica`, one model endpoint with `model_rule`
-    (the 90/10 weighted rule by default; pass one with header matches to bench those)."""
+    (the 90/10 weighted rule by default; pass one with header matches to bench those);
+    `container_concurrency` limits each version's requests per replica (None: the field is
+    left out, as a gateway from before it existed needs)."""
     rule = dict(model_rule) if model_rule is not None else weighted_rule(DEFAULT_WEIGHTS)
+    limit = (
+        {} if container_concurrency is None else {"container_concurrency": container_concurrency}
+    )
     return {
         "version_endpoints": [
-            {"project": project, "model": model, "version": v, "replicas": [replica]}
+            {"project": project, "model": model, "version": v, "replicas": [replica], **limit}
             for v in versions
         ],
         "model_endpoints": [{"project": project, "model": model, "rule": rule}],

@@ -1,8 +1,9 @@
 """Collecting request signals from every gateway: pulled from admin ports, or read from
 the Redis stream gateways push to.
 
-Either way the seconds gateways closed are added into per-version buckets (several
-gateways sum into the same second). A gateway that stops reporting simply stops
+Either way the seconds gateways closed are added into each version's
+:class:`~merlin_dp.autoscaler.window.VersionSeries` (several gateways sum into the same
+second). A gateway that stops reporting simply stops
 contributing — its old numbers age out of the windows rather than freezing there — and
 ``poll`` says how many gateways reported this time against how many are expected, so the
 scaler can hold instead of reading silence as idleness.
@@ -17,9 +18,9 @@ from typing import Any
 
 import aiohttp
 
-from merlin_dp.autoscaler.window import SecondBuckets
+from merlin_dp.autoscaler.window import HORIZON_S, VersionSeries
 from merlin_dp.common.aio import raise_if_cancelling
-from merlin_dp.spec.signals import signals_stream
+from merlin_dp.spec.signals import SignalRecord, signals_stream
 
 log = logging.getLogger("autoscaler")
 
@@ -27,28 +28,25 @@ Key = tuple[str, str, str]
 
 
 class _Buckets:
-    """Per-version rps and concurrency buckets, and who reported when."""
+    """Per-version series, and who reported when."""
 
     def __init__(self, horizon_s: int) -> None:
         self.horizon = horizon_s
-        self.rps: dict[Key, SecondBuckets] = {}
-        self.concurrency: dict[Key, SecondBuckets] = {}
+        self._series: dict[Key, VersionSeries] = {}
         self.failures: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}  # when each source last reported
 
-    def buckets(self, key: Key) -> tuple[SecondBuckets, SecondBuckets]:
-        if key not in self.rps:
-            self.rps[key] = SecondBuckets(self.horizon)
-            self.concurrency[key] = SecondBuckets(self.horizon)
-        return self.rps[key], self.concurrency[key]
+    def series(self, key: Key) -> VersionSeries:
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = VersionSeries(self.horizon)
+        return found
 
-    def _add(self, records: Iterable[dict[str, Any]], now: float) -> int:
+    def _add(self, records: Iterable[SignalRecord], now: float) -> int:
         """Add a gateway's records; returns the newest second among them (-1: none)."""
         newest = -1
         for rec in records:
-            rps, conc = self.buckets((rec["project"], rec["model"], rec["version"]))
-            rps.add(rec["second"], rec["requests"], now)
-            conc.add(rec["second"], rec["concurrency"], now)
+            self.series((rec["project"], rec["model"], rec["version"])).add(rec, now)
             newest = max(newest, rec["second"])
         return newest
 
@@ -56,7 +54,7 @@ class _Buckets:
 class GatewaySignals(_Buckets):
     """Pulls each gateway's admin ``/signals`` for the seconds since its last answer."""
 
-    def __init__(self, admin_urls: Sequence[str], horizon_s: int = 120) -> None:
+    def __init__(self, admin_urls: Sequence[str], horizon_s: int = HORIZON_S) -> None:
         super().__init__(horizon_s)
         self.admin_urls = list(admin_urls)
         self._since: dict[str, int] = {}
@@ -104,7 +102,7 @@ class RedisSignals(_Buckets):
         self,
         url: str,
         prefix: str = "merlin-dp",
-        horizon_s: int = 120,
+        horizon_s: int = HORIZON_S,
         fresh_s: float = 3.0,
         forget_s: float = 30.0,
     ) -> None:

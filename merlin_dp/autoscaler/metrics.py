@@ -8,11 +8,13 @@ metric families from them into a private registry and returns the Prometheus tex
 
 - ``merlin_autoscaler_desired_replicas``, ``merlin_autoscaler_ready_replicas``;
 - ``merlin_autoscaler_signal_value{metric}``: what the policy read (rps, concurrency, or
-  percent of request for ``cpu_utilization`` and ``memory_utilization``); absent while
-  there is no value;
+  percent of request for ``cpu_utilization`` and ``memory_utilization``; the service
+  time, the queue and requests in service; the forecast's period, prediction and error);
+  absent while there is no value;
 - ``merlin_autoscaler_replica_metrics_missing{reason}``: ready replicas that did not
   report CPU or memory this tick, by reason (see ``merlin_dp.autoscaler.resources``);
-- ``merlin_autoscaler_decisions_total{reason}``, ``merlin_autoscaler_activations_total``.
+- ``merlin_autoscaler_decisions_total{reason}`` (``forecast``: a pre-warm ahead of
+  predicted load), ``merlin_autoscaler_activations_total``.
 
 Per gateway: ``merlin_autoscaler_gateway_poll_failures_total{gateway}`` and
 ``merlin_autoscaler_signal_age_seconds{gateway}`` (``+Inf`` until it first reports).
@@ -28,6 +30,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from merlin_dp.autoscaler.policy import Signals
 from merlin_dp.autoscaler.resources import MISSING_REASONS, Utilization
 
 VERSION_LABELS = ("project", "model", "version")
@@ -88,6 +91,24 @@ class AutoscalerMetrics:
             label = "other"
         series.decisions[label] = series.decisions.get(label, 0) + 1
 
+    def observe_inputs(self, key: str, signals: Signals) -> None:
+        """What the gateways' records said, as the policy read it: the service time, the
+        backlog and requests in service, and the forecast (its period, the most arrivals
+        per second it predicts within a start-up time, and its error over the panic
+        window just past: |predicted - came| / the larger, 0 when both are nothing)."""
+        series = self._version(key)
+        self._set_signal(series, "service_time_seconds", signals.service_time or None)
+        self._set_signal(series, "queued", signals.queued)
+        self._set_signal(series, "in_service", signals.in_service)
+        period = signals.period or None
+        self._set_signal(series, "forecast_period_seconds", period)
+        self._set_signal(series, "forecast_rps", signals.forecast_rate if period else None)
+        error = None
+        if period:
+            top = max(signals.forecast_past, signals.rate_panic)
+            error = abs(signals.forecast_past - signals.rate_panic) / top if top > 0 else 0.0
+        self._set_signal(series, "forecast_error", error)
+
     def observe_utilization(self, key: str, utilization: Utilization) -> None:
         """A scrape's result for ``key``: CPU and memory values and the missing counts."""
         series = self._version(key)
@@ -142,8 +163,12 @@ class _Collector(Collector):
         )
         signal = GaugeMetricFamily(
             "merlin_autoscaler_signal_value",
-            "Signal values the policy reads: rps and concurrency (total over the stable "
-            "window), cpu_utilization and memory_utilization (mean percent of request).",
+            "Signal values the policy reads: rps and concurrency (mean over the stable "
+            "window), cpu_utilization and memory_utilization (mean percent of request), "
+            "service_time_seconds (dispatch to answer), queued and in_service (the last "
+            "second's mean), forecast_period_seconds, forecast_rps (most arrivals per "
+            "second predicted within a start-up time) and forecast_error (relative, over "
+            "the panic window just past).",
             labels=[*labels, "metric"],
         )
         missing = GaugeMetricFamily(

@@ -79,6 +79,8 @@ class PolicyConfig:
     # long start-up piles up a backlog too big to drain at once for a sane price):
     drain_time: float = 1.5  # seconds
     drain_startups: float = 0.25  # start-up times
+    # Periodic load shorter than this is the reactive windows' job, not the forecast's:
+    forecast_min_period: float = 40.0
     # HPA (Kubernetes defaults in brackets)
     tolerance: float = 0.1  # [0.1]
     stabilization_window: float = 300.0  # [300 s] for scale-down
@@ -98,17 +100,27 @@ class Signals:
     # Requests a gateway holds for this version because nothing is ready (activation).
     waiting: int = 0
     # Little's law inputs for rps and concurrency (0 = not measured): arrivals per second
-    # over the stable, panic and recent windows; the mean seconds a replica spends on one
-    # request, queueing excluded (over the stable window; the last estimate while too few
-    # requests completed); requests the gateways hold that no replica has taken yet (the
-    # backlog: at zero, the same requests as ``waiting``); how long replicas recently took
-    # from being asked for to ready.
+    # over the stable, panic and recent windows; the mean seconds from dispatch to answer
+    # (the gateways queue what replicas can't take, so no queueing is in it) over the
+    # stable window, the last estimate while too few requests completed; requests the
+    # gateways hold that no replica has taken yet (the backlog: the last second's mean,
+    # or at zero the requests ``waiting``); requests on replicas (the last second's mean);
+    # how long replicas recently took from being asked for to ready.
     rate_stable: float = 0.0
     rate_panic: float = 0.0
     rate_recent: float = 0.0
     service_time: float = 0.0
-    queued: int = 0
+    queued: float = 0.0
+    in_service: float = 0.0
     startup_time: float = 0.0
+    # Periodic load (merlin_dp.autoscaler.forecast): its period in seconds (0: none found)
+    # and when it was last looked for; the most arrivals per second it predicts over the
+    # next start-up time (plus a tick), and what it predicted for the panic window just
+    # past (its median second; to compare with what came: ``rate_panic``).
+    period: int = 0
+    period_found_at: float = -math.inf
+    forecast_rate: float = 0.0
+    forecast_past: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +129,9 @@ class PolicyState:
     panic_since: float | None = None
     last_active: float | None = None  # last time any traffic was seen
     recent: tuple[tuple[float, int], ...] = field(default_factory=tuple)  # (time, wanted)
+    # A forecast that missed (the load it predicted did not come) is not trusted again
+    # until this time: one period later.
+    forecast_off_until: float = -math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +169,20 @@ def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> De
     capacity = s.ready + s.starting  # what is up or on its way; draining is leaving
     queued = s.queued  # the backlog (``waiting`` alone only starts activation, below)
     little = _little(config, s)
-    if little is None:
+    off_until = state.forecast_off_until
+    forecast = False
+    if little is None and (s.in_service > 0 or s.queued > 0):
+        # No service time yet (too few requests completed): what is in service and queued
+        # now, a slot each, no headroom: one long request is one replica, not a burst. A
+        # queue says little about how many replicas would drain it without a service
+        # time, and sized on it the order grows with every second of start-up (Knative's
+        # runaway): while replicas are on their way or just landed, wait for them to
+        # measure it.
+        busy = math.ceil(round(s.in_service / config.target_value, 1))
+        want = math.ceil(round((s.in_service + s.queued) / config.target_value, 1))
+        want = max(busy, min(want, max(capacity, 1)))
+        over, extra, active = False, 0, True
+    elif little is None:
         # The metric as measured (a concurrency that counts the backlog, too).
         want_stable = math.ceil(round(s.stable / per_replica, 9))
         want_panic = math.ceil(round(s.panic / per_replica, 9))
@@ -170,11 +198,21 @@ def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> De
             # would not need them either (steady load near a boundary does not flap).
             high = rate + 2 * sigma
             want = min(state.desired, math.ceil(round(high * unit / per_replica, 9)))
+        if config.metrics_type == "concurrency":
+            # Requests in service hold their slots however long they take.
+            want = max(want, math.ceil(round(s.in_service / config.target_value, 1)))
         want_panic = math.ceil(round(r_panic * unit / per_replica, 9))
         over = how != "stable" and want > capacity
         over = over or (want_panic > 0 and want_panic >= config.panic_threshold * capacity)
+        if s.period and now >= off_until:
+            if _forecast_missed(config, s, unit, per_replica, want):
+                off_until = now + s.period  # trust it again once the cycle has come round
+            else:
+                want_ahead = math.ceil(round(s.forecast_rate * unit / per_replica, 9))
+                forecast = want_ahead > want
+                want = max(want, want_ahead)
         extra = _drain_replicas(config, s, rate, unit, want, queued)
-        active = r_panic > 0 or s.panic > 0 or queued > 0 or s.waiting > 0
+        active = r_panic > 0 or s.panic > 0 or queued > 0 or s.waiting > 0 or s.in_service > 0
     last_active = now if active else state.last_active
     up_limit = max(1, math.ceil(config.max_scale_up_rate * max(capacity, 1)))
     panic_since = now if over else None
@@ -190,7 +228,7 @@ def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> De
     desired = max(wanted, down_floor) if wanted < state.desired else wanted
     if little is not None and queued > 0 and wanted < state.desired:
         desired = state.desired  # a backlog is still draining: keep what drains it
-    reason = "panic" if over else ("backlog" if extra else "stable")
+    reason = "panic" if over else ("backlog" if extra else ("forecast" if forecast else "stable"))
     if wanted == 0:
         # No demand in the whole delay window: zero once the grace is over (not subject to
         # the rate limit), else keep one warm.
@@ -200,8 +238,20 @@ def _kpa(config: PolicyConfig, s: Signals, state: PolicyState, now: float) -> De
         else:
             desired = max(down_floor, 1) if state.desired > 0 else 0
             reason = "idle: within grace"
-    next_state = PolicyState(desired, panic_since, last_active, recent)
+    next_state = PolicyState(desired, panic_since, last_active, recent, off_until)
     return Decision(desired, next_state, reason)
+
+
+def _forecast_missed(
+    config: PolicyConfig, s: Signals, unit: float, per_replica: float, want: int
+) -> bool:
+    """The load the forecast predicted for the panic window just past did not come: half
+    of it, beyond Poisson noise, is missing, and it asked for replicas the traffic did
+    not need."""
+    predicted, came = s.forecast_past, s.rate_panic
+    noise = config.evidence * math.sqrt(max(predicted, 1e-9) / config.panic_window)
+    needed = math.ceil(round(predicted * unit / per_replica, 9))
+    return predicted - 2 * came > noise and needed > want
 
 
 def _little(config: PolicyConfig, s: Signals) -> tuple[float, float, float] | None:
@@ -242,7 +292,7 @@ def _arrival_rate(
 
 
 def _drain_replicas(
-    config: PolicyConfig, s: Signals, rate: float, unit: float, want: int, queued: int
+    config: PolicyConfig, s: Signals, rate: float, unit: float, want: int, queued: float
 ) -> int:
     """Replicas beyond ``want`` to clear, soon after they land, the backlog left when
     replicas ordered now land: the backlog now, plus what piles up (or minus what the

@@ -1,9 +1,10 @@
 """The decision loop: signals in, policy decisions out, actuated through the runtime.
 
-Every ``interval`` it polls the gateways, and for every running version endpoint builds
-:class:`~merlin_dp.autoscaler.policy.Signals` from the windows and the runtime's replica states,
-asks :func:`~merlin_dp.autoscaler.policy.decide`, and scales the runtime when the answer differs
-from what runs. The clock is injected; the policy state per version lives here.
+Every ``interval`` it polls the gateways, and for every running version endpoint hands
+the runtime's replica states to the version's
+:class:`~merlin_dp.autoscaler.inputs.VersionAutoscaler` (the one signal path: records to
+policy input to decision, the same one simulators drive), and scales the runtime when the
+answer differs from what runs. The clock is injected.
 
 A gateway holding requests for a version at zero pokes (:meth:`Autoscaler.poke`, through
 the controller's ``POST /v1/activations``); the poke wakes the loop at once instead of
@@ -21,8 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from merlin_dp.autoscaler.collector import SignalSource
+from merlin_dp.autoscaler.inputs import Replicas, VersionAutoscaler
 from merlin_dp.autoscaler.metrics import AutoscalerMetrics
-from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState, Signals, decide
+from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState, Signals
 from merlin_dp.autoscaler.resources import ReplicaResources, Resource
 from merlin_dp.common.aio import cancel_and_wait
 from merlin_dp.runtime import Runtime
@@ -34,8 +36,6 @@ log = logging.getLogger("autoscaler")
 # A poke counts as demand for this long: gateways repeat theirs every second while
 # requests wait, so a stale one means they stopped waiting.
 POKE_FRESH_SECONDS = 3.0
-# Requests in the stable window before their mean time counts as a service time.
-MIN_SERVICE_SAMPLE = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +77,12 @@ class Autoscaler:
         self.clock = clock
         self.interval = interval
         self.timings = timings or PolicyConfig()
-        self.states: dict[str, PolicyState] = {}
-        self.last_reason: dict[str, str] = {}
-        self.last_signals: dict[str, Signals] = {}
+        self.scalers: dict[str, VersionAutoscaler] = {}  # per version: windows, state
         self._pokes: dict[str, tuple[int, float]] = {}  # key -> (waiting, when)
         self.resources = ReplicaResources()
         self.metrics = AutoscalerMetrics()
         self._wake = asyncio.Event()
         self._task: asyncio.Future[None] | None = None
-        self._service: dict[str, float] = {}  # key -> last good seconds per request
         self._startup: dict[str, float] = {}  # key -> seconds the last replica took to ready
 
     def poke(self, key: str, waiting: int) -> None:
@@ -109,6 +106,8 @@ class Autoscaler:
             await self._decide(key, v, now, answered, everyone)
         self.resources.retain(running)
         self.metrics.retain(running)
+        for gone in [k for k in self.scalers if k not in running]:
+            del self.scalers[gone]
         for url in self.signals.sources:
             seen = self.signals.last_seen.get(url)
             self.metrics.set_gateway(
@@ -126,7 +125,6 @@ class Autoscaler:
         ready = sum(1 for r in replicas if r.state == "ready")
         starting = sum(1 for r in replicas if r.state in ("starting", "unready"))
         draining = sum(1 for r in replicas if r.state == "draining")
-        rps, conc = self.signals.buckets((v.project, v.model, v.version))
         waiting, poked_at = self._pokes.get(key, (0, -math.inf))
         if now - poked_at > POKE_FRESH_SECONDS:
             waiting = 0
@@ -141,40 +139,25 @@ class Autoscaler:
             self.metrics.observe_utilization(key, used)
             utilization = used.value(resource)
             complete = complete and used.complete(resource)
-            series = rps  # request traffic still decides idleness (scale to zero)
-        else:
-            series = rps if config.metrics_type == "rps" else conc
-        rate_stable = rps.average(now, config.stable_window)
-        observed = Signals(
-            stable=series.average(now, config.stable_window),
-            panic=series.average(now, config.panic_window),
-            utilization=utilization,
-            ready=ready,
-            starting=starting,
-            draining=draining,
-            complete=complete,
-            waiting=waiting,
-            rate_stable=rate_stable,
-            rate_panic=rps.average(now, config.panic_window),
-            rate_recent=rps.average(now, config.recent_window),
-            service_time=self._service_time(
-                key, conc.average(now, config.stable_window), rate_stable, config.stable_window
-            ),
-            queued=waiting,  # the gateway queues only at zero; replicas queue their own
-            startup_time=self._startup.get(key, 0.0),
-        )
-        # A version first seen counts as just active: it gets its grace before zero.
-        state = self.states.get(key) or PolicyState(desired=ready + starting, last_active=now)
+        scaler = self.scalers.get(key)
+        if scaler is None:
+            # A version first seen counts as just active: it gets its grace before zero.
+            state = PolicyState(desired=ready + starting, last_active=now)
+            series = self.signals.series((v.project, v.model, v.version))
+            scaler = self.scalers[key] = VersionAutoscaler(config, state, series)
         if answered == 0 and not waiting:
             return  # no gateway reported: hold (the HPA's rule for missing data)
-        decision = decide(config, observed, state, now)
-        self.last_signals[key] = observed
-        self.states[key] = decision.state
-        self.last_reason[key] = decision.reason
+        decision = scaler.decide(
+            Replicas(ready, starting, draining, self._startup.get(key, 0.0)), now,
+            waiting=waiting, utilization=utilization, complete=complete, config=config,
+        )  # fmt: skip
+        observed = scaler.signals
+        assert observed is not None
         value = utilization if config.metrics_type.endswith("_utilization") else observed.stable
         self.metrics.observe_decision(key, desired=decision.desired, ready=ready,
                                       reason=decision.reason, metric=config.metrics_type,
                                       value=value)  # fmt: skip
+        self.metrics.observe_inputs(key, observed)
         live = ready + starting
         if decision.desired != live:
             if live == 0 and waiting:
@@ -182,17 +165,21 @@ class Autoscaler:
             log.info("scaling %s from %d to %d (%s)", key, live, decision.desired,
                      decision.reason)  # fmt: skip
             await self.runtime.scale(key, decision.desired)
+        elif decision.reason == "forecast" and observed.forecast_rate:
+            log.info("%s: forecast of %.1f requests/s within the start-up time holds %d",
+                     key, observed.forecast_rate, decision.desired)  # fmt: skip
+
+    @property
+    def last_signals(self) -> dict[str, Signals]:
+        """Each version's last policy input."""
+        return {k: s.signals for k, s in self.scalers.items() if s.signals is not None}
+
+    @property
+    def last_reason(self) -> dict[str, str]:
+        return {k: s.reason for k, s in self.scalers.items()}
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
-
-    def _service_time(self, key: str, concurrency: float, rate: float, window: float) -> float:
-        """Seconds per request by Little's law (mean in flight / arrival rate) over the
-        stable window; with fewer than ``MIN_SERVICE_SAMPLE`` requests in it, the last
-        good estimate holds (0 until there is one: the policy then sizes on the metric)."""
-        if rate * window >= MIN_SERVICE_SAMPLE and concurrency > 0:
-            self._service[key] = concurrency / rate
-        return self._service.get(key, 0.0)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -21,10 +21,15 @@ def add_timing_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-to-zero-grace", type=float, default=d.scale_to_zero_grace,
                    metavar="SECONDS",
                    help="idle this long before a min_replica 0 version goes to zero")  # fmt: skip
+    g.add_argument("--forecast-min-period", type=float, default=d.forecast_min_period,
+                   metavar="SECONDS",
+                   help="periodic load repeating at least this far apart is forecast and "
+                   "pre-warmed one start-up time ahead")  # fmt: skip
 
 
 def timings_from(args: argparse.Namespace) -> PolicyConfig:
-    for name in ("stable_window", "scale_down_delay", "scale_to_zero_grace"):
+    for name in ("stable_window", "scale_down_delay", "scale_to_zero_grace",
+                 "forecast_min_period"):  # fmt: skip
         if not 0 <= getattr(args, name) <= 3600:
             raise SystemExit(f"merlin-dp: --{name.replace('_', '-')} must be 0-3600 seconds")
     if args.stable_window < 1:
@@ -35,4 +40,5 @@ def timings_from(args: argparse.Namespace) -> PolicyConfig:
         panic_window=max(1.0, args.stable_window / 10),  # Knative: 10% of the stable window
         scale_down_delay=args.scale_down_delay,
         scale_to_zero_grace=args.scale_to_zero_grace,
+        forecast_min_period=max(2.0, args.forecast_min_period),
     )

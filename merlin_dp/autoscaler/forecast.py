@@ -1,0 +1,111 @@
+"""Load that can be seen coming: periodic arrivals, found in the history the autoscaler
+keeps, and the arrival rate they predict one start-up time ahead.
+
+Pure functions of a per-second arrival series (oldest first, ending with the last complete
+second); nothing here reads a clock. :func:`find_period` looks for the lag at which the
+load best resembles itself (the autocorrelation of coarse bins, refined to the second);
+:func:`predict` takes the median of what arrived one, two and three periods before
+each second of the next ``lead`` seconds. The policy (:mod:`merlin_dp.autoscaler.policy`) decides
+whether to trust it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MIN_PERIOD_S = 40  # shorter cycles are the reactive windows' job (PolicyConfig's default)
+MIN_STRENGTH = 0.6  # correlation of the load with itself one period earlier
+MAX_PERIODS = 3  # periods averaged into a prediction
+SMOOTH_S = 3  # a prediction is the mean of this many seconds around the same phase
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    seconds: int  # 0: no periodic load found
+    strength: float  # its correlation, -1..1
+
+
+NO_PERIOD = Period(0, 0.0)
+
+
+def find_period(arrivals: Sequence[float], min_period: int = MIN_PERIOD_S) -> Period:
+    """The period of ``arrivals`` (requests per second), at least ``min_period`` seconds,
+    when the history holds one and a half periods of it and one period resembles the
+    next; else :data:`NO_PERIOD`. The search runs on bins of a quarter of ``min_period``,
+    then to the second around the best."""
+    bin_s = max(1, min_period // 4)
+    n = len(arrivals) // bin_s
+    if n < 2 * (min_period // bin_s):
+        return NO_PERIOD
+    offset = len(arrivals) - n * bin_s
+    bins = [sum(arrivals[offset + i * bin_s : offset + (i + 1) * bin_s]) for i in range(n)]
+    mean = sum(bins) / n
+    if mean <= 0 or sum((b - mean) ** 2 for b in bins) / n <= 4 * mean:
+        # Counts vary no more than a Poisson process's at a steady rate would (variance =
+        # mean): whatever correlation there is, is noise.
+        return NO_PERIOD
+    # Lags up to two thirds of the history: the overlap then holds the pattern twice (at
+    # least half a period of it aligned with the same half one period later).
+    scores = {lag: _correlation(bins, lag) for lag in range(min_period // bin_s, 2 * n // 3 + 1)}
+    best = max(scores.values())
+    if best < MIN_STRENGTH:
+        return NO_PERIOD
+    # The shortest lag nearly as good as the best: a cycle also repeats at twice its period.
+    coarse = min(lag for lag, score in scores.items() if score >= best - 0.05)
+    lo = max(min_period, (coarse - 1) * bin_s)
+    hi = min(2 * len(arrivals) // 3, (coarse + 1) * bin_s)
+    fine = {lag: _correlation(arrivals, lag) for lag in range(lo, hi + 1)}
+    seconds = max(fine, key=lambda lag: fine[lag])
+    return Period(seconds, fine[seconds])
+
+
+def predict(arrivals: Sequence[float], period: int, start: int, lead: int) -> list[float]:
+    """Predicted arrivals per second for the seconds ``start .. start + lead`` counted from
+    the end of ``arrivals`` (0 is the next second; negative looks back, to compare a
+    prediction with what came): the median over up to :data:`MAX_PERIODS` earlier periods
+    of the same phase (their median), each smoothed over :data:`SMOOTH_S` seconds."""
+    end = len(arrivals)
+    half = SMOOTH_S // 2
+    out = []
+    for ahead in range(start, start + lead + 1):
+        seen = []
+        for k in range(1, MAX_PERIODS + 1):
+            at = end + ahead - k * period
+            if at - half < 0:
+                break
+            if at + half >= end:
+                continue  # that phase is not complete yet
+            seen.append(sum(arrivals[at - half : at + half + 1]) / SMOOTH_S)
+        # The median: one period that lacked the pattern (before a batch caller started,
+        # a skipped run) does not halve the prediction, nor one outlier double it.
+        out.append(median(seen))
+    return out
+
+
+def median(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _correlation(values: Sequence[float], lag: int) -> float:
+    a = values[lag:]
+    b = values[: len(values) - lag]
+    n = len(a)
+    if n < 2:
+        return 0.0
+    mean_a = sum(a) / n
+    mean_b = sum(b) / n
+    cov = var_a = var_b = 0.0
+    for x, y in zip(a, b, strict=True):
+        dx, dy = x - mean_a, y - mean_b
+        cov += dx * dy
+        var_a += dx * dx
+        var_b += dy * dy
+    if var_a <= 0 or var_b <= 0:
+        return 0.0
+    return cov / math.sqrt(var_a * var_b)
