@@ -13,7 +13,7 @@ faults fixed:
 - leaving panic does not drop capacity in one cliff: scale-down is rate-limited against
   what was last asked for, and held for a delay window (#3153, #9121);
 - draining replicas are not capacity (they leave once drained, #11596), and no replica
-  is scaled away while another is still starting (kserve/kserve#1247).
+  is scaled away while another is still starting and requests wait (kserve/kserve#1247).
 
 When the gateway reports arrival rates and the service time (``Signals.rate_*``,
 ``service_time``, ``queued``, ``startup_time``), demand is sized by Little's law instead
@@ -156,8 +156,12 @@ def decide(config: PolicyConfig, signals: Signals, state: PolicyState, now: floa
             # (With Little's law the held requests are a backlog _kpa already sized.)
             wanted = math.ceil(signals.waiting / config.target_value)
         desired = max(desired, min(config.max_replica, max(1, wanted)))
-    if signals.starting and desired < signals.ready + signals.starting:
-        # Never take away a replica that is still starting: requests may be waiting on it.
+    if signals.starting and desired < signals.ready + signals.starting and (
+        signals.waiting or signals.queued > 0 or signals.ready == 0
+    ):
+        # Never take away a replica that is still starting while requests wait for one.
+        # Otherwise the starting ones go first (the runtime's order), and a replica that
+        # would land after the load it was for is not kept for a whole start-up time.
         desired = max(desired, min(config.max_replica, signals.ready + signals.starting))
     return Decision(desired, replace(decision.state, desired=desired), decision.reason)
 
