@@ -156,8 +156,10 @@ def decide(config: PolicyConfig, signals: Signals, state: PolicyState, now: floa
             # (With Little's law the held requests are a backlog _kpa already sized.)
             wanted = math.ceil(signals.waiting / config.target_value)
         desired = max(desired, min(config.max_replica, max(1, wanted)))
-    if signals.starting and desired < signals.ready + signals.starting and (
-        signals.waiting or signals.queued > 0 or signals.ready == 0
+    if (
+        signals.starting
+        and desired < signals.ready + signals.starting
+        and (signals.waiting or signals.queued > 0 or signals.ready == 0)
     ):
         # Never take away a replica that is still starting while requests wait for one.
         # Otherwise the starting ones go first (the runtime's order), and a replica that

@@ -21,6 +21,7 @@ never "model not ready":
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -55,25 +56,52 @@ class ActivationRefused(Exception):
 class VersionQueue:
     """Requests waiting for a free slot on a version whose ready replicas are all at its
     limit, first come first served. Every replica of the version points here
-    (``Upstream.queue``), so the request ending on it hands the slot over in O(1)."""
+    (``Upstream.queue``), so the request ending on it hands the slot over in O(1).
 
-    __slots__ = ("limit", "stats", "waiters")
+    The deadline costs no timer per request: waiters are in arrival order, so one timer
+    at the first one's deadline expires whoever is past theirs and re-arms for the next.
+    """
 
-    def __init__(self, limit: int, stats: VersionStats) -> None:
+    __slots__ = ("limit", "loop", "stats", "timeout", "timer", "waiters")
+
+    def __init__(self, limit: int, stats: VersionStats, timeout: float) -> None:
         self.limit = limit
         self.stats = stats
-        # A waiter's future gets the replica whose slot it now holds (already counted in
-        # its ``outstanding``), or None: the version left the table.
-        self.waiters: deque[asyncio.Future[Upstream | None]] = deque()
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        # (deadline, future): the future gets the replica whose slot it now holds
+        # (already counted in its ``outstanding``), None when the version left the
+        # table, or TimeoutError past its deadline.
+        self.waiters: deque[tuple[float, asyncio.Future[Upstream | None]]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def join(self) -> tuple[float, asyncio.Future[Upstream | None]]:
+        """A place at the end of the line."""
+        entry = (self.loop.time() + self.timeout, self.loop.create_future())
+        self.waiters.append(entry)
+        if self.timer is None:
+            self.timer = self.loop.call_at(entry[0], self._expire)
+        return entry
+
+    def _expire(self) -> None:
+        self.timer = None
+        waiters = self.waiters
+        now = self.loop.time()
+        while waiters and waiters[0][0] <= now:
+            _, future = waiters.popleft()
+            if not future.done():
+                future.set_exception(TimeoutError())
+        if waiters:
+            self.timer = self.loop.call_at(waiters[0][0], self._expire)
 
     def hand_over(self, up: Upstream) -> None:
         """``up`` has a free slot (or several): the first in line take them."""
         waiters = self.waiters
         limit = self.limit
         while waiters and (up.outstanding < limit or not limit) and not up.draining:
-            future = waiters.popleft()
+            _, future = waiters.popleft()
             if future.done():
-                continue  # gave up (deadline, client gone); it removes itself
+                continue  # gave up: the client left
             up.outstanding += 1
             future.set_result(up)
 
@@ -94,8 +122,11 @@ class VersionQueue:
 
     def close(self) -> None:
         """The version left the table: whoever waits is refused."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         while self.waiters:
-            future = self.waiters.popleft()
+            _, future = self.waiters.popleft()
             if not future.done():
                 future.set_result(None)
 
@@ -135,29 +166,30 @@ class Activator:
                 f"every replica of version endpoint {version.project}/{version.full_name} is "
                 f"serving its limit of {queue.limit} requests and {queued} requests already wait"
             )
-        future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
-        queue.waiters.append(future)
+        entry = queue.join()
+        future = entry[1]
         stats.queued += 1
         vstats = version.stats
         vstats.queued += 1
         try:
-            async with asyncio.timeout(self.limits.timeout):
-                up = await future
-        except BaseException as exc:
-            if future.done() and not future.cancelled():
+            up = await future
+        except TimeoutError:
+            stats.timed_out += 1
+            raise ActivationRefused(
+                f"no replica of version endpoint {version.project}/{version.full_name} "
+                f"had a free slot within {self.limits.timeout:g} s"
+            ) from None
+        except BaseException:
+            # Cancelled: the client left. A slot that came meanwhile is passed on.
+            if future.done() and not future.cancelled() and future.exception() is None:
                 held = future.result()
-                if held is not None:  # a slot came as we gave up: pass it on
+                if held is not None:
                     held.outstanding -= 1
                     queue.hand_over(held)
             else:
                 future.cancel()
-                queue.waiters.remove(future)
-            if isinstance(exc, TimeoutError):
-                stats.timed_out += 1
-                raise ActivationRefused(
-                    f"no replica of version endpoint {version.project}/{version.full_name} "
-                    f"had a free slot within {self.limits.timeout:g} s"
-                ) from None
+                with contextlib.suppress(ValueError):
+                    queue.waiters.remove(entry)
             raise
         finally:
             vstats.queued -= 1
@@ -172,7 +204,8 @@ class Activator:
     def _adopt(self, version: VersionTarget) -> VersionQueue:
         queue = self._queues.get(version.key)
         if queue is None:
-            queue = self._queues[version.key] = VersionQueue(version.limit, version.stats)
+            queue = VersionQueue(version.limit, version.stats, self.limits.timeout)
+            self._queues[version.key] = queue
         queue.limit = version.limit
         for up in version.upstreams:
             up.queue = queue
