@@ -314,22 +314,25 @@ async def test_one_long_request_changes_no_scale(stack: Stack) -> None:
     # The defaults (concurrency, target 1, max 2): one request far longer than every
     # window (stable 4 s here) is one replica busy, not a burst.
     await stack.deploy(min_replica=1, max_replica=2)
-    assert stack.controller.runtime is not None
-    scaled: list[int] = []
-    runtime = stack.controller.runtime
-    original = runtime.scale
+    asked: list[int] = []
+    live: list[int] = []
+    stop = asyncio.Event()
 
-    async def counting(key: str, replicas: int) -> None:
-        scaled.append(replicas)
-        await original(key, replicas)
+    async def watch_live() -> None:
+        while not stop.is_set():
+            live.append(stack.live())
+            await asyncio.sleep(0.05)
 
-    runtime.scale = counting  # type: ignore[method-assign]
+    watchers = [asyncio.ensure_future(_watch_desired(stack, asked, stop)),
+                asyncio.ensure_future(watch_live())]  # fmt: skip
     async with aiohttp.ClientSession() as s:
         status, _ = await _get(s, stack, "/sleep?s=12")
-    assert status == 200
-    await asyncio.sleep(1.0)
-    assert scaled == [], stack.scaler.last_reason
-    assert stack.live() == 1
+        assert status == 200
+        await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*watchers)
+    assert len(asked) > 100 and set(asked) == {1}, stack.scaler.last_reason
+    assert set(live) == {1}
 
 
 async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: Stack) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from merlin_dp.autoscaler.forecast import find_period, predict
 from merlin_dp.autoscaler.inputs import Replicas, VersionAutoscaler, policy_input
 from merlin_dp.autoscaler.policy import PolicyConfig, PolicyState
@@ -144,3 +146,24 @@ def test_a_forecast_that_misses_lets_the_replicas_go_soon() -> None:
     assert max(d for _, d, _ in decisions) > 1
     late = [d for t, d, _ in decisions if t >= third + 15]
     assert late and max(late) <= 1
+
+
+def test_a_daily_cycle_is_found_minute_by_minute_and_forecast_ahead() -> None:
+    # Two days of a daily cycle (10 to 190 requests/s), then an hour before the morning
+    # rise: a 30-minute start-up must be ordered for the load half an hour ahead.
+    def rate(second: float) -> float:
+        return 100 - 90 * math.cos(2 * math.pi * second / 86400)
+
+    day = 86400
+    now = 2 * day + 6 * 3600  # six in the morning, two days in
+    series = VersionSeries()
+    for minute in range((now - 3600) // 60 - 2 * 24 * 60 + 60, (now - 3600) // 60):
+        # Older history one record a minute (what matters is the per-minute count).
+        series.add(rec(minute * 60, round(60 * rate(minute * 60))), now)
+    for second in range(now - 3600, now):
+        series.add(rec(second, round(rate(second))), now)
+    signals = policy_input(WIDE, series, Replicas(ready=10, startup_time=1800), float(now))
+    assert abs(signals.period - day) <= 120
+    ahead = rate(now + 1800)
+    assert signals.forecast_rate == pytest.approx(ahead, rel=0.1)
+    assert signals.forecast_rate > signals.rate_stable * 1.08  # the rise is seen coming

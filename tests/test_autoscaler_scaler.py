@@ -10,34 +10,12 @@ from aiohttp import web
 
 from merlin_dp.autoscaler.collector import GatewaySignals
 from merlin_dp.autoscaler.scaler import Autoscaler, ScaledVersion
-from merlin_dp.runtime import DeploySpec, ReplicaInfo
+from merlin_dp.runtime import ReplicaInfo
 from merlin_dp.spec.endpoints import AutoscalingPolicy, ResourceRequest
 from tests.conftest import Replica
+from tests.fakes import FakeClock, FakeRuntime
 
 NOW = 1_000_000.0
-
-
-class Runtime:
-    """Replicas as the scaler sees them; scale() records what it was asked."""
-
-    def __init__(self, replicas: list[ReplicaInfo]) -> None:
-        self.view = replicas
-        self.asked: list[int] = []
-
-    async def deploy(self, spec: DeploySpec) -> None: ...
-
-    async def scale(self, key: str, replicas: int) -> None:
-        self.asked.append(replicas)
-
-    async def undeploy(self, key: str) -> None: ...
-
-    def replicas(self, key: str) -> list[ReplicaInfo]:
-        return self.view
-
-    def logs(self, key: str) -> list[str]:
-        return []
-
-    async def close(self) -> None: ...
 
 
 def record(second: int, requests: int, concurrency: float) -> dict[str, Any]:
@@ -70,13 +48,13 @@ async def test_the_policy_gets_rates_service_time_and_start_up_time() -> None:
     gateway = await Replica("gw", app).start()
     ready = [ReplicaInfo(f"r{i}", f"127.0.0.1:{i + 1}", "ready", ready_after=2.5)
              for i in range(8)]  # fmt: skip
-    runtime = Runtime(ready)
-    clock = [NOW]
+    runtime = FakeRuntime(ready)
+    clock = FakeClock(NOW)
     scaler = Autoscaler(
         lambda: {"fraud/scorer/1": endpoint()},
         runtime,
         GatewaySignals([f"http://{gateway.address}"]),
-        clock=lambda: clock[0],
+        clock=clock,
     )
     try:
         await scaler.tick()
@@ -89,7 +67,7 @@ async def test_the_policy_gets_rates_service_time_and_start_up_time() -> None:
         assert runtime.asked == []
         # Two minutes on, a trickle: too few requests to trust a new estimate (3 requests
         # in 0.9 s of service would say 300 ms); the last good one holds.
-        clock[0] = NOW + 120
+        clock.advance(120)
         records[:] = [record(int(NOW) + 119, 3, 0.9)]
         await scaler.tick()
         seen = scaler.last_signals["fraud/scorer/1"]

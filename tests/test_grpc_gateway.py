@@ -8,6 +8,7 @@ Real sockets on 127.0.0.1 throughout; nothing asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -401,8 +402,9 @@ async def echo(body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> byte
     return body
 
 
-@pytest.fixture
-async def echo_server() -> AsyncIterator[str]:
+@contextlib.asynccontextmanager
+async def serving(method: Any) -> AsyncIterator[str]:
+    """A grpc.aio server whose PredictValues is ``method`` on raw bytes: its address."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", BIG),
@@ -411,7 +413,7 @@ async def echo_server() -> AsyncIterator[str]:
     )
     handler = grpc.method_handlers_generic_handler(
         "caraml.upi.v1.UniversalPredictionService",
-        {"PredictValues": grpc.unary_unary_rpc_method_handler(echo)},
+        {"PredictValues": grpc.unary_unary_rpc_method_handler(method)},
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -420,6 +422,39 @@ async def echo_server() -> AsyncIterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(0)
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[str]:
+    async with serving(echo) as address:
+        yield address
+
+
+async def test_a_replica_never_holds_more_calls_than_its_limit(gateway_factory: Any) -> None:
+    busy = {"now": 0, "peak": 0}
+
+    async def slow(body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        busy["now"] += 1
+        busy["peak"] = max(busy["peak"], busy["now"])
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            busy["now"] -= 1
+        return body
+
+    async with serving(slow) as address:
+        routes = spec(1, {"1": [address]}, {"1": 100})
+        routes["version_endpoints"][0]["container_concurrency"] = 1
+        gw = await start_gateway(gateway_factory, routes)
+        async with channel(gw, AUTHORITY) as ch:
+            calls = [raw(ch)(b"call %d" % i, timeout=10) for i in range(5)]
+            answers = await asyncio.gather(*calls)
+    assert answers == [b"call %d" % i for i in range(5)]
+    assert busy["peak"] == 1  # the other four waited in the gateway, not on the replica
+    assert gw.worker is not None
+    assert gw.worker.metrics.activation(PROJECT, "scorer", "1").queued == 4
+    stats = gw.worker.metrics.version(PROJECT, "scorer", "1")
+    assert stats.queued == 0 and stats.served == 5 and 0.9 < stats.service_seconds < 1.5
 
 
 def raw(ch: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:

@@ -1,16 +1,17 @@
 """Load that can be seen coming: periodic arrivals, found in the history the autoscaler
 keeps, and the arrival rate they predict one start-up time ahead.
 
-Pure functions of a per-second arrival series (oldest first, ending with the last complete
-second); nothing here reads a clock. :func:`find_period` looks for the lag at which the
-load best resembles itself (the autocorrelation of coarse bins, refined to the second);
-:func:`predict` takes the median of what arrived one, two and three periods before
-each second of the next ``lead`` seconds. The policy (:mod:`merlin_dp.autoscaler.policy`) decides
-whether to trust it.
+Pure functions of an arrival series (oldest first, ending with the last complete second,
+or minute: the unit is the series'); nothing here reads a clock. :func:`find_period`
+looks for the lag at which the load best resembles itself (the autocorrelation of coarse
+bins, refined to the unit); :func:`predict` takes the median of what arrived one, two and
+three periods before each unit of the next ``lead``. The policy
+(:mod:`merlin_dp.autoscaler.policy`) decides whether to trust it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,10 +41,12 @@ def find_period(arrivals: Sequence[float], min_period: int = MIN_PERIOD_S) -> Pe
     if n < 2 * (min_period // bin_s):
         return NO_PERIOD
     offset = len(arrivals) - n * bin_s
-    bins = [sum(arrivals[offset + i * bin_s : offset + (i + 1) * bin_s]) for i in range(n)]
-    mean = sum(bins) / n
-    if mean <= 0 or sum((b - mean) ** 2 for b in bins) / n <= 4 * mean:
-        # Counts vary no more than a Poisson process's at a steady rate would (variance =
+    counts = [sum(arrivals[offset + i * bin_s : offset + (i + 1) * bin_s]) for i in range(n)]
+    mean = sum(counts) / n
+    # A trend resembles itself at every lag: correlate what is left around it.
+    bins = _detrended(counts)
+    if mean <= 0 or sum(b * b for b in bins) / n <= 4 * mean:
+        # Counts vary around the trend no more than a Poisson process's would (variance =
         # mean): whatever correlation there is, is noise.
         return NO_PERIOD
     # Lags up to two thirds of the history: the overlap then holds the pattern twice (at
@@ -54,9 +57,14 @@ def find_period(arrivals: Sequence[float], min_period: int = MIN_PERIOD_S) -> Pe
         return NO_PERIOD
     # The shortest lag nearly as good as the best: a cycle also repeats at twice its period.
     coarse = min(lag for lag, score in scores.items() if score >= best - 0.05)
+    while scores.get(coarse + 1, -2.0) >= scores[coarse]:
+        coarse += 1  # to the top of that peak: a smooth cycle's rises to it gradually
     lo = max(min_period, (coarse - 1) * bin_s)
     hi = min(2 * len(arrivals) // 3, (coarse + 1) * bin_s)
-    fine = {lag: _correlation(arrivals, lag) for lag in range(lo, hi + 1)}
+    # To the unit on the changes from one to the next: free of any trend, and sharp at
+    # a burst's edges.
+    changes = [b - a for a, b in itertools.pairwise(arrivals)]
+    fine = {lag: _correlation(changes, lag) for lag in range(lo, hi + 1)}
     seconds = max(fine, key=lambda lag: fine[lag])
     return Period(seconds, fine[seconds])
 
@@ -82,6 +90,16 @@ def predict(arrivals: Sequence[float], period: int, start: int, lead: int) -> li
         # a skipped run) does not halve the prediction, nor one outlier double it.
         out.append(median(seen))
     return out
+
+
+def _detrended(values: Sequence[float]) -> list[float]:
+    """``values`` less their least-squares line."""
+    n = len(values)
+    mean_x = (n - 1) / 2
+    mean_y = sum(values) / n
+    sxx = sum((i - mean_x) ** 2 for i in range(n))
+    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sxx if sxx else 0.0
+    return [v - mean_y - slope * (i - mean_x) for i, v in enumerate(values)]
 
 
 def median(values: list[float]) -> float:

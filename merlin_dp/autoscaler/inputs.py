@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 from merlin_dp.autoscaler.forecast import find_period, median, predict
 from merlin_dp.autoscaler.policy import Decision, PolicyConfig, PolicyState, Signals, decide
-from merlin_dp.autoscaler.window import ARRIVALS_HORIZON_S, VersionSeries
+from merlin_dp.autoscaler.window import ARRIVALS_HORIZON_S, MINUTES_HORIZON, VersionSeries
 from merlin_dp.spec.signals import SignalRecord
 
 # Completions in the stable window before their mean time counts as the service time.
 MIN_SERVICE_SAMPLE = 20
+# Periods this long and longer (minutes) are looked for minute by minute, in two days.
+LONG_PERIOD_MIN = 120
 # How often, at most, the history is searched for a period (the search costs
 # milliseconds); at least twice per shortest period looked for.
 PERIOD_EVERY_S = 20.0
@@ -68,24 +70,9 @@ def policy_input(
         service_time = series.service_seconds.total(now, config.stable_window) / completions
     else:
         service_time = previous.service_time if previous is not None else 0.0
-    period, found_at = 0, -math.inf
-    if previous is not None:
-        period, found_at = previous.period, previous.period_found_at
-    history: list[float] | None = None
-    if now - found_at >= min(PERIOD_EVERY_S, config.forecast_min_period / 2):
-        history = rps.series(now, ARRIVALS_HORIZON_S)
-        found = find_period(_since_first(history), int(config.forecast_min_period))
-        period, found_at = found.seconds, now
-    forecast_rate = forecast_past = 0.0
-    if period:
-        lead = math.ceil(replicas.startup_time) + 1  # start-up, and the next decision
-        window = math.ceil(config.panic_window)
-        span = min(ARRIVALS_HORIZON_S, 3 * period + window + 2)
-        # Seconds before the first traffic are no data: the forecast averages only seen ones.
-        recent = _since_first(rps.series(now, span) if history is None else history[-span:])
-        forecast_rate = max(predict(recent, period, 0, lead))
-        # The median second: a burst's edge, smoothed a second early, is not a miss.
-        forecast_past = median(predict(recent, period, -window, window - 1))
+    period, found_at, forecast_rate, forecast_past = _forecast(
+        config, series, replicas, now, previous
+    )
     return Signals(
         stable=metric.average(now, config.stable_window),
         panic=metric.average(now, config.panic_window),
@@ -107,6 +94,52 @@ def policy_input(
         forecast_rate=forecast_rate,
         forecast_past=forecast_past,
     )
+
+
+def _forecast(
+    config: PolicyConfig,
+    series: VersionSeries,
+    replicas: Replicas,
+    now: float,
+    previous: Signals | None,
+) -> tuple[int, float, float, float]:
+    """(period in seconds or 0, when it was looked for, the most arrivals per second
+    predicted over the next start-up time and a tick, the median second predicted for
+    the panic window just past).
+
+    Periods up to 40 minutes are looked for in the last hour, second by second; longer
+    ones (a daily cycle) in the last two days, minute by minute, when there is no shorter
+    one.
+    """
+    period, found_at = 0, -math.inf
+    if previous is not None:
+        period, found_at = previous.period, previous.period_found_at
+    rps = series.requests
+    history: list[float] | None = None
+    if now - found_at >= min(PERIOD_EVERY_S, config.forecast_min_period / 2):
+        history = rps.series(now, ARRIVALS_HORIZON_S)
+        period = find_period(_since_first(history), int(config.forecast_min_period)).seconds
+        if not period:
+            minutes = series.requests_by_minute.series(now / 60, MINUTES_HORIZON)
+            period = 60 * find_period(_since_first(minutes), LONG_PERIOD_MIN).seconds
+        found_at = now
+    if not period:
+        return 0, found_at, 0.0, 0.0
+    lead = math.ceil(replicas.startup_time) + 1  # start-up, and the next decision
+    if period >= 60 * LONG_PERIOD_MIN:
+        by_minute = period // 60
+        span = min(MINUTES_HORIZON, 3 * by_minute + 2)
+        recent = _since_first(series.requests_by_minute.series(now / 60, span))
+        ahead = predict(recent, by_minute, 0, math.ceil(lead / 60))
+        return period, found_at, max(ahead) / 60, predict(recent, by_minute, -1, 0)[0] / 60
+    window = math.ceil(config.panic_window)
+    span = min(ARRIVALS_HORIZON_S, 3 * period + window + 2)
+    # Seconds before the first traffic are no data: the forecast averages only seen ones.
+    recent = _since_first(rps.series(now, span) if history is None else history[-span:])
+    forecast_rate = max(predict(recent, period, 0, lead))
+    # The median second: a burst's edge, smoothed a second early, is not a miss.
+    forecast_past = median(predict(recent, period, -window, window - 1))
+    return period, found_at, forecast_rate, forecast_past
 
 
 def _since_first(history: list[float]) -> list[float]:

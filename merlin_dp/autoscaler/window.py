@@ -6,7 +6,8 @@ summed over gateways). :class:`SecondBuckets` keeps one number per second for a 
 with no report counts as zero (Knative's behaviour: silence is idleness) — but
 :meth:`SecondBuckets.fresh` tells the caller whether anything arrived recently, so a
 collector that lost its sources can hold rather than scale to zero.
-:class:`VersionSeries` is one version's buckets, a record's fields each. Time is passed in.
+:class:`VersionSeries` is one version's buckets, a record's fields each, and arrivals per
+minute for two days (daily cycles). Time is passed in.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from merlin_dp.spec.signals import SUMMED, SignalRecord
 # How far back arrivals are kept, for the forecast to find periodic load in (an hour:
 # batch callers every few minutes, seen several times over).
 ARRIVALS_HORIZON_S = 3600
+# Arrivals per minute are kept two days, for daily cycles.
+MINUTES_HORIZON = 2 * 24 * 60
 # The other fields: the longest window a policy reads, with room to spare.
 HORIZON_S = 180
 
@@ -66,10 +69,12 @@ class VersionSeries:
     """One version endpoint's signals, a :class:`SecondBuckets` per record field."""
 
     __slots__ = ("completions", "concurrency", "in_service", "queued", "requests",
-                 "service_seconds")  # fmt: skip
+                 "requests_by_minute", "service_seconds")  # fmt: skip
 
     def __init__(self, horizon_s: int = HORIZON_S) -> None:
         self.requests = SecondBuckets(max(horizon_s, ARRIVALS_HORIZON_S))
+        # Keyed by minute (second // 60): the same class, a coarser clock.
+        self.requests_by_minute = SecondBuckets(MINUTES_HORIZON)
         self.concurrency = SecondBuckets(horizon_s)
         self.in_service = SecondBuckets(horizon_s)
         self.queued = SecondBuckets(horizon_s)
@@ -78,6 +83,7 @@ class VersionSeries:
 
     def add(self, record: SignalRecord, now: float) -> None:
         second = record["second"]
+        self.requests_by_minute.add(second // 60, float(record["requests"]), now)
         for name in SUMMED:
             value = record.get(name)
             if value is not None:

@@ -143,6 +143,8 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     }  # fmt: skip
     if args.ready_deadline is not None:
         body["ready_deadline_seconds"] = args.ready_deadline
+    if args.container_concurrency is not None:
+        body["container_concurrency"] = args.container_concurrency
     if args.type == "custom":
         if not args.command:
             raise CliError("type custom needs --command 'program args…'")
@@ -342,6 +344,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     metrics = ["cpu_utilization", "memory_utilization", "rps", "concurrency"]
     p.add_argument("--metric", default="concurrency", choices=metrics)
     p.add_argument("--target", type=float, default=1.0, help="autoscaling target value")
+    p.add_argument("--container-concurrency", type=int, metavar="N",
+                   help="requests one replica serves at once; the gateway queues the rest "
+                   "(0: no limit; default 4)")  # fmt: skip
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workdir", metavar="DIR",
                    help="custom: where the command runs (default: this directory)")  # fmt: skip

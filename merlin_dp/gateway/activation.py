@@ -62,11 +62,14 @@ class VersionQueue:
     at the first one's deadline expires whoever is past theirs and re-arms for the next.
     """
 
-    __slots__ = ("limit", "loop", "stats", "timeout", "timer", "waiters")
+    __slots__ = ("activation", "limit", "loop", "stats", "timeout", "timer", "waiters")
 
-    def __init__(self, limit: int, stats: VersionStats, timeout: float) -> None:
+    def __init__(
+        self, limit: int, stats: VersionStats, activation: ActivationStats, timeout: float
+    ) -> None:
         self.limit = limit
         self.stats = stats
+        self.activation = activation
         self.timeout = timeout
         self.loop = asyncio.get_running_loop()
         # (deadline, future): the future gets the replica whose slot it now holds
@@ -154,12 +157,13 @@ class Activator:
     async def wait_for_slot(self, version: VersionTarget) -> Upstream:
         """Wait in ``version``'s queue for a free slot on one of its replicas; returns the
         replica, the slot already counted in its ``outstanding``."""
-        key = version.key
-        queue = self._queues.get(key)
+        queue = self._queues.get(version.key)
         if queue is None:  # a table applied without table_swapped (tests): adopt it now
             queue = self._adopt(version)
-        stats = self.metrics.activation(*key)
-        queued = self.queued(key)
+        stats = queue.activation
+        queued = len(queue.waiters)
+        if self._waiting:
+            queued += self.waiting(version.key)
         if queued >= self.limits.max_waiting:
             stats.overflow += 1
             raise ActivationRefused(
@@ -204,7 +208,8 @@ class Activator:
     def _adopt(self, version: VersionTarget) -> VersionQueue:
         queue = self._queues.get(version.key)
         if queue is None:
-            queue = VersionQueue(version.limit, version.stats, self.limits.timeout)
+            activation = self.metrics.activation(*version.key)
+            queue = VersionQueue(version.limit, version.stats, activation, self.limits.timeout)
             self._queues[version.key] = queue
         queue.limit = version.limit
         for up in version.upstreams:
