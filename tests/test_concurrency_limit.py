@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 
+from merlin_dp.common.net import free_port
 from merlin_dp.gateway.activation import ActivationLimits
 from merlin_dp.gateway.config import GatewayConfig
 from tests.conftest import model_endpoint, start_replicas, version
@@ -131,3 +132,16 @@ async def test_a_new_replica_takes_the_queue(gateway_factory: Any, replicas: Any
     answers = await asyncio.gather(*calls)
     assert {body["served_by"] for _, body, _ in answers} == {"a", "b"}
     assert await peak(gw, r1) == 1 and await peak(gw, r2) == 1
+
+
+async def test_a_retry_waits_for_a_slot_rather_than_failing(
+    gateway_factory: Any, replicas: Any
+) -> None:
+    # One replica refuses connections; the other serves one request at a time. A request
+    # sent to the dead one first is retried, and waits its turn on the live one.
+    (live,) = await start_replicas(replicas, "a")
+    dead = f"127.0.0.1:{free_port()}"
+    gw = await gateway_factory(table([dead, live.address], limit=1))
+    answers = await asyncio.gather(*(get(gw, "/sleep?s=0.1") for _ in range(6)))
+    assert [status for status, _, _ in answers] == [200] * 6
+    assert await peak(gw, live) == 1

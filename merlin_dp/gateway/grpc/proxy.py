@@ -347,11 +347,17 @@ class GrpcCall:
             up = choose(upstreams, self.tried)
         else:
             up = choose_free(upstreams, limit, self.tried)
-            if up is None and self.tried is None and proxy.activator is not None:
-                # Every replica is at its limit: wait in the version's queue.
+            if up is None and proxy.activator is not None:
+                # Every replica (not tried yet) is at its limit: wait in the version's
+                # queue, a retry too.
                 self.state = WAITING
                 self.task = proxy.loop.create_task(self._queue(proxy.activator))
                 return
+            if up is not None:
+                # The slot is ours from now, not from when the stream opens: a connect in
+                # between must not let others past the limit.
+                up.outstanding += 1
+                self.held = up
         if up is None:
             self._fail(UNAVAILABLE, f"version endpoint {version.full_name}: no replica left")
             return
@@ -425,6 +431,11 @@ class GrpcCall:
                 return
             up.record_failure()
             self.proxy.ustats.error("connect")
+            if self.held is up:
+                # Its slot goes back but not to the queue: a replica that can't be
+                # reached would fail whoever it was handed to.
+                up.outstanding -= 1
+                self.held = None
             self._retry(up, "no replica could be reached")
             return
         self.task = None

@@ -23,6 +23,7 @@ headers no longer say).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from time import perf_counter
@@ -460,8 +461,7 @@ class Proxy:
 
         The replica's slot (its ``outstanding`` count) is taken when it is chosen; with a
         concurrency limit only a replica with a free slot is chosen, and when there is
-        none the request waits in the version's queue first. A retry goes only to a
-        replica with a free slot now.
+        none the request waits in the version's queue (a retry too).
         """
         upstreams = version.upstreams
         pool = self.pool
@@ -473,30 +473,27 @@ class Proxy:
         retries_left = policy.retries
         stale_retry = body is not None  # one free retry after a dead pooled connection
         limit = version.limit
-        held = False  # up's slot is taken already (handed over by the queue, or kept)
-        if not limit:
-            up = choose(upstreams)
-        else:
-            up = choose_free(upstreams, limit)
-            if up is None and self.activator is not None:
-                try:
-                    up = await self.activator.wait_for_slot(version)
-                except ActivationRefused as exc:
-                    return self._unavailable(request, version, str(exc), request_id)
-                held = True
+        # Whoever chooses a replica takes its slot (``outstanding``); the queue hands
+        # over slots already taken.
+        up = choose(upstreams) if not limit else choose_free(upstreams, limit)
+        if up is not None:
+            up.outstanding += 1
+        elif limit and self.activator is not None:
+            try:
+                up = await self.activator.wait_for_slot(version)
+            except ActivationRefused as exc:
+                return self._unavailable(request, version, str(exc), request_id)
         fresh = False
         while up is not None:
-            if held:
-                held = False
-            else:
-                up.outstanding += 1
             conn = None if fresh else pool.take_idle(up)
             fresh = False
             if conn is None:
                 try:
                     conn = await pool.connect(up)
                 except UpstreamError as exc:
-                    up.release()
+                    # The slot goes back but not to the queue: a replica that can't be
+                    # reached would fail whoever it was handed to.
+                    up.outstanding -= 1
                     up.record_failure()
                     ustats.error(exc.kind)
                     failure = exc
@@ -505,14 +502,11 @@ class Proxy:
                     retries_left -= 1
                     ustats.retries += 1
                     tried = [up] if tried is None else [*tried, up]
-                    up = (
-                        choose(upstreams, tried)
-                        if not limit
-                        else choose_free(upstreams, limit, tried)
-                    )
+                    up = await self._retry_slot(version, tried)
                     continue
             used = up
             dispatched = perf_counter()
+            stale = False  # the same replica again, on the slot it has
             try:
                 return await self._exchange(
                     request, used, conn, head, body, chunked, version, policy, request_id
@@ -524,7 +518,7 @@ class Proxy:
                     # A pooled connection the replica had already closed: nothing reached
                     # it, and a fresh connection to the same replica will likely work.
                     stale_retry = False
-                    fresh = held = True  # the same replica, on the slot it has
+                    fresh = stale = True
                     ustats.retries += 1
                     continue
                 ustats.error(exc.kind)
@@ -537,12 +531,13 @@ class Proxy:
                 retries_left -= 1
                 ustats.retries += 1
                 tried = [up] if tried is None else [*tried, up]
-                up = choose_free(upstreams, limit, tried)
             finally:
-                if not held:
+                if not stale:
                     stats.served += 1
                     stats.service_seconds += perf_counter() - dispatched
                     used.release()
+            # A retry, its slot taken only now that the failed one's is given back.
+            up = await self._retry_slot(version, tried)
         return self._error(
             request,
             502,
@@ -550,6 +545,21 @@ class Proxy:
             request_id=request_id,
             headers={"X-Model-Version": version.version_header},
         )
+
+    async def _retry_slot(
+        self, version: VersionTarget, tried: list[Upstream] | None
+    ) -> Upstream | None:
+        """A replica not tried yet for a retry, its slot taken; with a concurrency limit
+        and none free, the first slot the version's queue hands over (any replica).
+        None: no replica left, or the queue refused."""
+        up = choose_free(version.upstreams, version.limit, tried)
+        if up is not None:
+            up.outstanding += 1
+            return up
+        if version.limit and version.upstreams and self.activator is not None:
+            with contextlib.suppress(ActivationRefused):
+                return await self.activator.wait_for_slot(version)
+        return None
 
     def _timed_out(
         self, request: BaseRequest, version: VersionTarget, policy: RoutePolicy, request_id: bytes
