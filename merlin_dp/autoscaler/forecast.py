@@ -51,7 +51,10 @@ def find_period(arrivals: Sequence[float], min_period: int = MIN_PERIOD_S) -> Pe
         return NO_PERIOD
     # Lags up to two thirds of the history: the overlap then holds the pattern twice (at
     # least half a period of it aligned with the same half one period later).
-    scores = {lag: _correlation(bins, lag) for lag in range(min_period // bin_s, 2 * n // 3 + 1)}
+    scores = {
+        lag: _correlation(bins, lag) if _both_swing(bins, lag) else -1.0
+        for lag in range(min_period // bin_s, 2 * n // 3 + 1)
+    }
     best = max(scores.values())
     if best < MIN_STRENGTH:
         return NO_PERIOD
@@ -72,8 +75,9 @@ def find_period(arrivals: Sequence[float], min_period: int = MIN_PERIOD_S) -> Pe
 def predict(arrivals: Sequence[float], period: int, start: int, lead: int) -> list[float]:
     """Predicted arrivals per second for the seconds ``start .. start + lead`` counted from
     the end of ``arrivals`` (0 is the next second; negative looks back, to compare a
-    prediction with what came): the median over up to :data:`MAX_PERIODS` earlier periods
-    of the same phase (their median), each smoothed over :data:`SMOOTH_S` seconds."""
+    prediction with what came), from up to :data:`MAX_PERIODS` earlier periods of the same
+    phase, each smoothed over :data:`SMOOTH_S` seconds: their median, or the lower of two
+    (0 with fewer: what was seen once is not a pattern)."""
     end = len(arrivals)
     half = SMOOTH_S // 2
     out = []
@@ -86,10 +90,24 @@ def predict(arrivals: Sequence[float], period: int, start: int, lead: int) -> li
             if at + half >= end:
                 continue  # that phase is not complete yet
             seen.append(sum(arrivals[at - half : at + half + 1]) / SMOOTH_S)
-        # The median: one period that lacked the pattern (before a batch caller started,
-        # a skipped run) does not halve the prediction, nor one outlier double it.
-        out.append(median(seen))
+        # Seen twice at least, and agreed on: of two, the lower; of three, the median
+        # (one period that lacked the pattern, or one outlier, does not move it). Seen
+        # once is not a pattern: nothing is predicted.
+        if len(seen) >= 3:
+            out.append(median(seen))
+        else:
+            out.append(min(seen) if len(seen) == 2 else 0.0)
     return out
+
+
+def _both_swing(values: Sequence[float], lag: int) -> bool:
+    """The two copies compared at ``lag`` swing alike (each's range within half to twice
+    the other's): a pattern seen once, against a stretch without it, is not a period,
+    however the few points left correlate."""
+    a = values[lag:]
+    b = values[: len(values) - lag]
+    swing_a, swing_b = max(a) - min(a), max(b) - min(b)
+    return swing_a <= 2 * swing_b and swing_b <= 2 * swing_a
 
 
 def _detrended(values: Sequence[float]) -> list[float]:
