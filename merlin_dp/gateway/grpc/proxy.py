@@ -21,8 +21,10 @@ failed, or the replica refused the stream (REFUSED_STREAM, or a GOAWAY below its
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from time import perf_counter
 from types import MappingProxyType
+from typing import TypeVar
 
 from merlin_dp.gateway.activation import ActivationRefused, Activator
 from merlin_dp.gateway.grpc import health
@@ -84,6 +86,10 @@ WAITING = 1
 SENT = 2
 RESPONDING = 3
 DONE = 4
+
+
+# What the version's queue hands a call: a slot on a replica, or a newer version target.
+_Handed = TypeVar("_Handed")
 
 
 class GrpcProxy:
@@ -372,15 +378,23 @@ class GrpcCall:
             return
         self._open(up, conn.open_stream(self, self.head, self._head_ends()))
 
-    async def _queue(self, activator: Activator) -> None:
-        assert self.version is not None
+    async def _waited(self, waiting: Awaitable[_Handed]) -> _Handed | None:
+        """What the version's queue handed over; None when it refused (the call has
+        failed UNAVAILABLE)."""
         try:
-            up = await activator.wait_for_slot(self.version)
+            handed = await waiting
         except ActivationRefused as exc:
             self.task = None
             self._fail(UNAVAILABLE, str(exc))
-            return
+            return None
         self.task = None
+        return handed
+
+    async def _queue(self, activator: Activator) -> None:
+        assert self.version is not None
+        up = await self._waited(activator.wait_for_slot(self.version))
+        if up is None:
+            return
         if self.state == DONE:
             up.release()  # the slot goes on to the next in line
             return
@@ -390,14 +404,8 @@ class GrpcCall:
     async def _activate(self, activator: Activator) -> None:
         assert self.version is not None
         started = perf_counter()
-        try:
-            version = await activator.activate(self.version)
-        except ActivationRefused as exc:
-            self.task = None
-            self._fail(UNAVAILABLE, str(exc))
-            return
-        self.task = None
-        if self.state == DONE:
+        version = await self._waited(activator.activate(self.version))
+        if version is None or self.state == DONE:
             return
         self.version = version
         if self.timeout is not None:
