@@ -24,15 +24,15 @@ The model
 - **Router**: one shared FIFO queue in front of all ready slots (the gateway holds a
   request until a slot is free; at zero ready replicas it holds them all — activation).
   Latency = wait in the queue + service. An SLO miss is a wait over 100 ms.
-- **Signals** mirror production (``merlin_dp/gateway/signals.py``,
-  ``merlin_dp/autoscaler/window.py``): per whole second, arrivals and the time-weighted
-  mean number of requests in the system
-  (queued at the router or on a replica), plus ready/starting/draining counts and the
-  requests held at zero. Both are exact integrals, not samples. This project's policy
-  also gets the Little's-law inputs it can use (:class:`ProjectPolicy`): arrival rates
-  over its windows, the measured mean service time (over the stable window, held while
-  fewer than 100 requests completed in it), the requests queued at the router, and the
-  replicas' start-up time (what the runtime measured when it last started one).
+- **Signals**: the router is the simulated gateway. Every whole second it emits the
+  record a real gateway emits (:func:`gateway_record`, ``merlin_dp/spec/signals.py``),
+  from its own events only: arrivals, requests queued at the router and on a replica
+  (exact time integrals), completions and their dispatch-to-answer times — never the
+  trace or the service-time distribution. Controllers also see ready/starting/draining
+  counts and what is held at zero. This project's policy (:class:`ProjectPolicy`) is
+  production's :class:`~merlin_dp.autoscaler.inputs.VersionAutoscaler` fed those records,
+  the replica counts and the start-up time a runtime measures; the baselines read the
+  series their real counterparts read (:class:`View`).
 
 Time
 ----
@@ -40,30 +40,30 @@ Time
 Discrete events inside fixed one-second steps. Decisions happen on whole seconds (the
 project's scaler ticks every second, KPA every 2 s, HPA every 15 s; a version at zero
 with waiting requests is decided at the next whole second, which models the activation
-poke). Start-up times are whole seconds, so capacity only changes on whole seconds; in
-between, the FIFO queue is served exactly: each request takes the earliest free slot,
+poke, which said one request waits). Start-up times are whole seconds, so capacity only
+changes on whole seconds; in between, the FIFO queue is served exactly: each request takes the earliest free slot,
 ``start = max(arrival, free)``, and a request whose start would fall after the next
 second boundary stays queued for that boundary (where capacity may change). This is
 exact for the model (no time-step error in latencies) and costs one heap operation per
-request: the whole benchmark (360 runs, 18 M simulated requests) takes about 10 s on 2
-cores.
+request: the whole benchmark (432 runs) takes about 12 s on 2 cores.
 
-Traces (600 s each; :data:`TRACES`): steady 100 rps; step 5 -> 200 rps at 120 s; spike
-20 rps with 10x (200 rps) during [120 s, 150 s); diurnal, a sine from 20 up to 200 rps
-and back over the 10 minutes; on/off, 30 s bursts of 100 rps every 150 s from 60 s, zero
-in between (long enough for every policy to reach zero).
+Traces (:data:`TRACES`; 600 s unless said): steady 100 rps; step 5 -> 200 rps at 120 s;
+spike 20 rps with 10x (200 rps) during [120 s, 150 s); diurnal, a sine from 20 up to 200
+rps and back over the 10 minutes; on/off, 30 s bursts of 100 rps every 150 s from 60 s,
+zero in between (long enough for every policy to reach zero); periodic (1200 s), a batch
+caller's 150 rps for 20 s every 180 s from 60 s over 5 rps.
 
-Policies (:data:`loadtests.bench.autoscale.POLICIES`): ``ours`` is
-``merlin_dp.autoscaler.policy.decide`` with the ``PolicyConfig`` production builds
-(:func:`project_config`: the concurrency metric with target = the replica's limit, min 0,
-max 100, every timing at its default), fed each second what
-``merlin_dp/autoscaler/scaler.py`` feeds (:class:`ProjectPolicy`); the baselines are in
+Policies (:data:`loadtests.bench.autoscale.POLICIES`): ``ours`` is production's
+``VersionAutoscaler`` with the ``PolicyConfig`` production builds (:func:`project_config`:
+the concurrency metric with target = the replica's limit, min 0, max 100, every timing
+at its default), fed each second as above (:class:`ProjectPolicy`); the baselines are in
 :mod:`loadtests.autoscale_baselines`. What the benchmark reports per trace, start-up time
 and limit is in :mod:`loadtests.bench.autoscale`; miss shares there compare with a floor of
 0.1% (:data:`SLO_FLOOR`).
 
-Runs begin in steady state: the signal history before t = 0 holds the expected values
-at λ(0), and the oracle's replica count for λ(0) is ready. Cost (replica-seconds) is
+Runs begin after a simulated warm-up: :data:`WARMUP_S` seconds of the trace's first rate
+served by the oracle's replica count for it, whose records are the history every
+controller starts with (requests of the warm-up are not counted). Cost (replica-seconds) is
 counted over the trace; after its end the simulation continues (no arrivals) only until
 every request has been served, so late requests' latencies are counted too.
 

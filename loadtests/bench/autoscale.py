@@ -10,8 +10,11 @@ of the oracle's; the share of requests that waited over the SLO (pooled); p99 la
 and peak replicas (the most over seeds). ``slo_vs_best_kpa`` compares miss shares with a
 floor of 0.1% (:data:`~loadtests.autoscale_sim.SLO_FLOOR`): below it, differences are a
 handful of requests in 10^5, the noise of the draws (the oracle itself misses that many).
-Ends with ``RESULT autoscale cost_vs_oracle=<worst> slo_vs_best_kpa=<worst>
-max_direction_changes_steady=<n>``.
+A cell is dominated when a baseline is both cheaper and misses the SLO less; predictable
+cells (:data:`~loadtests.autoscale_sim.PREDICTABLE`) are where the SLO is compared with
+the best KPA and the cost with 1.15x the oracle (periodic from ``learned_at``). Ends with
+``RESULT autoscale worst_cost_vs_oracle=<worst> dominated_cells=<n>
+slo_vs_best_kpa=<worst over predictable cells> max_direction_changes_steady=<n>``.
 """
 
 from __future__ import annotations
@@ -306,9 +309,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Simulate (deterministic, seeded) the project's autoscaling policy, Knative's "
             "KPA (concurrency, concurrency with max-scale at twice the needed peak, rps), "
-            "the HPA on CPU and a clairvoyant oracle on steady, step, spike, diurnal and "
-            "on/off traces, start-up 5 s and 30 s, concurrency limits 1 and 4. Ends with: "
-            "RESULT autoscale cost_vs_oracle=<worst> slo_vs_best_kpa=<worst> "
+            "the HPA on CPU and a clairvoyant oracle on steady, step, spike, diurnal, "
+            "on/off and periodic traces, start-up 5 s and 30 s, concurrency limits 1 and "
+            "4. Ends with: RESULT autoscale worst_cost_vs_oracle=<worst> "
+            "dominated_cells=<n> slo_vs_best_kpa=<worst over predictable cells> "
             "max_direction_changes_steady=<n>"
         ),
     )
