@@ -41,9 +41,10 @@ Discrete events inside fixed one-second steps. Decisions happen on whole seconds
 project's scaler ticks every second, KPA every 2 s, HPA every 15 s; a version at zero
 with waiting requests is decided at the next whole second, which models the activation
 poke, which said one request waits). Start-up times are whole seconds, so capacity only
-changes on whole seconds; in between, the FIFO queue is served exactly: each request takes the earliest free slot,
-``start = max(arrival, free)``, and a request whose start would fall after the next
-second boundary stays queued for that boundary (where capacity may change). This is
+changes on whole seconds; in between, the FIFO queue is served exactly: each request
+takes the earliest free slot, ``start = max(arrival, free)``, and a request whose start
+would fall after the next second boundary stays queued for that boundary (where
+capacity may change). This is
 exact for the model (no time-step error in latencies) and costs one heap operation per
 request: the whole benchmark (432 runs) takes about 12 s on 2 cores.
 
