@@ -52,8 +52,12 @@ class SecondBuckets:
         return self.total(now, window_s) / max(1, math.ceil(window_s))
 
     def last(self, now: float) -> float:
-        """The last complete second's value."""
-        return self._values.get(math.floor(now) - 1, 0.0)
+        """The last complete second's value; the one before when the last has not been
+        reported yet (a gateway closes a second when its ticker passes it, and a poll
+        may come first), 0 when neither was."""
+        end = math.floor(now)
+        value = self._values.get(end - 1)
+        return value if value is not None else self._values.get(end - 2, 0.0)
 
     def series(self, now: float, seconds: int) -> list[float]:
         """The last ``seconds`` complete seconds' values, oldest first."""
