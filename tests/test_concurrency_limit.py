@@ -145,3 +145,26 @@ async def test_a_retry_waits_for_a_slot_rather_than_failing(
     answers = await asyncio.gather(*(get(gw, "/sleep?s=0.1") for _ in range(6)))
     assert [status for status, _, _ in answers] == [200] * 6
     assert await peak(gw, live) == 1
+
+
+async def test_mirror_copies_never_pass_the_mirrored_versions_limit(
+    gateway_factory: Any, replicas: Any
+) -> None:
+    # Version 2 is mirrored 100% and serves one request at a time: copies that find its
+    # replica busy are dropped (counted), never queued, and never sent past the limit.
+    prod, cand = await start_replicas(replicas, "prod", "cand")
+    gw = await gateway_factory({
+        "version_endpoints": [
+            version("fraud", "scorer", "1", [prod.address]),
+            version("fraud", "scorer", "2", [cand.address], container_concurrency=1),
+        ],
+        "model_endpoints": [model_endpoint("fraud", "scorer", {"1": 100, "2": 0},
+                                           mirror={"version": "2", "percent": 100})],
+    })  # fmt: skip
+    answers = await asyncio.gather(*(get(gw, "/sleep?s=0.2") for _ in range(5)))
+    assert [status for status, _, _ in answers] == [200] * 5
+    await asyncio.sleep(0.5)  # the copies end
+    assert await peak(gw, cand) == 1
+    assert await peak(gw, prod) == 5
+    results = gw.worker.metrics.mirror("fraud", "scorer", "2").results
+    assert results.get("dropped|full", 0) >= 3 and results.get("sent|", 0) >= 1, results

@@ -26,7 +26,7 @@ from merlin_dp.gateway.metrics import GatewayMetrics, MirrorStats
 from merlin_dp.gateway.mirror import MirrorLimits, json_agree
 from merlin_dp.gateway.pool.h2 import UpstreamPool
 from merlin_dp.gateway.pool.upstream import Upstream, UpstreamError
-from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.balancer import choose_free
 from merlin_dp.gateway.routing.table import MirrorTarget
 from merlin_dp.protos.caraml.upi.v1 import upi_pb2
 
@@ -129,10 +129,15 @@ class MirrorCopy:
 
     def _launch(self) -> None:
         target = self.mirror.version
-        up = choose(target.upstreams)
+        up = choose_free(target.upstreams, target.limit)
         if up is None:
-            self._end("error", "no_replica")
+            if target.upstreams:
+                # Every replica is at its limit: a copy never waits, nor passes the limit.
+                self._end("dropped", "full")
+            else:
+                self._end("error", "no_replica")
             return
+        up.outstanding += 1  # its slot until the copy ends (_end)
         self.up = up
         conn = self.owner.pool.get(up)
         if conn is not None:
@@ -210,6 +215,7 @@ class MirrorCopy:
         self.stats.count(result, reason)
         up = self.up
         if up is not None:
+            up.release()
             if result == "sent":
                 up.record_success()
             elif result == "error":

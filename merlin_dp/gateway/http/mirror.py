@@ -21,7 +21,7 @@ from merlin_dp.gateway.metrics import GatewayMetrics, MirrorStats
 from merlin_dp.gateway.mirror import MirrorLimits, bodies_agree
 from merlin_dp.gateway.pool.http1 import Http1Pool, UpstreamConnection
 from merlin_dp.gateway.pool.upstream import Upstream, UpstreamError
-from merlin_dp.gateway.routing.balancer import choose
+from merlin_dp.gateway.routing.balancer import choose_free
 from merlin_dp.gateway.routing.table import MirrorTarget
 
 
@@ -63,7 +63,6 @@ class MirrorCopy:
     def send(self, up: Upstream, conn: UpstreamConnection, data: bytes, silence: float) -> None:
         self.up = up
         self.conn = conn
-        up.outstanding += 1
         conn.listener = self._progress
         conn.begin(data, False, silence)
 
@@ -84,7 +83,7 @@ class MirrorCopy:
         assert this is not None and up is not None
         this.listener = None
         this.finish()
-        up.outstanding -= 1
+        up.release()
         self.owner.in_flight -= 1
         if conn is None:
             up.record_failure()
@@ -141,10 +140,15 @@ class Mirroring:
         if self.in_flight >= self.limits.max_in_flight:
             stats.count("dropped", "concurrency")
             return None
-        up = choose(target.upstreams)
+        up = choose_free(target.upstreams, target.limit)
         if up is None:
-            stats.count("error", "no_replica")
+            if target.upstreams:
+                # Every replica is at its limit: a copy never waits, nor passes the limit.
+                stats.count("dropped", "full")
+            else:
+                stats.count("error", "no_replica")
             return None
+        up.outstanding += 1  # its slot, taken now (before any connect)
         copy = MirrorCopy(self, stats, mirror.relative_tolerance)
         self.in_flight += 1
         data = head + body if body else head
@@ -163,6 +167,7 @@ class Mirroring:
         try:
             conn = await self.pool.connect(up)
         except UpstreamError as exc:
+            up.outstanding -= 1  # back, not handed on: the replica can't be reached
             up.record_failure()
             self.in_flight -= 1
             copy.stats.count("error", exc.kind)
