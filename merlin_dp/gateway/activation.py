@@ -31,7 +31,7 @@ from time import perf_counter
 import aiohttp
 
 from merlin_dp.common.aio import cancel_and_wait, raise_if_cancelling
-from merlin_dp.gateway.metrics import ActivationStats, GatewayMetrics, VersionStats
+from merlin_dp.gateway.metrics import ActivationStats, GatewayMetrics
 from merlin_dp.gateway.pool.upstream import Upstream
 from merlin_dp.gateway.routing.balancer import choose
 from merlin_dp.gateway.routing.table import RouteTable, VersionKey, VersionTarget
@@ -62,13 +62,10 @@ class VersionQueue:
     at the first one's deadline expires whoever is past theirs and re-arms for the next.
     """
 
-    __slots__ = ("activation", "limit", "loop", "stats", "timeout", "timer", "waiters")
+    __slots__ = ("activation", "limit", "loop", "timeout", "timer", "waiters")
 
-    def __init__(
-        self, limit: int, stats: VersionStats, activation: ActivationStats, timeout: float
-    ) -> None:
+    def __init__(self, limit: int, activation: ActivationStats, timeout: float) -> None:
         self.limit = limit
-        self.stats = stats
         self.activation = activation
         self.timeout = timeout
         self.loop = asyncio.get_running_loop()
@@ -161,9 +158,7 @@ class Activator:
         if queue is None:  # a table applied without table_swapped (tests): adopt it now
             queue = self._adopt(version)
         stats = queue.activation
-        queued = len(queue.waiters)
-        if self._waiting:
-            queued += self.waiting(version.key)
+        queued = self.queued(version.key)
         if queued >= self.limits.max_waiting:
             stats.overflow += 1
             raise ActivationRefused(
@@ -209,7 +204,7 @@ class Activator:
         queue = self._queues.get(version.key)
         if queue is None:
             activation = self.metrics.activation(*version.key)
-            queue = VersionQueue(version.limit, version.stats, activation, self.limits.timeout)
+            queue = VersionQueue(version.limit, activation, self.limits.timeout)
             self._queues[version.key] = queue
         queue.limit = version.limit
         for up in version.upstreams:
