@@ -25,9 +25,10 @@ ROOMS: dict[str, set[str]] = {
     "loadtest": {"protos", "common"},
     "gateway": {"spec", "protos", "common"},
     "autoscaler": {"spec", "runtime", "common"},
-    "controller": {"autoscaler", "runtime", "spec", "common"},
-    "cli": {"controller", "autoscaler", "gateway", "runtime", "spec", "loadtest", "common",
-            "servers", "protos"},
+    "rollout": {"spec", "common"},
+    "controller": {"rollout", "autoscaler", "runtime", "spec", "common"},
+    "cli": {"controller", "rollout", "autoscaler", "gateway", "runtime", "spec", "loadtest",
+            "common", "servers", "protos"},
     # Not installed: the benchmarks and the tests may use anything below them.
     "loadtests": {PACKAGE},
     "tests": {PACKAGE, "loadtests"},

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from loadtests.bench import autoscale, convergence, grpc, http, queue, shadow
+from loadtests.bench import autoscale, convergence, grpc, http, queue, rollout, shadow
 from loadtests.harness.errors import HarnessError
 
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shared/BENCHMARKING.md for the layout).",
     )
     sub = parser.add_subparsers(title="benchmarks", metavar="<benchmark>", required=True)
-    for benchmark in (http, shadow, convergence, autoscale, grpc, queue):
+    for benchmark in (http, shadow, convergence, autoscale, grpc, queue, rollout):
         benchmark.add_parser(sub)
     return parser
 

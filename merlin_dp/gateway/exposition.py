@@ -20,8 +20,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from merlin_dp.gateway.metrics import COLD_START_BUCKETS, LATENCY_BUCKETS
+from merlin_dp.gateway.metrics import COLD_START_BUCKETS
 from merlin_dp.gateway.metrics_snapshot import ActivationRecord, MirrorRecord, Snapshot
+from merlin_dp.spec.signals import LATENCY_BUCKETS
 
 
 def render(snapshot: Snapshot) -> bytes:

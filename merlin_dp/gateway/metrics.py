@@ -23,10 +23,8 @@ from merlin_dp.gateway.metrics_snapshot import (
     VersionRecord,
 )
 from merlin_dp.gateway.pool.upstream import UpstreamStats
+from merlin_dp.spec.signals import LATENCY_BUCKETS
 
-LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
-)  # fmt: skip
 # How a version was chosen: a metric label, and the index into VersionStats.by_choice.
 CHOSEN_BY = ("weight", "direct", "match", "sticky")
 CHOSEN_WEIGHT = 0
@@ -104,7 +102,8 @@ class VersionStats:
 class MirrorStats:
     """Per version endpoint mirrored to: copies by result, comparisons, latency."""
 
-    __slots__ = ("compared", "latency", "mismatch", "model", "project", "results", "version")
+    __slots__ = ("compared", "differed", "error_pairs", "latency", "mismatch", "model",
+                 "project", "results", "server_errors", "version")  # fmt: skip
 
     def __init__(self, project: str, model: str, version: str) -> None:
         self.project = project
@@ -114,6 +113,23 @@ class MirrorStats:
         self.compared = 0
         self.mismatch: dict[str, int] = {}  # status | body
         self.latency = CodeStats()
+        # For rollouts (merlin_dp.gateway.signals): copies answered with a server error;
+        # compared pairs where either side was one (judged as errors, not as answers);
+        # and, of the other pairs, those that differed.
+        self.server_errors = 0
+        self.error_pairs = 0
+        self.differed = 0
+
+    def compared_pair(self, server_error: bool, status_differs: bool, body_differs: bool) -> None:
+        self.compared += 1
+        if status_differs:
+            self.mismatch["status"] = self.mismatch.get("status", 0) + 1
+        elif body_differs:
+            self.mismatch["body"] = self.mismatch.get("body", 0) + 1
+        if server_error:
+            self.error_pairs += 1
+        elif status_differs or body_differs:
+            self.differed += 1
 
     def count(self, result: str, reason: str) -> None:
         key = f"{result}|{reason}"
@@ -169,6 +185,9 @@ class GatewayMetrics:
 
     def versions(self) -> Iterable[VersionStats]:
         return self._versions.values()
+
+    def mirrors(self) -> Iterable[MirrorStats]:
+        return self._mirrors.values()
 
     def mirror(self, project: str, model: str, version: str) -> MirrorStats:
         return _per_version(self._mirrors, MirrorStats, project, model, version)

@@ -61,7 +61,7 @@ class GatewayWorker:
             self.grpc = GrpcProxy(self.metrics, config.pool, self.activator)
             self.grpc_listener = H2Listener(self.grpc)
         self.grpc_port = config.grpc_port
-        self.signals = SignalRecorder(self.metrics.versions)
+        self.signals = SignalRecorder(self.metrics.versions, self.metrics.mirrors)
         # With Redis, signals are pushed too: an autoscaler needn't know every gateway.
         self.pusher = (
             RedisSignalPusher(config.redis_url, self.signals) if config.redis_url else None

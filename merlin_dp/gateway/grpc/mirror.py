@@ -29,6 +29,7 @@ from merlin_dp.gateway.pool.upstream import Upstream, UpstreamError
 from merlin_dp.gateway.routing.balancer import choose_free
 from merlin_dp.gateway.routing.table import MirrorTarget
 from merlin_dp.protos.caraml.upi.v1 import upi_pb2
+from merlin_dp.spec.signals import GRPC_SERVER_FAULTS
 
 # A shadow that never answers must not hold a mirror slot for good.
 MIRROR_TIMEOUT = 30.0
@@ -177,6 +178,8 @@ class MirrorCopy:
                 code = int(value)
         self.answer_code = code
         self.stats.latency.observe(perf_counter() - self.started)
+        if code in GRPC_SERVER_FAULTS:
+            self.stats.server_errors += 1
         self._end("sent", "")
         self._maybe_compare()
 
@@ -228,21 +231,20 @@ class MirrorCopy:
         asyncio.get_running_loop().call_soon(self._compare)
 
     def _compare(self) -> None:
-        stats = self.stats
-        stats.compared += 1
-        if self.primary_code != self.answer_code:
-            stats.mismatch["status"] = stats.mismatch.get("status", 0) + 1
-            return
+        primary_code, answer_code = self.primary_code, self.answer_code
+        server_error = primary_code in GRPC_SERVER_FAULTS or answer_code in GRPC_SERVER_FAULTS
+        status_differs = primary_code != answer_code
+        self.stats.compared_pair(server_error, status_differs,
+                                 not status_differs and self._bodies_differ())  # fmt: skip
+
+    def _bodies_differ(self) -> bool:
         if self.primary is None or self.answer is None:
-            return  # too big to compare: the statuses agreed
+            return False  # too big to compare: the statuses agreed
         left = _decode(b"".join(self.primary))
         right = _decode(b"".join(self.answer))
         if left is None or right is None:
-            if b"".join(self.primary) != b"".join(self.answer):
-                stats.mismatch["body"] = stats.mismatch.get("body", 0) + 1
-            return
-        if not json_agree(left, right, self.mirror.relative_tolerance):
-            stats.mismatch["body"] = stats.mismatch.get("body", 0) + 1
+            return b"".join(self.primary) != b"".join(self.answer)
+        return not json_agree(left, right, self.mirror.relative_tolerance)
 
 
 def _decode(body: bytes) -> dict[str, Any] | None:

@@ -93,6 +93,7 @@ class MirrorCopy:
         status = conn.status
         if status >= 500:
             up.record_failure()
+            self.stats.server_errors += 1
         else:
             up.record_success()
         self.owner.pool.release(conn)
@@ -108,12 +109,14 @@ class MirrorCopy:
         if primary_status < 0:
             return
         status, body = self.answer
-        stats = self.stats
-        stats.compared += 1
-        if primary_status != status:
-            stats.mismatch["status"] = stats.mismatch.get("status", 0) + 1
-        elif primary_body is not None and not bodies_agree(primary_body, body, self.tolerance):
-            stats.mismatch["body"] = stats.mismatch.get("body", 0) + 1
+        status_differs = primary_status != status
+        self.stats.compared_pair(
+            primary_status >= 500 or status >= 500,
+            status_differs,
+            not status_differs
+            and primary_body is not None
+            and not bodies_agree(primary_body, body, self.tolerance),
+        )
 
 
 class Mirroring:
