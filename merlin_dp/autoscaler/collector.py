@@ -20,7 +20,7 @@ import aiohttp
 
 from merlin_dp.autoscaler.window import HORIZON_S, VersionSeries
 from merlin_dp.common.aio import raise_if_cancelling
-from merlin_dp.spec.signals import SignalRecord, signals_stream
+from merlin_dp.spec.signals import SignalRecord, add_record, merge_records, signals_stream
 
 log = logging.getLogger("autoscaler")
 
@@ -35,6 +35,8 @@ class _Buckets:
         self._series: dict[Key, VersionSeries] = {}
         self.failures: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}  # when each source last reported
+        # Each version's recent seconds whole (gateways summed), for rollouts to judge.
+        self._seconds: dict[Key, dict[int, SignalRecord]] = {}
 
     def series(self, key: Key) -> VersionSeries:
         found = self._series.get(key)
@@ -46,9 +48,30 @@ class _Buckets:
         """Add a gateway's records; returns the newest second among them (-1: none)."""
         newest = -1
         for rec in records:
-            self.series((rec["project"], rec["model"], rec["version"])).add(rec, now)
+            key = (rec["project"], rec["model"], rec["version"])
+            self.series(key).add(rec, now)
+            self._keep(key, rec)
             newest = max(newest, rec["second"])
         return newest
+
+    def _keep(self, key: Key, rec: SignalRecord) -> None:
+        seconds = self._seconds.get(key)
+        if seconds is None:
+            seconds = self._seconds[key] = {}
+        into = seconds.get(rec["second"])
+        if into is None:
+            seconds[rec["second"]] = merge_records([rec])[0]  # a copy
+        else:
+            add_record(into, rec)
+        if len(seconds) > 2 * self.horizon:
+            cutoff = rec["second"] - self.horizon
+            for second in [s for s in seconds if s < cutoff]:
+                del seconds[second]
+
+    def second(self, key: Key, second: int) -> SignalRecord | None:
+        """One version's record of one second, summed over gateways (None: none kept)."""
+        seconds = self._seconds.get(key)
+        return seconds.get(second) if seconds is not None else None
 
 
 class GatewaySignals(_Buckets):

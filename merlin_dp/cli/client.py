@@ -320,7 +320,8 @@ def cmd_logs(args: argparse.Namespace) -> None:
 # --- wiring ---------------------------------------------------------------------------
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def common_options() -> argparse.ArgumentParser:
+    """--controller, --token and -o: what every client command takes."""
     common = argparse.ArgumentParser(add_help=False)
     controller = os.environ.get("MERLIN_DP_CONTROLLER", DEFAULT_CONTROLLER)
     common.add_argument(
@@ -329,6 +330,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     common.add_argument("--token", default=os.environ.get("MERLIN_DP_TOKEN"),
                         help="API token (default $MERLIN_DP_TOKEN)")  # fmt: skip
     common.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    return common
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = common_options()
 
     p = sub.add_parser("deploy", parents=[common], help="deploy or redeploy a version endpoint")
     p.add_argument("name", metavar="PROJECT/MODEL/VERSION")
@@ -355,15 +361,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="wait up to this long for it to run; exit 1 if it failed or is still "
                    "pending")  # fmt: skip
-    p.set_defaults(run=_wrap(cmd_deploy))
+    p.set_defaults(run=wrap(cmd_deploy))
 
     p = sub.add_parser("undeploy", parents=[common], help="undeploy a version endpoint")
     p.add_argument("name", metavar="PROJECT/MODEL/VERSION")
-    p.set_defaults(run=_wrap(cmd_undeploy))
+    p.set_defaults(run=wrap(cmd_undeploy))
 
     p = sub.add_parser("versions", parents=[common], help="list a model's version endpoints")
     p.add_argument("name", metavar="PROJECT/MODEL")
-    p.set_defaults(run=_wrap(cmd_versions))
+    p.set_defaults(run=wrap(cmd_versions))
 
     p = sub.add_parser(
         "route", parents=[common], help="set the model endpoint's rule",
@@ -379,29 +385,29 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--timeout", type=float, metavar="SECONDS")
     p.add_argument("--protocol", choices=["HTTP_JSON", "UPI_V1"], default="HTTP_JSON")
     p.add_argument("--rule-file", metavar="FILE", help="a YAML/JSON rule instead of the flags")
-    p.set_defaults(run=_wrap(cmd_route))
+    p.set_defaults(run=wrap(cmd_route))
 
     p = sub.add_parser(
         "switch", parents=[common], help="blue-green: all traffic to the other version"
     )
     p.add_argument("name", metavar="PROJECT/MODEL")
     p.add_argument("--to", metavar="VERSION")
-    p.set_defaults(run=_wrap(cmd_switch))
+    p.set_defaults(run=wrap(cmd_switch))
 
     p = sub.add_parser(
         "rollback", parents=[common], help="return to the previous (or a given) rule"
     )
     p.add_argument("name", metavar="PROJECT/MODEL")
     p.add_argument("--to-revision", type=int, metavar="R")
-    p.set_defaults(run=_wrap(cmd_rollback))
+    p.set_defaults(run=wrap(cmd_rollback))
 
     p = sub.add_parser("history", parents=[common], help="the model endpoint's last rules")
     p.add_argument("name", metavar="PROJECT/MODEL")
-    p.set_defaults(run=_wrap(cmd_history))
+    p.set_defaults(run=wrap(cmd_history))
 
     p = sub.add_parser("status", parents=[common], help="a model's endpoint and versions")
     p.add_argument("name", metavar="PROJECT/MODEL")
-    p.set_defaults(run=_wrap(cmd_status))
+    p.set_defaults(run=wrap(cmd_status))
 
     p = sub.add_parser(
         "logs", parents=[common], help="a version endpoint's replica logs (from the controller)"
@@ -410,10 +416,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("-n", "--lines", type=int, default=50, help="lines from the end of each log")
     p.add_argument("-f", "--follow", action="store_true",
                    help="then print new lines as they are written (Ctrl-C stops)")  # fmt: skip
-    p.set_defaults(run=_wrap(cmd_logs))
+    p.set_defaults(run=wrap(cmd_logs))
 
 
-def _wrap(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
+def wrap(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             command(args)

@@ -10,6 +10,7 @@ from merlin_dp.cli import client as client_cli
 from merlin_dp.cli import controller as cli_controller
 from merlin_dp.cli import gateway as gateway_cli
 from merlin_dp.cli import loadtest, up
+from merlin_dp.cli import rollout as rollout_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.add_parser(sub)
     cli_controller.add_parser(sub)
     client_cli.add_parsers(sub)
+    rollout_cli.add_parser(sub)
     loadtest.add_parser(sub)
     return parser
 

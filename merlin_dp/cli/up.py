@@ -31,6 +31,7 @@ from merlin_dp.autoscaler.scaler import Autoscaler
 from merlin_dp.cli.autoscaling import add_timing_arguments, timings_from
 from merlin_dp.cli.gateway import split_address
 from merlin_dp.controller.autoscaling import attach_autoscaler
+from merlin_dp.controller.rollouts import RolloutDriver, attach_rollouts
 from merlin_dp.controller.server import ControllerConfig, StartError, listen_error, start_controller
 from merlin_dp.controller.urls import PublicGateway, model_url
 from merlin_dp.gateway.admin import admin_app, start_admin
@@ -112,6 +113,7 @@ async def _up(args: argparse.Namespace) -> None:
     worker = GatewayWorker(config, ControllerRouteSource(api_url))
     admin_runner = None
     autoscaler: Autoscaler | None = None
+    rollouts: RolloutDriver | None = None
     try:
         try:
             await worker.start()
@@ -125,11 +127,9 @@ async def _up(args: argparse.Namespace) -> None:
         # The real ports (0 picks one): the URLs the API answers with name them.
         served_grpc = worker.grpc_port if worker.grpc is not None else None
         controller.public = PublicGateway(args.domain, worker.port, served_grpc)
-        autoscaler = attach_autoscaler(
-            controller,
-            GatewaySignals([f"http://{admin_host}:{admin_port}"]),
-            timings=timings_from(args),
-        )
+        signals = GatewaySignals([f"http://{admin_host}:{admin_port}"])
+        autoscaler = attach_autoscaler(controller, signals, timings=timings_from(args))
+        rollouts = attach_rollouts(controller, signals)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -145,6 +145,8 @@ async def _up(args: argparse.Namespace) -> None:
         await stop.wait()
         print("merlin-dp: stopping (in-flight requests finish, replicas drain)", flush=True)
     finally:
+        if rollouts is not None:
+            await rollouts.close()
         if autoscaler is not None:
             await autoscaler.close()
         await worker.stop()

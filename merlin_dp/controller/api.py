@@ -33,6 +33,7 @@ from merlin_dp.controller.auth import Access, Principal, Tokens, host_refusals
 from merlin_dp.controller.models import (
     ActivationAccepted,
     ActivationBody,
+    ControllerState,
     EndpointDeleted,
     Health,
     ModelEndpoint,
@@ -61,6 +62,7 @@ from merlin_dp.runtime.logtail import LogFollower, log_tail
 from merlin_dp.spec.endpoints import (
     VersionEndpointSpec,
 )
+from merlin_dp.spec.rollout import RolloutPlan
 from merlin_dp.spec.rule import NAME_PATTERN, VERSION_PATTERN
 
 log = logging.getLogger("merlin_dp.controller.api")
@@ -167,6 +169,11 @@ def make_app(
     app.router.add_get(base + "/endpoint/history", api.history)
     app.router.add_post(base + "/endpoint:switch", api.switch)
     app.router.add_post(base + "/endpoint:rollback", api.rollback)
+    app.router.add_post(base + "/endpoint:rollout", api.start_rollout)
+    app.router.add_get(base + "/endpoint/rollout", api.get_rollout)
+    app.router.add_post(base + "/endpoint/rollout:pause", api.pause_rollout)
+    app.router.add_post(base + "/endpoint/rollout:resume", api.resume_rollout)
+    app.router.add_post(base + "/endpoint/rollout:abort", api.abort_rollout)
     return app
 
 
@@ -506,6 +513,65 @@ class Api:
             await self._audit(request, "rollback", key),
         )  # fmt: skip
         return self._endpoint_view(new.endpoints[key])
+
+    # --- rollouts -------------------------------------------------------------------
+
+    async def start_rollout(self, request: web.Request) -> web.Response:
+        project, model, _ = self._names(request, "write")
+        plan = await self._body(request, RolloutPlan)
+        if_match = self._if_match(request)
+        key = st.model_key(project, model)
+        if self.c.rollouts is None:
+            raise st.conflict(
+                "rollouts are judged on the gateways' signals and this controller reads none: "
+                "start it with --gateway-admin, --redis-signals or --gateway-admin-service"
+            )
+        new = await self.c.change(
+            lambda s: st.start_rollout(s, project, model, plan, by=self._who(request),
+                                       now=time.time(), if_match=if_match),
+            await self._audit(request, "rollout_start", key) | {"candidate": plan.candidate},
+        )  # fmt: skip
+        self.c.rollouts.count("started")
+        return self._rollout_view(key, new, 201)
+
+    async def get_rollout(self, request: web.Request) -> web.Response:
+        project, model, _ = self._names(request, "read")
+        key = st.model_key(project, model)
+        status = self.c.rollouts.status(key) if self.c.rollouts else None
+        status = status or self.c.state.rollouts.get(key)
+        if status is None:
+            raise st.not_found(f"rollout of {key}")
+        return answer(status)
+
+    async def pause_rollout(self, request: web.Request) -> web.Response:
+        return await self._rollout_action(request, "pause", st.pause_rollout)
+
+    async def resume_rollout(self, request: web.Request) -> web.Response:
+        return await self._rollout_action(request, "resume", st.resume_rollout)
+
+    async def abort_rollout(self, request: web.Request) -> web.Response:
+        return await self._rollout_action(request, "abort", st.abort_rollout)
+
+    async def _rollout_action(
+        self, request: web.Request, action: str, transition: st.RolloutAction
+    ) -> web.Response:
+        project, model, _ = self._names(request, "write")
+        key = st.model_key(project, model)
+        who = self._who(request)
+        new = await self.c.change(
+            lambda s: transition(s, key, by=who, now=time.time()),
+            await self._audit(request, f"rollout_{action}", key),
+        )
+        if self.c.rollouts is not None:
+            self.c.rollouts.count({"pause": "paused", "resume": "resumed"}.get(action, "aborted"))
+        return self._rollout_view(key, new)
+
+    def _rollout_view(self, key: str, state: ControllerState, code: int = 200) -> web.Response:
+        status = state.rollouts[key]
+        endpoint = state.endpoints.get(key)
+        headers = {"ETag": f'"{endpoint.revision}"'} if endpoint else None
+        return web.json_response(json.loads(status.model_dump_json()), status=code,
+                                 headers=headers)  # fmt: skip
 
 
 # Pydantic words these in Python's terms ("a valid dictionary or instance of Rule").

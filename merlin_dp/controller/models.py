@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from merlin_dp.spec.endpoints import VersionEndpointSpec
+from merlin_dp.spec.rollout import RolloutStatus
 from merlin_dp.spec.rule import Name, Protocol, Rule, StrictModel, VersionId
 
 VersionStatus = Literal["pending", "running", "serving", "failed", "terminated"]
@@ -109,6 +110,8 @@ class ControllerState(StateModel):
     versions: dict[str, VersionEndpoint] = Field(default_factory=dict)  # "p/m/v"
     endpoints: dict[str, ModelEndpoint] = Field(default_factory=dict)  # "p/m"
     history: dict[str, list[RuleRevision]] = Field(default_factory=dict)  # "p/m"
+    # Each model endpoint's rollout, running or the last that ended ("p/m").
+    rollouts: dict[str, RolloutStatus] = Field(default_factory=dict)
 
 
 # --- answers: what the API returns (the handlers build them, so the document can't drift) ---

@@ -49,6 +49,15 @@ from merlin_dp.spec.endpoints import (
     ResourceRequest,
     VersionEndpointSpec,
 )
+from merlin_dp.spec.rollout import (
+    Analysis,
+    Evidence,
+    Judgement,
+    RolloutDecision,
+    RolloutPlan,
+    RolloutStatus,
+    Tally,
+)
 from merlin_dp.spec.routes import RouteTableSpec, RouteTableVersionEndpoint
 from merlin_dp.spec.rule import (
     NAME_PATTERN,
@@ -68,7 +77,7 @@ MODELS: list[type[BaseModel]] = [
     ModelEndpoint, ModelEndpointBody, Readiness, ReplicaLog, ResourceRequest, RollbackBody,
     ModelEndpointSpec, RouteTableSpec, RouteTableVersionEndpoint, Rule, RuleHistory,
     RuleRevision, Sticky, SwitchBody, VersionEndpoint, VersionEndpointList, VersionEndpointSpec,
-    VersionLogs,
+    VersionLogs, Analysis, Evidence, Judgement, RolloutDecision, RolloutPlan, RolloutStatus, Tally,
 ]  # fmt: skip
 
 WATCH_VALUES = ("0", "1", "false", "true")
@@ -82,6 +91,8 @@ TAGS = {
     "Gateways": "What gateways call: the route table and its stream, activations.",
     "Model endpoints": "A model's traffic rule: weights, matches, stickiness, mirroring.",
     "Operations": "Health, readiness, metrics, the audit log and this document.",
+    "Rollouts": "Moving a model endpoint's traffic to a candidate version by itself: "
+    "shadow, canary steps, promotion, judged on the gateways' signals (docs/rollouts.md).",
     "Version endpoints": "Deploying and undeploying the versions of a model.",
 }
 
@@ -299,6 +310,28 @@ def openapi_document() -> dict[str, Any]:
             "Return to the previous (or a named) rule", endpoint_ok,
             (400, 404, 409, 412, 413, 503), RollbackBody, body_required=False,
             op="rollbackModelEndpoint", if_match=True)},
+        BASE + "/endpoint:rollout": {"parameters": params, "post": _op(
+            "Start a rollout of a candidate version: shadow, canary steps, then the switch",
+            {"201": {**_json(RolloutStatus, "Started: the first step is routed"),
+                     "headers": ETAG}},
+            (400, 404, 409, 412, 413, 503), RolloutPlan,
+            op="startRollout", if_match=True, notes={409: (
+                "A rollout is already running; the candidate is not running, has no ready "
+                "replica or speaks another protocol; the rule splits traffic or mirrors "
+                "already; or this controller reads no gateway signals")})},
+        BASE + "/endpoint/rollout": {"parameters": params, "get": _op(
+            "The model endpoint's rollout: phase, step, evidence and every decision",
+            {"200": _json(RolloutStatus, "Running, or the last that ended")}, (404,),
+            op="getRollout")},
+        BASE + "/endpoint/rollout:pause": {"parameters": params, "post": _op(
+            "Hold the rollout where it is (traffic stays; the analysis may still roll back)",
+            {"200": _json(RolloutStatus, "Paused")}, (404, 409, 503), op="pauseRollout")},
+        BASE + "/endpoint/rollout:resume": {"parameters": params, "post": _op(
+            "Let a paused rollout go on", {"200": _json(RolloutStatus, "Resumed")},
+            (404, 409, 503), op="resumeRollout")},
+        BASE + "/endpoint/rollout:abort": {"parameters": params, "post": _op(
+            "Stop the rollout and route as before it, in one revision",
+            {"200": _json(RolloutStatus, "Aborted")}, (404, 409, 503), op="abortRollout")},
     }  # fmt: skip
     for path, item in paths.items():
         # Methods in the conventional order (get, put, post, delete), each operation in
@@ -337,6 +370,8 @@ def openapi_document() -> dict[str, Any]:
 
 
 def _tag(path: str) -> str:
+    if "rollout" in path:
+        return "Rollouts"
     if path.startswith(BASE + "/versions"):
         return "Version endpoints"
     if path.startswith(BASE + "/endpoint"):

@@ -204,6 +204,7 @@ async def serve(config: ControllerConfig) -> None:
     from merlin_dp.autoscaler.collector import GatewaySignals, RedisSignals, SignalSource
     from merlin_dp.controller.autoscaling import attach_autoscaler
     from merlin_dp.controller.kubernetes.sync import KubernetesSync
+    from merlin_dp.controller.rollouts import attach_rollouts
 
     controller, runner, _ = await start_controller(config)
     scaler = None
@@ -227,11 +228,14 @@ async def serve(config: ControllerConfig) -> None:
         scaler = attach_autoscaler(
             controller, signals, timings=config.autoscaler_timings, runtime=runtime
         )
+    rollouts = attach_rollouts(controller, signals, poll=scaler is None) if signals else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if rollouts is not None:
+        await rollouts.close()
     if scaler is not None:
         await scaler.close()
     await controller.feed.close()

@@ -23,6 +23,7 @@ from merlin_dp.controller.statedir import StateDirLock
 from merlin_dp.controller.store import Store, StoreError
 from merlin_dp.controller.urls import PublicGateway, model_url
 from merlin_dp.runtime import DeploySpec, Runtime, RuntimeEvent
+from merlin_dp.spec.rollout import RolloutStatus
 
 log = logging.getLogger("controller")
 
@@ -37,6 +38,16 @@ class ClusterWriter(Protocol):
 
     async def close(self) -> None:
         """Stop following the cluster."""
+
+
+class RolloutView(Protocol):
+    """The running rollouts as they stand (merlin_dp.controller.rollouts)."""
+
+    def status(self, key: str) -> RolloutStatus | None:
+        """A model endpoint's rollout with the evidence counted so far."""
+
+    def count(self, result: str) -> None:
+        """Count a decision taken through the API (start, pause, resume, abort)."""
 
 
 class Controller:
@@ -66,6 +77,8 @@ class Controller:
         self.metrics: list[Callable[[], str]] = []
         # Kubernetes mode: routing writes become ModelEndpoint patches before they apply.
         self.cluster: ClusterWriter | None = None
+        # Rollouts run beside the controller when gateways' signals are at hand.
+        self.rollouts: RolloutView | None = None
         # What /readyz says (Kubernetes mode: synced with the API server, and leading).
         self.ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
 

@@ -10,6 +10,9 @@ same-protocol versions receive traffic, routed versions are ``serving`` and the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
+
 from merlin_dp.controller.models import (
     ControllerState,
     ModelEndpoint,
@@ -17,9 +20,11 @@ from merlin_dp.controller.models import (
     RuleRevision,
     VersionEndpoint,
 )
+from merlin_dp.rollout.engine import RolloutRefused, abort, begin, pause, resume, rule_for
 from merlin_dp.spec.endpoints import ModelEndpointSpec, VersionEndpointSpec
+from merlin_dp.spec.rollout import RolloutPlan, RolloutStatus
 from merlin_dp.spec.routes import RouteTableSpec, RouteTableVersionEndpoint
-from merlin_dp.spec.rule import Destination, Rule
+from merlin_dp.spec.rule import Destination, Protocol, Rule
 
 HISTORY_LIMIT = 100
 DEPLOYED = ("pending", "running", "serving")
@@ -187,16 +192,42 @@ def set_endpoint(
     key = model_key(project, model)
     current = state.endpoints.get(key)
     check_if_match(current.revision if current else None, if_match)
-    _check_routable(state, project, model, body.rule, body.protocol)
+    _no_rollout(state, key)
+    return _route(state, project, model, body.rule, body.protocol, by=by, now=now)
+
+
+def _route(
+    state: ControllerState,
+    project: str,
+    model: str,
+    rule: Rule,
+    protocol: Protocol,
+    *,
+    by: str,
+    now: float,
+) -> ControllerState:
+    """The model endpoint routed by ``rule``, in a new revision kept in its history."""
+    key = model_key(project, model)
+    _check_routable(state, project, model, rule, protocol)
     new = _next(state)
     new.endpoints[key] = ModelEndpoint(
-        project=project, model=model, protocol=body.protocol, rule=body.rule, revision=new.revision
+        project=project, model=model, protocol=protocol, rule=rule, revision=new.revision
     )
     history = new.history.setdefault(key, [])
-    history.append(RuleRevision(revision=new.revision, rule=body.rule, at=now, by=by))
+    history.append(RuleRevision(revision=new.revision, rule=rule, at=now, by=by))
     del history[:-HISTORY_LIMIT]
     _settle_serving(new, project, model)
     return new
+
+
+def _no_rollout(state: ControllerState, key: str) -> None:
+    rollout = state.rollouts.get(key)
+    if rollout is not None and rollout.active:
+        raise conflict(
+            f"a rollout of version {rollout.candidate} is moving {key}'s traffic "
+            f"({rollout.phase}{'' if rollout.phase == 'shadow' else f' at {rollout.weight}%'}); "
+            "abort it first (POST .../endpoint/rollout:abort)"
+        )
 
 
 def delete_endpoint(
@@ -207,6 +238,7 @@ def delete_endpoint(
     if current is None:
         raise not_found(f"model endpoint {key}")
     check_if_match(current.revision, if_match)
+    _no_rollout(state, key)
     new = _next(state)
     del new.endpoints[key]
     _settle_serving(new, project, model)
@@ -289,6 +321,119 @@ def rollback(
         state, project, model, ModelEndpointBody(rule=chosen.rule, protocol=current.protocol),
         by=by, now=now, if_match=if_match,
     )  # fmt: skip
+
+
+# --- rollouts ---------------------------------------------------------------------------
+
+
+def start_rollout(
+    state: ControllerState,
+    project: str,
+    model: str,
+    plan: RolloutPlan,
+    *,
+    by: str,
+    now: float,
+    if_match: int | None = None,
+) -> ControllerState:
+    """Begin a rollout: its first rule (the shadow's, or the first canary step's) in one
+    revision, and its status beside the model endpoint."""
+    key = model_key(project, model)
+    current = state.endpoints.get(key)
+    if current is None:
+        raise not_found(f"model endpoint {key}")
+    check_if_match(current.revision, if_match)
+    _no_rollout(state, key)
+    candidate = state.versions.get(version_key(project, model, plan.candidate))
+    if candidate is not None and candidate.status in ROUTABLE and not candidate.replicas \
+            and candidate.spec.resource_request.min_replica > 0:  # fmt: skip
+        raise conflict(f"version {plan.candidate} has no ready replica yet; start the rollout "
+                       "once it has one")  # fmt: skip
+    try:
+        status = begin(project, model, plan, current.rule, now)
+    except RolloutRefused as exc:
+        raise conflict(f"{key}: {exc}") from None
+    new = _route(state, project, model, rule_for(status), current.protocol, by=by, now=now)
+    _mark_revision(status, new.revision)
+    new.rollouts[key] = status
+    return new
+
+
+def rollout_moved(
+    state: ControllerState, key: str, status: RolloutStatus, *, decisions_before: int, now: float
+) -> ControllerState:
+    """Store a rollout's new status and route by its rule (when the rule changes) in one
+    revision. Refused when the stored rollout is not the one the mover read (another
+    controller, or a pause or an abort, got there first)."""
+    stored = state.rollouts.get(key)
+    if stored is None or stored.started != status.started \
+            or len(stored.decisions) != decisions_before:  # fmt: skip
+        raise conflict(f"the rollout of {key} changed meanwhile; read it again")
+    current = state.endpoints.get(key)
+    if current is None:
+        raise not_found(f"model endpoint {key}")
+    rule = rule_for(status)
+    if rule == current.rule:
+        new = _next(state)  # paused, resumed, or the shadow still going: traffic as it is
+    else:
+        new = _route(state, status.project, status.model, rule, current.protocol,
+                     by="rollout", now=now)  # fmt: skip
+    _mark_revision(status, new.revision)
+    new.rollouts[key] = status
+    return new
+
+
+def _mark_revision(status: RolloutStatus, revision: int) -> None:
+    """The last decision was carried out by ``revision``."""
+    if status.decisions:
+        status.decisions[-1] = status.decisions[-1].model_copy(update={"revision": revision})
+
+
+class RolloutAction(TypingProtocol):
+    def __call__(
+        self, state: ControllerState, key: str, *, by: str, now: float
+    ) -> ControllerState: ...
+
+
+def pause_rollout(state: ControllerState, key: str, *, by: str, now: float) -> ControllerState:
+    def change(status: RolloutStatus) -> None:
+        if status.paused:
+            raise conflict(f"the rollout of {key} is already paused")
+        pause(status, f"paused by {by}", now)
+
+    return _rollout_changed(state, key, change, now)
+
+
+def resume_rollout(state: ControllerState, key: str, *, by: str, now: float) -> ControllerState:
+    def change(status: RolloutStatus) -> None:
+        if not status.paused:
+            raise conflict(f"the rollout of {key} is not paused")
+        resume(status, now)
+        status.decisions[-1] = status.decisions[-1].model_copy(
+            update={"reason": f"resumed by {by}"}
+        )
+
+    return _rollout_changed(state, key, change, now)
+
+
+def abort_rollout(state: ControllerState, key: str, *, by: str, now: float) -> ControllerState:
+    """Back to the rule from before the rollout, in one revision."""
+    return _rollout_changed(
+        state, key, lambda status: abort(status, f"aborted by {by}", now, 0), now
+    )
+
+
+def _rollout_changed(
+    state: ControllerState, key: str, change: Callable[[RolloutStatus], None], now: float
+) -> ControllerState:
+    stored = state.rollouts.get(key)
+    if stored is None:
+        raise not_found(f"rollout of {key}")
+    if not stored.active:
+        raise conflict(f"the rollout of {key} has ended ({stored.phase})")
+    status = stored.model_copy(deep=True)
+    change(status)
+    return rollout_moved(state, key, status, decisions_before=len(stored.decisions), now=now)
 
 
 def _check_routable(

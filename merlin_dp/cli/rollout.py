@@ -1,0 +1,120 @@
+"""`merlin-dp rollout`: start, watch and steer a model endpoint's rollout.
+
+``start`` posts a plan (the defaults, or steps and options given here), ``status`` shows
+the phase, step, each test's numbers and every decision (``--watch`` follows it until it
+ends), and ``pause``, ``resume`` and ``abort`` steer it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from merlin_dp.cli.client import (
+    CliError,
+    call,
+    common_options,
+    model_path,
+    show,
+    table,
+    wrap,
+)
+
+WATCH_SECONDS = 2.0
+
+
+def cmd_start(args: argparse.Namespace) -> None:
+    plan: dict[str, Any] = {"candidate": args.candidate, "shadow": not args.no_shadow}
+    if args.steps is not None:
+        try:
+            plan["steps"] = [int(w) for w in args.steps.split(",") if w.strip()]
+        except ValueError:
+            raise CliError(
+                f"--steps {args.steps!r} is not a list of weights like 1,5,25,50"
+            ) from None
+    if args.step_seconds is not None:
+        plan["step_seconds"] = args.step_seconds
+    if args.webhook:
+        plan["webhook"] = args.webhook
+    if args.no_compare:
+        plan["analysis"] = {"mismatch_rate_allowed": None}
+    result = call(args, "POST", model_path(args.name) + "/endpoint:rollout", plan)
+    show(args, result, status_text(result))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    path = model_path(args.name) + "/endpoint/rollout"
+    result = call(args, "GET", path)
+    show(args, result, status_text(result))
+    while args.watch and result["phase"] in ("shadow", "canary"):
+        time.sleep(WATCH_SECONDS)
+        result = call(args, "GET", path)
+        print()
+        show(args, result, status_text(result))
+
+
+def action(name: str) -> Any:
+    def cmd(args: argparse.Namespace) -> None:
+        result = call(args, "POST", model_path(args.name) + f"/endpoint/rollout:{name}", {})
+        show(args, result, status_text(result))
+
+    return cmd
+
+
+def status_text(s: dict[str, Any]) -> str:
+    where = "shadowing all traffic" if s["phase"] == "shadow" else f"{s['weight']}% to candidate"
+    if s["phase"] not in ("shadow", "canary"):
+        where = s["phase"].replace("_", " ")
+    head = (f"{s['project']}/{s['model']}: {s['baseline']} -> {s['candidate']}: {where}"
+            + (" (paused)" if s["paused"] else ""))  # fmt: skip
+    if s["phase"] == "canary":
+        steps = s["plan"]["steps"]
+        head += f", step {s['step'] + 1} of {len(steps)} ({', '.join(map(str, steps))})"
+    lines = [head]
+    if s["message"]:
+        lines.append(s["message"])
+    if s["tests"]:
+        rows = [[t["metric"], f"{100 * t['baseline']:.3g}%", f"{100 * t['candidate']:.3g}%",
+                 f"{100 * t['margin']:.3g}%", str(t["samples"]), f"{t['llr']:g}",
+                 f"{t['pass_at']:g} / {t['fail_at']:g}", t["verdict"]]
+                for t in s["tests"]]  # fmt: skip
+        lines += ["", table(rows, ["test", "baseline", "candidate", "regression at", "answers",
+                                   "llr", "pass / fail", "verdict"])]  # fmt: skip
+    if s["decisions"]:
+        rows = [[time.strftime("%H:%M:%S", time.localtime(d["at"])), d["action"],
+                 f"{d['weight']}%", str(d["revision"] or "-"), d["reason"]]
+                for d in s["decisions"]]  # fmt: skip
+        lines += ["", table(rows, ["at", "action", "weight", "revision", "reason"])]
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = common_options()
+    parser = sub.add_parser(
+        "rollout", help="roll a candidate version out by itself (shadow, canary, promote)",
+        description="Start, follow and steer a rollout (docs/rollouts.md).",
+    )  # fmt: skip
+    steps = parser.add_subparsers(title="commands", metavar="<command>", required=True)
+    p = steps.add_parser("start", parents=[common], help="start a rollout of a version")
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.add_argument("candidate", metavar="VERSION")
+    p.add_argument("--steps", metavar="W,W,...", help="canary weights (default 1,5,25,50)")
+    p.add_argument("--step-seconds", type=float, metavar="S",
+                   help="least time each step is held (default 30)")  # fmt: skip
+    p.add_argument("--no-shadow", action="store_true", help="start at the first canary step")
+    p.add_argument("--no-compare", action="store_true",
+                   help="while shadowing, judge errors and latency only (a retrained model "
+                   "is meant to answer differently)")  # fmt: skip
+    p.add_argument("--webhook", metavar="URL",
+                   help="POSTed before each step and promotion; non-2xx pauses")  # fmt: skip
+    p.set_defaults(run=wrap(cmd_start))
+    p = steps.add_parser("status", parents=[common], help="phase, evidence and decisions")
+    p.add_argument("name", metavar="PROJECT/MODEL")
+    p.add_argument("-w", "--watch", action="store_true", help="follow it until it ends")
+    p.set_defaults(run=wrap(cmd_status))
+    for name, text in (("pause", "hold it where it is"), ("resume", "let it go on"),
+                       ("abort", "stop it and route as before it, in one revision")):  # fmt: skip
+        p = steps.add_parser(name, parents=[common], help=text)
+        p.add_argument("name", metavar="PROJECT/MODEL")
+        p.set_defaults(run=wrap(action(name)))
