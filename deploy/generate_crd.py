@@ -38,6 +38,7 @@ from merlin_dp.controller.kubernetes.objects import (
     VERSION,
 )
 from merlin_dp.spec.endpoints import ModelEndpointSpec
+from merlin_dp.spec.rollout import RolloutPlan
 
 CRD_PATH = Path(__file__).resolve().parent / "crd-modelendpoint.yaml"
 
@@ -149,7 +150,16 @@ def _ordered(node: dict[str, Any]) -> dict[str, Any]:
 def spec_schema() -> dict[str, Any]:
     raw = ModelEndpointSpec.model_json_schema()
     defs = raw.pop("$defs", {})
-    return structural(raw, defs, "spec")
+    spec = structural(raw, defs, "spec")
+    plan = RolloutPlan.model_json_schema()
+    plan_defs = plan.pop("$defs", {})
+    rollout = structural(plan, plan_defs, "spec.rollout")
+    rollout["description"] = (
+        "Roll a candidate out by itself (docs/rollouts.md): a changed plan starts a new "
+        "rollout; its progress is status.rollout. Read beside the spec, not part of the rule."
+    )
+    spec["properties"]["rollout"] = {**rollout, "nullable": True}
+    return spec
 
 
 def status_schema() -> dict[str, Any]:
@@ -198,6 +208,18 @@ def status_schema() -> dict[str, Any]:
                 "description": "The route-table revision that carries this rule "
                 "(the controller API's revision, its If-Match value).",
                 **int64,
+            },
+            "rollout": {
+                "description": "The rollout as the controller keeps it (GET "
+                ".../endpoint/rollout): phase, step, evidence and decisions.",
+                "type": "object",
+                "nullable": True,
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+            "rolloutError": {
+                "description": "Why spec.rollout is invalid or could not start.",
+                "type": "string",
+                "nullable": True,
             },
             "conditions": {
                 "type": "array",
@@ -251,6 +273,13 @@ def crd() -> dict[str, Any]:
                             "name": "Revision",
                             "type": "integer",
                             "jsonPath": ".status.routeRevision",
+                        },
+                        {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.phase"},
+                        {
+                            "name": "Weight",
+                            "type": "integer",
+                            "jsonPath": ".status.rollout.weight",
+                            "priority": 1,
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

@@ -445,3 +445,48 @@ async def test_autoscaler_patches_the_scale_subresource(stack: Stack, cluster: C
         {"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]})  # fmt: skip
     status, who = await asyncio.wait_for(held, 30)
     assert (status, who) == (200, "v1")
+
+
+async def test_a_rollout_declared_in_the_model_endpoint(stack: Stack, cluster: Cluster) -> None:
+    """spec.rollout starts it; each move is a patch of spec.rule; status.rollout shows
+    the progress, and the API reads the same rollout."""
+    r1, r2 = await stack.replica("v1"), await stack.replica("v2")
+    await cluster.add_slice("iris-1-a", "demo", "iris", "1", [("127.0.0.1", r1.port, True)])
+    await cluster.add_slice("iris-2-a", "demo", "iris", "2", [("127.0.0.1", r2.port, True)])
+    gw_admin = free_port()
+    await cluster._call("POST", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices", {
+        "metadata": {"name": "merlin-dp-gateway-admin-x", "namespace": NS,
+                     "labels": {"kubernetes.io/service-name": "merlin-dp-gateway-admin"}},
+        "ports": [{"name": "admin", "port": gw_admin}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
+    })  # fmt: skip
+    # The test replicas answer with their own names: predictions are not compared.
+    plan = {"candidate": "2", "steps": [50], "step_seconds": 1,
+            "analysis": {"min_samples": 20, "settle_seconds": 0, "error_rate_margin": 0.1,
+                         "latency_slowdown": 5, "compare_predictions": False}}  # fmt: skip
+    await cluster.apply_endpoint("demo-iris", "demo", "iris", weights(v1=100), rollout=plan)
+    port = stack.controller("solo", "--gateway-admin-service", "merlin-dp-gateway-admin")
+    stack.gateway(port, admin=gw_admin)
+    await eventually(lambda: _served(stack, {"v1"}), "v1 served")
+
+    async def promoted() -> bool:
+        await stack.served(10)
+        rollout = status_of(cluster, "demo-iris").get("rollout") or {}
+        return rollout.get("phase") == "promoted"
+
+    await eventually(promoted, "the rollout promoted v2", timeout=60)
+    obj = cluster.get(MODEL_ENDPOINTS, "demo-iris") or {}
+    assert obj["spec"]["rule"]["destinations"] == weights(v2=100)["destinations"]
+    assert obj["spec"]["rollout"]["candidate"] == "2"  # the plan stays as applied
+    rollout = status_of(cluster, "demo-iris")["rollout"]
+    assert [d["action"] for d in rollout["decisions"]] == ["start", "step", "promote"]
+    assert status_of(cluster, "demo-iris").get("rolloutError") is None
+    code, body = await stack.api(port, "GET", "/endpoint/rollout")
+    assert code == 200 and body["phase"] == "promoted"
+    await eventually(lambda: _served(stack, {"v2"}), "v2 takes all traffic")
+    # A plan that can't start says why on the object, and routing is untouched.
+    await cluster.patch_endpoint("demo-iris", {"spec": {"rollout": {"candidate": "7"}}})
+    await eventually(lambda: _true(bool(status_of(cluster, "demo-iris").get("rolloutError"))),
+                     "the refusal reported")  # fmt: skip
+    assert "7" in status_of(cluster, "demo-iris")["rolloutError"]
+    assert set(await stack.served()) == {"v2"}

@@ -214,6 +214,7 @@ STRUCTURAL_KEYS = {
     "additionalProperties",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
+    "x-kubernetes-preserve-unknown-fields",
 }
 
 

@@ -172,7 +172,8 @@ async def test_a_good_candidate_promotes_itself(stack: Stack) -> None:
     await serve_baseline(stack, {})
     async with callers(stack) as seen:
         status, body, _ = await stack.api.call(
-            "POST", f"{BASE}/endpoint:rollout", {"candidate": "2", **FAST})
+            "POST", f"{BASE}/endpoint:rollout", {"candidate": "2", **FAST}
+        )
         assert status == 201, body
         assert body["phase"] == "shadow"
         done = await rollout(stack.api, 90, ended)
@@ -221,7 +222,8 @@ async def test_a_candidate_that_predicts_differently_stops_in_the_shadow(stack: 
     await serve_baseline(stack, {"ROLLOUT_DIFFER_EVERY": "10"})
     async with callers(stack) as seen:
         status, body, _ = await stack.api.call(
-            "POST", f"{BASE}/endpoint:rollout", {"candidate": "2", **FAST})
+            "POST", f"{BASE}/endpoint:rollout", {"candidate": "2", **FAST}
+        )
         assert status == 201, body
         done = await rollout(stack.api, 90, ended)
     assert done["phase"] == "rolled_back", done

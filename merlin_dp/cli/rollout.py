@@ -38,7 +38,7 @@ def cmd_start(args: argparse.Namespace) -> None:
     if args.webhook:
         plan["webhook"] = args.webhook
     if args.no_compare:
-        plan["analysis"] = {"mismatch_rate_allowed": None}
+        plan["analysis"] = {"compare_predictions": False}
     result = call(args, "POST", model_path(args.name) + "/endpoint:rollout", plan)
     show(args, result, status_text(result))
 

@@ -52,7 +52,7 @@ def judge(evidence: Evidence, analysis: Analysis, *, shadow: bool) -> list[Judge
     tests = [error_rate(evidence, analysis)]
     if evidence.latency_bound is not None:
         tests.append(latency(evidence, analysis, evidence.latency_bound))
-    if shadow and analysis.mismatch_rate_allowed is not None:
+    if shadow and analysis.compare_predictions:
         tests.append(mismatch_rate(evidence, analysis, analysis.mismatch_rate_allowed))
     for i, test in enumerate(tests):
         if test.metric in evidence.passed:
@@ -124,23 +124,30 @@ def moved(histogram: list[int], i: int, slowdown: float) -> float:
 
 
 def two_sample_llr(kc: int, nc: int, kb: int, nb: int, margin: float, ratio: float = 1.0) -> float:
-    """Log of the likelihood ratio of "where the baseline's rate is p, the candidate's is
-    max(p + margin, p * ratio)" over "both share one rate", each at its likeliest p given
-    both versions' counts (``kc`` of ``nc``, ``kb`` of ``nb``). The baseline's rate is not
+    """Log of the generalized likelihood ratio of "the candidate is worse: where the
+    baseline's rate is p, the candidate's is at least max(p + margin, p * ratio)" over
+    "the candidate is no worse than the baseline", each at its likeliest rates given both
+    versions' counts (``kc`` of ``nc``, ``kb`` of ``nb``). The baseline's rate is not
     known: under either hypothesis the candidate's answers say as much about it as the
     baseline's own, so a baseline that happened to err less than usual does not make the
     candidate's few errors look like a regression."""
     if not nc or not nb:
         return 0.0
-    same = _loglik(kc + kb, nc + nb, (kc + kb) / (nc + nb))
+    pc, pb = kc / nc, kb / nb
+    free = _loglik(kc, nc, pc) + _loglik(kb, nb, pb)
+    # No worse: the counts as they are, or else both at one rate.
+    no_worse = free if pc <= pb else _loglik(kc + kb, nc + nb, (kc + kb) / (nc + nb))
+    if pc >= max(pb + margin, pb * ratio):
+        return free - no_worse
+    # Worse by the margin, at the likeliest p on its edge: p + margin below the kink,
+    # p * ratio above it (both below 1).
     eps = 1e-12
-    # p + margin below the kink, p * ratio above it; both below 1.
     top = (1 - margin) if ratio <= 1 else min(1 - margin, 1 / ratio)
     kink = margin / (ratio - 1) if ratio > 1 else 1.0
-    best = _best_on_piece(kc, nc, kb, nb, 1.0, margin, 0.0, min(kink, top) - eps)
+    worse = _best_on_piece(kc, nc, kb, nb, 1.0, margin, 0.0, min(kink, top) - eps)
     if ratio > 1 and kink < 1 / ratio:
-        best = max(best, _best_on_piece(kc, nc, kb, nb, ratio, 0.0, kink, 1 / ratio - eps))
-    return best - same
+        worse = max(worse, _best_on_piece(kc, nc, kb, nb, ratio, 0.0, kink, 1 / ratio - eps))
+    return worse - no_worse
 
 
 def bernoulli_llr(k: int, n: int, p0: float, p1: float) -> float:

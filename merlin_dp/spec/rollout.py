@@ -43,11 +43,15 @@ class Analysis(StrictModel):
         description="The smallest slowdown worth a rollback, as a factor on the "
         "baseline's latency (1.25: a quarter slower).",
     )  # fmt: skip
-    mismatch_rate_allowed: float | None = Field(
+    compare_predictions: bool = Field(
+        default=True,
+        description="While shadowing, judge how often the candidate's answers differ from "
+        "the baseline's (status, or body beyond the tolerance). false: errors and latency "
+        "only (a retrained model is meant to answer differently).",
+    )
+    mismatch_rate_allowed: float = Field(
         default=0.001, gt=0, lt=0.5,
-        description="While shadowing: the share of answers that may differ from the "
-        "baseline's (status, or body beyond the tolerance) and still pass. null: "
-        "predictions are not judged (a retrained model is meant to answer differently).",
+        description="The share of compared answers that may differ and still pass.",
     )  # fmt: skip
     mismatch_rate_margin: float = Field(
         default=0.01, gt=0, le=0.5,

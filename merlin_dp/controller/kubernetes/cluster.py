@@ -45,6 +45,7 @@ from merlin_dp.spec.endpoints import (
     ResourceRequest,
     VersionEndpointSpec,
 )
+from merlin_dp.spec.rollout import RolloutPlan, RolloutStatus
 from merlin_dp.spec.routes import describe_validation_error
 from merlin_dp.spec.rule import Protocol
 
@@ -101,6 +102,9 @@ class Derived:
     keys: dict[str, str] = field(default_factory=dict)  # ME name -> "project/model" it names
     owners: dict[str, str] = field(default_factory=dict)  # "project/model" -> ME name
     versions: dict[str, Version] = field(default_factory=dict)  # from the slices
+    # spec.rollout: the plan each owning ModelEndpoint declares, or why it is refused.
+    plans: dict[str, RolloutPlan] = field(default_factory=dict)  # "project/model" -> plan
+    plan_errors: dict[str, str] = field(default_factory=dict)  # ME name -> message
 
 
 # --- versions from EndpointSlices ------------------------------------------------------
@@ -260,9 +264,11 @@ def derive(
 
     # Valid ModelEndpoints claim their model first, oldest first; an invalid one can't
     # take a model from a valid one, so the outcome doesn't depend on the previous state.
+    restored: dict[str, RolloutStatus] = {}
     for obj in ordered:
         name = _name(obj)
-        raw = obj.get("spec") or {}
+        raw = dict(obj.get("spec") or {})
+        plan_raw = raw.pop("rollout", None)  # beside the spec the route table carries
         try:
             spec = ModelEndpointSpec.model_validate(raw)
         except ValidationError as exc:
@@ -279,6 +285,7 @@ def derive(
             )  # fmt: skip
             continue
         out.owners[key] = name
+        _read_rollout(out, name, key, plan_raw, obj, previous, restored)
         refusal = _check(spec, versions)
         old = previous.endpoints.get(key)
         if refusal is None:
@@ -315,10 +322,14 @@ def derive(
         k for k, e in new_endpoints.items()
         if k not in previous.endpoints or previous.endpoints[k] is not e
     ]  # fmt: skip
+    # Rollouts go on as the controller runs them; one a new leader has not seen yet is
+    # read back from the status the last one wrote. A deleted ModelEndpoint's goes.
+    rollouts = {k: r for k, r in {**restored, **previous.rollouts}.items() if k in new_endpoints}
     if (
         not changed_rules
         and set(new_endpoints) == set(previous.endpoints)
         and table_versions == previous.versions
+        and rollouts.keys() == previous.rollouts.keys()
     ):
         return out
     revision = previous.revision + 1
@@ -328,9 +339,34 @@ def derive(
         entries.append(RuleRevision(revision=revision, rule=e.rule, at=now, by="kubernetes"))
         del entries[:-HISTORY_LIMIT]
     out.state = ControllerState(
-        revision=revision, versions=table_versions, endpoints=new_endpoints, history=history
-    )
+        revision=revision, versions=table_versions, endpoints=new_endpoints, history=history,
+        rollouts=rollouts,
+    )  # fmt: skip
     return out
+
+
+def _read_rollout(
+    out: Derived,
+    name: str,
+    key: str,
+    plan_raw: Any,
+    obj: Obj,
+    previous: ControllerState,
+    restored: dict[str, RolloutStatus],
+) -> None:
+    """spec.rollout (the plan asked for) and status.rollout (the progress written)."""
+    if plan_raw is not None:
+        try:
+            out.plans[key] = RolloutPlan.model_validate(plan_raw)
+        except ValidationError as exc:
+            out.plan_errors[name] = "spec.rollout: " + describe_validation_error(exc)
+    written = (obj.get("status") or {}).get("rollout")
+    if key not in previous.rollouts and isinstance(written, dict):
+        try:
+            restored[key] = RolloutStatus.model_validate(written)
+        except ValidationError as exc:
+            log.warning("ModelEndpoint %s: status.rollout unreadable, ignored: %s", name,
+                        describe_validation_error(exc))  # fmt: skip
 
 
 def _still_good(old: ModelEndpoint, versions: Mapping[str, Version]) -> bool:
@@ -417,7 +453,12 @@ def _keep_generation(rec: VersionEndpoint, old: VersionEndpoint | None) -> Versi
 
 
 def status_patch(
-    obj: Obj, condition: Condition, route_revision: int | None, now: datetime.datetime
+    obj: Obj,
+    condition: Condition,
+    route_revision: int | None,
+    now: datetime.datetime,
+    rollout: dict[str, Any] | None = None,
+    rollout_error: str | None = None,
 ) -> dict[str, Any] | None:
     """The ``status`` to write, or None when the object already says it (no write storms)."""
     meta = obj.get("metadata") or {}
@@ -441,13 +482,26 @@ def status_patch(
     # None goes out as null: a merge patch deletes the field (leaving it out would keep
     # a stale revision on the object and make every later comparison differ).
     status["routeRevision"] = route_revision
+    status["rollout"] = rollout
+    status["rolloutError"] = rollout_error
     if _same_status(current, status):
         return None
     return status
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _same_status(current: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    keys = ("observedGeneration", "routeRevision")
+    keys = ("observedGeneration", "routeRevision", "rolloutError")
     if any(current.get(k) != new.get(k) for k in keys):
+        return False
+    # A merge patch deletes what it sets to null: what was written has no nulls.
+    if _without_nulls(current.get("rollout")) != _without_nulls(new.get("rollout")):
         return False
     return list(current.get("conditions") or []) == list(new["conditions"])

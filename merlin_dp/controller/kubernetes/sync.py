@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import logging
 import os
@@ -58,8 +59,9 @@ from merlin_dp.controller.kubernetes.objects import (
 )
 from merlin_dp.controller.models import ControllerState, ModelEndpoint
 from merlin_dp.controller.service import Controller
-from merlin_dp.controller.state import ApiError
+from merlin_dp.controller.state import ApiError, start_rollout
 from merlin_dp.runtime.kubernetes import KubernetesRuntime
+from merlin_dp.spec.rollout import RolloutPlan
 
 log = logging.getLogger("merlin_dp.controller.kubernetes")
 
@@ -127,6 +129,8 @@ class KubernetesSync:
         self.leading = not leader_election
         self.runtime.active = self.leading
         self.derived: Derived | None = None
+        # spec.rollout plans that could not start, and why ("project/model" -> why, plan).
+        self.plan_refusals: dict[str, tuple[str, RolloutPlan]] = {}
         self.status_writes = 0
         self.status_failures = 0
         self._dirty = asyncio.Event()
@@ -293,7 +297,33 @@ class KubernetesSync:
         self.derived = derived
         self.versions = derived.versions
         if self.leading:
+            await self._start_declared_rollouts(derived)
             await self._write_statuses(derived, endpoints)
+
+    async def _start_declared_rollouts(self, derived: Derived) -> None:
+        """A ModelEndpoint whose spec.rollout differs from the plan of its last rollout
+        asks for a new one (the API writes its plans there too, so they agree)."""
+        for key, plan in derived.plans.items():
+            last = self.controller.state.rollouts.get(key)
+            if last is not None and last.plan == plan:
+                continue
+            if self.plan_refusals.get(key, ("", None))[1] == plan:
+                continue  # refused already; a changed plan is tried again
+            project, model = key.split("/")
+            try:
+                if self.controller.rollouts is None:
+                    raise ApiError(409, "conflict", "rollouts need the gateways' signals: "
+                                   "start the controller with --gateway-admin-service")  # fmt: skip
+                start = functools.partial(start_rollout, project=project, model=model,
+                                          plan=plan, by="kubernetes", now=self.clock())  # fmt: skip
+                await self.controller.change(start, {"who": "kubernetes",
+                                                     "action": "rollout_start", "target": key,
+                                                     "candidate": plan.candidate})  # fmt: skip
+                self.controller.rollouts.count("started")
+                self.plan_refusals.pop(key, None)
+            except ApiError as exc:
+                log.warning("spec.rollout of %s not started: %s", key, exc.message)
+                self.plan_refusals[key] = (exc.message, plan)
 
     async def _write_statuses(self, derived: Derived, endpoints: dict[str, dict[str, Any]]) -> None:
         now = datetime.datetime.fromtimestamp(self.clock(), tz=datetime.UTC)
@@ -305,8 +335,12 @@ class KubernetesSync:
             key = derived.keys.get(name)
             routed = state.endpoints.get(key) if key is not None else None
             owns = derived.owners.get(key or "") == name and routed is not None
+            rollout = state.rollouts.get(key or "") if owns else None
+            error = derived.plan_errors.get(name) or (
+                self.plan_refusals.get(key or "", (None,))[0] if owns else None)  # fmt: skip
             status = status_patch(obj, condition, routed.revision if owns and routed else None,
-                                  now)  # fmt: skip
+                                  now, json.loads(rollout.model_dump_json()) if rollout else None,
+                                  error)  # fmt: skip
             if status is None:
                 continue
             try:
@@ -331,10 +365,16 @@ class KubernetesSync:
             )  # fmt: skip
         for key in sorted(set(old.endpoints) | set(new.endpoints)):
             before, after = old.endpoints.get(key), new.endpoints.get(key)
+            started = new.rollouts.get(key)
+            if started is not None and started.started == getattr(
+                old.rollouts.get(key), "started", None
+            ):
+                started = None  # only a new rollout's plan is written to the spec
             if after is None:
                 await self._delete(key)
-            elif before is None or (before.rule, before.protocol) != (after.rule, after.protocol):
-                await self._put(after)
+            elif (before is None or (before.rule, before.protocol) != (after.rule, after.protocol)
+                    or started is not None):  # fmt: skip
+                await self._put(after, started.plan if started is not None else None)
         # The cache already holds what the server answered, so its watch event changes
         # nothing there: reconcile anyway, for the status.
         self._dirty.set()
@@ -370,7 +410,7 @@ class KubernetesSync:
                 endpoints[name] = w.obj
         return endpoints
 
-    async def _put(self, endpoint: ModelEndpoint) -> None:
+    async def _put(self, endpoint: ModelEndpoint, plan: RolloutPlan | None = None) -> None:
         key = f"{endpoint.project}/{endpoint.model}"
         name = self._owner(key)
         rule = json.loads(endpoint.rule.model_dump_json())
@@ -378,7 +418,9 @@ class KubernetesSync:
         try:
             if name is not None:
                 # Merge patch: the rule's unset fields go as null, which deletes them.
-                patch = {"spec": {"protocol": endpoint.protocol, "rule": rule}}
+                patch: dict[str, Any] = {"spec": {"protocol": endpoint.protocol, "rule": rule}}
+                if plan is not None:
+                    patch["spec"]["rollout"] = json.loads(plan.model_dump_json())
                 obj = await self.objects.patch_namespaced_custom_object(
                     GROUP, VERSION, self.namespace, PLURAL, name, patch,
                     _content_type=MERGE_PATCH,
