@@ -26,6 +26,7 @@ from merlin_dp.spec.rollout import Action, Judgement, RolloutDecision, RolloutPl
 from merlin_dp.spec.rule import Destination, Mirror, Rule
 
 DECISIONS_KEPT = 100
+LIVE_ALPHA_SHARE = 0.1
 
 
 class RolloutRefused(ValueError):
@@ -95,6 +96,10 @@ def decide(status: RolloutStatus, now: float) -> Move | None:
         return None
     shadow = status.phase == "shadow"
     analysis = status.plan.analysis
+    if not shadow and status.plan.shadow:
+        # A candidate that passed the shadow is watched on live traffic with a tenth of
+        # the false-alarm budget: a second full test would double its false rollbacks.
+        analysis = analysis.model_copy(update={"alpha": analysis.alpha * LIVE_ALPHA_SHARE})
     tests = judge(status.shadow if shadow else status.live, analysis, shadow=shadow)
     status.tests = tests
     failed = [t for t in tests if t.verdict == "fail"]

@@ -23,12 +23,12 @@ class Analysis(StrictModel):
     metric; docs/rollouts.md says why and what each number means)."""
 
     alpha: float = Field(
-        default=0.001, gt=0, le=0.1,
+        default=0.0005, gt=0, le=0.1,
         description="Per test: the chance that a candidate as good as the baseline is "
         "rolled back by it (a false alarm).",
     )  # fmt: skip
     beta: float = Field(
-        default=0.01, gt=0, le=0.2,
+        default=0.005, gt=0, le=0.2,
         description="Per test: the chance that a candidate exactly at the margin passes.",
     )  # fmt: skip
     error_rate_margin: float = Field(
