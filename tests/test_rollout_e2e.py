@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -232,13 +234,27 @@ async def test_a_candidate_that_predicts_differently_stops_in_the_shadow(stack: 
     assert seen.served("2") == 0 and seen.failed() == 0, seen.answers
 
 
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "merlin_dp", "rollout", *args,
+         "--controller", f"http://127.0.0.1:{stack.port}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 async def test_the_controller_killed_mid_rollout_resumes_where_it_was(stack: Stack) -> None:
     await serve_baseline(stack, {})
-    plan = {"candidate": "2", **FAST, "steps": [10, 20, 50], "step_seconds": 6}
+    plan_file = stack.tmp / "plan.yaml"
+    plan_file.write_text(json.dumps({**FAST, "steps": [10, 20, 50]}))
     async with callers(stack) as seen:
-        status, body, _ = await stack.api.call("POST", f"{BASE}/endpoint:rollout", plan)
-        assert status == 201, body
+        # Started with the CLI, a plan file and a flag over it.
+        start = ("start", "fraud/scorer", "2", "--plan-file", str(plan_file),
+                 "--step-seconds", "6")  # fmt: skip
+        out = await asyncio.to_thread(cli, stack, *start)
+        assert out.returncode == 0, out.stderr
+        assert "fraud/scorer: 1 -> 2: shadowing all traffic" in out.stdout
         at_step = await rollout(stack.api, 90, lambda b: b["phase"] == "canary")
+        assert at_step["plan"]["step_seconds"] == 6
         assert at_step["weight"] == 10
         stack.controller.kill(signal.SIGKILL)
         stack.controller.popen.wait(5)
@@ -247,6 +263,10 @@ async def test_the_controller_killed_mid_rollout_resumes_where_it_was(stack: Sta
         resumed = await rollout(stack.api, 30, lambda b: True)
         assert resumed["phase"] == "canary" and resumed["weight"] == 10, resumed
         assert resumed["shadow"]["compared"] == at_step["shadow"]["compared"]
+        out = await asyncio.to_thread(cli, stack, "status", "fraud/scorer")
+        assert out.returncode == 0, out.stderr
+        assert "10% to candidate, step 1 of 3 (10, 20, 50)" in out.stdout
+        assert "shadow passed" in out.stdout
         done = await rollout(stack.api, 90, ended)
         await asyncio.sleep(1)
     assert done["phase"] == "promoted", done

@@ -172,6 +172,38 @@ async def test_shadow_mismatches_are_counted_exactly(gateway_factory: Any, repli
     assert shadow["count"] == n_requests  # shadow latency observed for each
 
 
+async def test_shadow_comparisons_reach_the_signals_rollouts_read(
+    gateway_factory: Any, replicas: Any
+) -> None:
+    """Per second, the mirrored version's copies (answered, server errors, latency) and
+    its compared pairs: a pair where either side erred is an error, not a comparison."""
+    prod = await Replica("prod", crafted_app("prod", False)).start()
+    cand = await Replica("cand", crafted_app("cand", True)).start()
+    replicas += [prod, cand]
+    rule: dict[str, Any] = {"mirror": {"version": "2", "percent": 100}}
+    gw = await gateway_factory(endpoints(prod.address, cand.address, {"1": 100, "2": 0}, **rule))
+    n_requests = 140
+    for n in range(n_requests):
+        async with gw.request("POST", "scorer.fraud.localhost", "/v1/predict",
+                              data=json.dumps({"n": n})) as resp:  # fmt: skip
+            await resp.read()
+    await wait_compared(gw, n_requests)
+    await asyncio.sleep(1.2)  # the recorder closes the last second
+    records = gw.worker.signals.since(0)
+
+    def total(version: str, key: str) -> int:
+        return sum(int(r.get(key, 0)) for r in records if r["version"] == version)
+
+    failed = sum(1 for n in range(n_requests) if n % 7 == 0)
+    differed = sum(1 for n in range(n_requests) if n % 5 == 0 and n % 7 != 0)
+    assert (total("1", "answered"), total("1", "errors")) == (n_requests, 0)
+    assert sum(sum(r.get("latency", [])) for r in records if r["version"] == "1") == n_requests
+    assert total("2", "answered") == 0  # no caller was served by the shadow
+    assert (total("2", "shadow_answered"), total("2", "shadow_errors")) == (n_requests, failed)
+    assert total("2", "compared") == n_requests - failed
+    assert total("2", "differed") == differed
+
+
 async def test_slow_or_failing_shadow_leaves_primary_untouched(
     gateway_factory: Any, replicas: Any
 ) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from merlin_dp.cli.client import (
     CliError,
@@ -25,7 +28,18 @@ WATCH_SECONDS = 2.0
 
 
 def cmd_start(args: argparse.Namespace) -> None:
-    plan: dict[str, Any] = {"candidate": args.candidate, "shadow": not args.no_shadow}
+    plan: dict[str, Any] = {}
+    if args.plan_file:
+        try:
+            loaded = yaml.safe_load(Path(args.plan_file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise CliError(f"cannot read the plan file {args.plan_file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise CliError(f"{args.plan_file} is not a plan (a mapping of its fields)")
+        plan.update(loaded)
+    plan["candidate"] = args.candidate
+    if args.no_shadow:
+        plan["shadow"] = False
     if args.steps is not None:
         try:
             plan["steps"] = [int(w) for w in args.steps.split(",") if w.strip()]
@@ -38,7 +52,7 @@ def cmd_start(args: argparse.Namespace) -> None:
     if args.webhook:
         plan["webhook"] = args.webhook
     if args.no_compare:
-        plan["analysis"] = {"compare_predictions": False}
+        plan["analysis"] = {**plan.get("analysis", {}), "compare_predictions": False}
     result = call(args, "POST", model_path(args.name) + "/endpoint:rollout", plan)
     show(args, result, status_text(result))
 
@@ -108,6 +122,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "is meant to answer differently)")  # fmt: skip
     p.add_argument("--webhook", metavar="URL",
                    help="POSTed before each step and promotion; non-2xx pauses")  # fmt: skip
+    p.add_argument("--plan-file", metavar="FILE",
+                   help="a YAML/JSON plan (docs/rollouts.md); the flags override it")  # fmt: skip
     p.set_defaults(run=wrap(cmd_start))
     p = steps.add_parser("status", parents=[common], help="phase, evidence and decisions")
     p.add_argument("name", metavar="PROJECT/MODEL")
