@@ -47,8 +47,8 @@ def test_one_unlucky_error_at_low_traffic_does_not_roll_back() -> None:
 def test_too_little_evidence_does_not_promote() -> None:
     # A hundred clean answers can't rule out a half-point rise in errors...
     assert verdicts(Evidence(baseline=tally(100), candidate=tally(100)))["error_rate"] == "pending"
-    # ...a thousand can.
-    assert verdicts(Evidence(baseline=tally(1000), candidate=tally(1000)))["error_rate"] == "pass"
+    # ...twelve hundred can.
+    assert verdicts(Evidence(baseline=tally(1200), candidate=tally(1200)))["error_rate"] == "pass"
 
 
 def test_nothing_decides_below_min_samples() -> None:
@@ -137,7 +137,7 @@ def test_latency_passes_a_twin_and_fails_a_slower_candidate() -> None:
 
 
 def test_mismatch_is_judged_only_while_shadowing() -> None:
-    ev = Evidence(baseline=tally(500), candidate=tally(500), compared=500, differed=0)
+    ev = Evidence(baseline=tally(700), candidate=tally(700), compared=700, differed=0)
     assert verdicts(ev, shadow=True)["mismatch_rate"] == "pass"
     assert "mismatch_rate" not in verdicts(ev, shadow=False)
     ev = Evidence(baseline=tally(300), candidate=tally(300), compared=300, differed=9)
@@ -147,7 +147,7 @@ def test_mismatch_is_judged_only_while_shadowing() -> None:
 
 
 def test_a_passed_test_stays_passed() -> None:
-    ev = Evidence(baseline=tally(1000), candidate=tally(1000))
+    ev = Evidence(baseline=tally(1200), candidate=tally(1200))
     assert verdicts(ev)["error_rate"] == "pass"
     ev.candidate.errors += 4  # later errors don't reopen a test that stopped
     ev.candidate.answered += 100

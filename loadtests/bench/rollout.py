@@ -10,7 +10,8 @@ bad ones, promoted (missed) and the requests they answered to callers within the
 missed_bad=<n>/<runs> bad_exposure_vs_flagger=<ratio> promote_time_vs_flagger=<ratio>``:
 false rollbacks and missed bad candidates over every cell; the bad candidates' requests
 answered in all, over Flagger's; the median time to promote a good candidate over
-Flagger's, the worst rate's.
+Flagger's, the worst rate's. All of the default plan; the table also runs it without its
+shadow phase (``ours-canary``: the canary steps' analysis alone), summed up on a line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from loadtests.rollout_sim import (
 )
 
 RUNS = 200
-ANALYSES = ("ours", "flagger")
+# This project's default plan; the same plan without the shadow phase (the canary steps'
+# sequential analysis alone, against Flagger's on the same footing); Flagger's default.
+ANALYSES = ("ours", "ours-canary", "flagger")
 
 Cell = tuple[float, str, str]  # rate, candidate, analysis
 
@@ -42,20 +45,22 @@ Cell = tuple[float, str, str]  # rate, candidate, analysis
 def run_cell(task: tuple[float, Candidate, str, int]) -> tuple[Cell, list[Outcome]]:
     rate, candidate, analysis, runs = task
     plan = default_plan()
+    if analysis == "ours-canary":
+        plan = plan.model_copy(update={"shadow": False})
     outcomes = []
     for i in range(runs):
         seed = int(rate * 1_000_003) + 7919 * i + 104_729 * CANDIDATES.index(candidate)
-        if analysis == "ours":
-            outcomes.append(run_ours(rate, candidate, seed, plan))
-        else:
+        if analysis == "flagger":
             outcomes.append(run_flagger(rate, candidate, seed))
+        else:
+            outcomes.append(run_ours(rate, candidate, seed, plan))
     return (rate, candidate.name, analysis), outcomes
 
 
 def run_all(rates: Sequence[float], runs: int, jobs: int) -> dict[Cell, list[Outcome]]:
     tasks = [(r, c, a, runs) for r in rates for c in CANDIDATES for a in ANALYSES]
     # Slow cells first (low rates take longest to decide), so workers finish together.
-    tasks.sort(key=lambda t: (t[0], t[2] != "ours"))
+    tasks.sort(key=lambda t: (t[0], t[2] == "flagger"))
     results: dict[Cell, list[Outcome]] = {}
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
@@ -113,21 +118,21 @@ class Summary:
     wrong_at_high: int  # false rollbacks and misses at >= 10 rps
 
 
-def summarize(table: dict[Cell, Row], rates: Sequence[float]) -> Summary:
+def summarize(table: dict[Cell, Row], rates: Sequence[float], ours: str = "ours") -> Summary:
     by_name = {c.name: c for c in CANDIDATES}
-    good = [(k, r) for k, r in table.items() if k[2] == "ours" and not by_name[k[1]].bad]
-    bad = [(k, r) for k, r in table.items() if k[2] == "ours" and by_name[k[1]].bad]
+    good = [(k, r) for k, r in table.items() if k[2] == ours and not by_name[k[1]].bad]
+    bad = [(k, r) for k, r in table.items() if k[2] == ours and by_name[k[1]].bad]
     ours_exposure = sum(sum(r.exposure) for _, r in bad)
     flagger_exposure = sum(sum(table[(k[0], k[1], "flagger")].exposure) for k, _ in bad)
     ratios: dict[float, float] = {}
     for rate in rates:
-        mine = table[(rate, "good", "ours")].promote_times
+        mine = table[(rate, "good", ours)].promote_times
         theirs = table[(rate, "good", "flagger")].promote_times
         if mine and theirs:
             ratios[rate] = statistics.median(mine) / statistics.median(theirs)
         else:
             ratios[rate] = float("inf")
-    low = [r for k, r in table.items() if k[2] == "ours" and k[0] < 10]
+    low = [r for k, r in table.items() if k[2] == ours and k[0] < 10]
     return Summary(
         false_rollbacks=sum(r.wrong for _, r in good),
         good_runs=sum(r.runs for _, r in good),
@@ -137,7 +142,7 @@ def summarize(table: dict[Cell, Row], rates: Sequence[float]) -> Summary:
         promote_ratio=max(ratios.values()) if ratios else float("inf"),
         promote_ratio_by_rate=ratios,
         worst_at_low=(max((r.wrong for r in low), default=0), low[0].runs if low else 0),
-        wrong_at_high=sum(r.wrong for k, r in table.items() if k[2] == "ours" and k[0] >= 10),
+        wrong_at_high=sum(r.wrong for k, r in table.items() if k[2] == ours and k[0] >= 10),
     )  # fmt: skip
 
 
@@ -194,6 +199,11 @@ def run_benchmark(
         f"({'met' if s.worst_at_low[0] <= 0.01 * max(1, s.worst_at_low[1]) else 'NOT met'}); "
         f"bad exposure <= 0.5x Flagger's: {s.exposure_ratio:.3f}; "
         f"promotion no slower than Flagger's: worst {s.promote_ratio:.2f}")  # fmt: skip
+    c = summarize(table, rates, "ours-canary")
+    by_rate = ", ".join(f"{r:g} req/s {v:.2f}" for r, v in c.promote_ratio_by_rate.items())
+    out(f"without the shadow phase (ours-canary): false rollbacks {c.false_rollbacks}/"
+        f"{c.good_runs}, missed bad {c.missed_bad}/{c.bad_runs}, bad exposure vs Flagger's "
+        f"{c.exposure_ratio:.3f}, time to promote over Flagger's: {by_rate}")  # fmt: skip
     out(f"elapsed: {time.monotonic() - began:.1f} s")
     out(
         f"RESULT rollout false_rollbacks={s.false_rollbacks}/{s.good_runs} "

@@ -85,7 +85,7 @@ def latency(evidence: Evidence, analysis: Analysis, bound: float) -> Judgement:
     nb, nc = sum(base.latency), sum(cand.latency)
     kb, kc = above(base.latency, i), above(cand.latency, i)
     delta = max(moved(base.latency, i, analysis.latency_slowdown), MIN_SHIFT)
-    llr = two_sample_llr(kc, nc, kb, nb, delta)
+    llr = two_sample_llr(kc, nc, kb, nb, delta, beyond=False)
     qb = rate(kb, nb)
     return _judgement("latency", analysis, qb, rate(kc, nc), qb + delta, nc, min(nb, nc), llr)
 
@@ -123,21 +123,29 @@ def moved(histogram: list[int], i: int, slowdown: float) -> float:
     return min((below + over) / 2 * math.log(slowdown), 1.0)
 
 
-def two_sample_llr(kc: int, nc: int, kb: int, nb: int, margin: float, ratio: float = 1.0) -> float:
+def two_sample_llr(
+    kc: int, nc: int, kb: int, nb: int, margin: float, ratio: float = 1.0, *, beyond: bool = True
+) -> float:
     """Log of the generalized likelihood ratio of "the candidate is worse: where the
     baseline's rate is p, the candidate's is at least max(p + margin, p * ratio)" over
     "the candidate is no worse than the baseline", each at its likeliest rates given both
     versions' counts (``kc`` of ``nc``, ``kb`` of ``nb``). The baseline's rate is not
     known: under either hypothesis the candidate's answers say as much about it as the
     baseline's own, so a baseline that happened to err less than usual does not make the
-    candidate's few errors look like a regression."""
+    candidate's few errors look like a regression.
+
+    ``beyond``: "worse" takes in every rate past the margin, so a regression far beyond
+    it shows at once (server errors: rare events, where the margin's own model fits a
+    large regression about as badly as "no worse" does); otherwise it is the margin
+    exactly, Wald's simple alternative, whose false alarms stay within alpha (latency
+    shares, which are never rare)."""
     if not nc or not nb:
         return 0.0
     pc, pb = kc / nc, kb / nb
     free = _loglik(kc, nc, pc) + _loglik(kb, nb, pb)
     # No worse: the counts as they are, or else both at one rate.
     no_worse = free if pc <= pb else _loglik(kc + kb, nc + nb, (kc + kb) / (nc + nb))
-    if pc >= max(pb + margin, pb * ratio):
+    if beyond and pc >= max(pb + margin, pb * ratio):
         return free - no_worse
     # Worse by the margin, at the likeliest p on its edge: p + margin below the kink,
     # p * ratio above it (both below 1).
