@@ -631,6 +631,16 @@ async def test_a_mirrored_call_is_compared_off_the_hot_path(
     assert shadow["compared"] == 11 and shadow["mismatch"] == {}
     # Only version 1 answered the client.
     assert {s["version"] for s in grpc_series(gw)} == {"1"}
+    # What a rollout reads: the INTERNAL pair is two server errors, not a comparison.
+    await asyncio.sleep(1.2)
+    records = gw.worker.signals.since(0)
+
+    def total(version: str, key: str) -> int:
+        return sum(int(r.get(key, 0)) for r in records if r["version"] == version)
+
+    assert (total("1", "answered"), total("1", "errors")) == (11, 1)
+    assert (total("2", "shadow_answered"), total("2", "shadow_errors")) == (11, 1)
+    assert (total("2", "compared"), total("2", "differed")) == (10, 0)
 
 
 async def test_shutdown_drains_calls_in_flight(

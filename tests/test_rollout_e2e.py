@@ -206,7 +206,9 @@ async def test_a_failing_canary_is_rolled_back_and_fails_only_its_own_answers(
 ) -> None:
     await serve_baseline(stack, {"ROLLOUT_FAIL_EVERY": "20"})  # 5% server errors
     async with callers(stack) as seen:
-        plan = {"candidate": "2", **FAST, "shadow": False}
+        # A margin well under the 5% it fails, so a few hundred answers decide.
+        analysis = {**FAST["analysis"], "error_rate_margin": 0.02}  # type: ignore[dict-item]
+        plan = {"candidate": "2", **FAST, "shadow": False, "analysis": analysis}
         status, body, _ = await stack.api.call("POST", f"{BASE}/endpoint:rollout", plan)
         assert status == 201, body
         done = await rollout(stack.api, 90, ended)
@@ -245,16 +247,16 @@ def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_the_controller_killed_mid_rollout_resumes_where_it_was(stack: Stack) -> None:
     await serve_baseline(stack, {})
     plan_file = stack.tmp / "plan.yaml"
-    plan_file.write_text(json.dumps({**FAST, "steps": [10, 20, 50]}))
+    plan_file.write_text(json.dumps({**FAST, "steps": [10, 50]}))
     async with callers(stack) as seen:
         # Started with the CLI, a plan file and a flag over it.
         start = ("start", "fraud/scorer", "2", "--plan-file", str(plan_file),
-                 "--step-seconds", "6")  # fmt: skip
+                 "--step-seconds", "5")  # fmt: skip
         out = await asyncio.to_thread(cli, stack, *start)
         assert out.returncode == 0, out.stderr
         assert "fraud/scorer: 1 -> 2: shadowing all traffic" in out.stdout
         at_step = await rollout(stack.api, 90, lambda b: b["phase"] == "canary")
-        assert at_step["plan"]["step_seconds"] == 6
+        assert at_step["plan"]["step_seconds"] == 5
         assert at_step["weight"] == 10
         stack.controller.kill(signal.SIGKILL)
         stack.controller.popen.wait(5)
@@ -265,12 +267,12 @@ async def test_the_controller_killed_mid_rollout_resumes_where_it_was(stack: Sta
         assert resumed["shadow"]["compared"] == at_step["shadow"]["compared"]
         out = await asyncio.to_thread(cli, stack, "status", "fraud/scorer")
         assert out.returncode == 0, out.stderr
-        assert "10% to candidate, step 1 of 3 (10, 20, 50)" in out.stdout
+        assert "10% to candidate, step 1 of 2 (10, 50)" in out.stdout
         assert "shadow passed" in out.stdout
         done = await rollout(stack.api, 90, ended)
         await asyncio.sleep(1)
     assert done["phase"] == "promoted", done
-    assert [d["weight"] for d in done["decisions"]] == [0, 10, 20, 50, 100]
+    assert [d["weight"] for d in done["decisions"]] == [0, 10, 50, 100]
     assert seen.failed() == 0, seen.answers
 
 
