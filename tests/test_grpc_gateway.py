@@ -633,7 +633,7 @@ async def test_a_mirrored_call_is_compared_off_the_hot_path(
     assert {s["version"] for s in grpc_series(gw)} == {"1"}
     # What a rollout reads: the INTERNAL pair is two server errors, not a comparison.
     await asyncio.sleep(1.2)
-    records = gw.worker.signals.since(0)
+    records: list[dict[str, Any]] = [dict(r) for r in gw.worker.signals.since(0)]
 
     def total(version: str, key: str) -> int:
         return sum(int(r.get(key, 0)) for r in records if r["version"] == version)
