@@ -133,6 +133,16 @@ class Cluster:
         }
         await self._call("POST", PATHS[MODEL_ENDPOINTS], body)
 
+    async def add_gateway_admin(self, port: int) -> None:
+        """The headless admin Service's slice, through which the controller finds
+        gateways (--gateway-admin-service merlin-dp-gateway-admin)."""
+        await self._call("POST", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices", {
+            "metadata": {"name": "merlin-dp-gateway-admin-x", "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": "merlin-dp-gateway-admin"}},
+            "ports": [{"name": "admin", "port": port}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
+        })  # fmt: skip
+
     async def patch_endpoint(self, name: str, patch: dict[str, Any]) -> None:
         await self._call("PATCH", f"{PATHS[MODEL_ENDPOINTS]}/{name}", patch)
 

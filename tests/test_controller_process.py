@@ -22,10 +22,10 @@ from tests.conftest import ROOT, Proc, RedisServer, wait_port
 EXAMPLE = f"{sys.executable} {ROOT / 'examples' / 'custom_model.py'}"
 
 
-def start_controller(tmp: Path, state: Path, port: int) -> Proc:
+def start_controller(tmp: Path, state: Path, port: int, *extra: str) -> Proc:
     proc = Proc(
         [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
-         "--listen", f"127.0.0.1:{port}"],
+         "--listen", f"127.0.0.1:{port}", *extra],
         port, tmp / f"controller-{port}-{len(list(tmp.glob('controller-*')))}.log",
     )  # fmt: skip
     wait_port(port)

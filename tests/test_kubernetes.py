@@ -409,12 +409,7 @@ async def test_autoscaler_patches_the_scale_subresource(stack: Stack, cluster: C
     await cluster.apply_endpoint("demo-iris", "demo", "iris", weights(v1=100))
     gw_admin = free_port()
     # The autoscaler finds gateways through the headless admin Service's EndpointSlices.
-    await cluster._call("POST", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices", {
-        "metadata": {"name": "merlin-dp-gateway-admin-x", "namespace": NS,
-                     "labels": {"kubernetes.io/service-name": "merlin-dp-gateway-admin"}},
-        "ports": [{"name": "admin", "port": gw_admin}],
-        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-    })  # fmt: skip
+    await cluster.add_gateway_admin(gw_admin)
     port = stack.controller("solo", "--gateway-admin-service", "merlin-dp-gateway-admin",
                             "--stable-window", "2", "--scale-to-zero-grace", "1")  # fmt: skip
     stack.gateway(port, admin=gw_admin)
@@ -454,12 +449,7 @@ async def test_a_rollout_declared_in_the_model_endpoint(stack: Stack, cluster: C
     await cluster.add_slice("iris-1-a", "demo", "iris", "1", [("127.0.0.1", r1.port, True)])
     await cluster.add_slice("iris-2-a", "demo", "iris", "2", [("127.0.0.1", r2.port, True)])
     gw_admin = free_port()
-    await cluster._call("POST", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices", {
-        "metadata": {"name": "merlin-dp-gateway-admin-x", "namespace": NS,
-                     "labels": {"kubernetes.io/service-name": "merlin-dp-gateway-admin"}},
-        "ports": [{"name": "admin", "port": gw_admin}],
-        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-    })  # fmt: skip
+    await cluster.add_gateway_admin(gw_admin)
     # The test replicas answer with their own names: predictions are not compared.
     plan = {"candidate": "2", "steps": [50], "step_seconds": 1,
             "analysis": {"min_samples": 20, "settle_seconds": 0, "error_rate_margin": 0.1,

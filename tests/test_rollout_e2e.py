@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,8 @@ import pytest
 from merlin_dp.common.net import free_port
 from tests.conftest import ROOT, Proc, wait_port
 from tests.test_controller_api import BASE, Api
+from tests.test_controller_process import cli
+from tests.test_controller_process import start_controller as controller_process
 
 HOST = "scorer.fraud.localhost"
 REPLICA = [sys.executable, "-m", "tests.rollout_replica"]
@@ -66,14 +67,9 @@ class Stack:
 
 
 def start_controller(tmp: Path, port: int, admin: int) -> Proc:
-    n = len(list(tmp.glob("controller-*.log")))
-    proc = Proc(
-        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(tmp / "state"),
-         "--listen", f"127.0.0.1:{port}", "--gateway-admin", f"http://127.0.0.1:{admin}"],
-        port, tmp / f"controller-{n}.log",
-    )  # fmt: skip
-    wait_port(port)
-    return proc
+    """`merlin-dp controller`, reading the gateway's signals from its admin port."""
+    return controller_process(tmp, tmp / "state", port,
+                              "--gateway-admin", f"http://127.0.0.1:{admin}")  # fmt: skip
 
 
 @pytest.fixture
@@ -236,14 +232,6 @@ async def test_a_candidate_that_predicts_differently_stops_in_the_shadow(stack: 
     assert seen.served("2") == 0 and seen.failed() == 0, seen.answers
 
 
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "merlin_dp", "rollout", *args,
-         "--controller", f"http://127.0.0.1:{stack.port}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-
-
 async def test_the_controller_killed_mid_rollout_resumes_where_it_was(stack: Stack) -> None:
     await serve_baseline(stack, {})
     plan_file = stack.tmp / "plan.yaml"
@@ -252,7 +240,7 @@ async def test_the_controller_killed_mid_rollout_resumes_where_it_was(stack: Sta
         # Started with the CLI, a plan file and a flag over it.
         start = ("start", "fraud/scorer", "2", "--plan-file", str(plan_file),
                  "--step-seconds", "5")  # fmt: skip
-        out = await asyncio.to_thread(cli, stack, *start)
+        out = await asyncio.to_thread(cli, stack.port, "rollout", *start)
         assert out.returncode == 0, out.stderr
         assert "fraud/scorer: 1 -> 2: shadowing all traffic" in out.stdout
         at_step = await rollout(stack.api, 90, lambda b: b["phase"] == "canary")
@@ -265,7 +253,7 @@ async def test_the_controller_killed_mid_rollout_resumes_where_it_was(stack: Sta
         resumed = await rollout(stack.api, 30, lambda b: True)
         assert resumed["phase"] == "canary" and resumed["weight"] == 10, resumed
         assert resumed["shadow"]["compared"] == at_step["shadow"]["compared"]
-        out = await asyncio.to_thread(cli, stack, "status", "fraud/scorer")
+        out = await asyncio.to_thread(cli, stack.port, "rollout", "status", "fraud/scorer")
         assert out.returncode == 0, out.stderr
         assert "10% to candidate, step 1 of 2 (10, 50)" in out.stdout
         assert "shadow passed" in out.stdout

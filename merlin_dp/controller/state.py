@@ -220,6 +220,26 @@ def _route(
     return new
 
 
+def _endpoint_to_change(
+    state: ControllerState, project: str, model: str, if_match: int | None
+) -> tuple[str, ModelEndpoint]:
+    """The model endpoint a change is for: it exists, If-Match holds, no rollout runs."""
+    key = model_key(project, model)
+    current = state.endpoints.get(key)
+    if current is None:
+        raise not_found(f"model endpoint {key}")
+    check_if_match(current.revision, if_match)
+    _no_rollout(state, key)
+    return key, current
+
+
+def _unready(state: ControllerState, project: str, model: str, version: str) -> bool:
+    """Running but with no ready replica, and not one that may be at zero."""
+    rec = state.versions.get(version_key(project, model, version))
+    return (rec is not None and rec.status in ROUTABLE and not rec.replicas
+            and rec.spec.resource_request.min_replica > 0)  # fmt: skip
+
+
 def _no_rollout(state: ControllerState, key: str) -> None:
     rollout = state.rollouts.get(key)
     if rollout is not None and rollout.active:
@@ -233,12 +253,7 @@ def _no_rollout(state: ControllerState, key: str) -> None:
 def delete_endpoint(
     state: ControllerState, project: str, model: str, if_match: int | None = None
 ) -> ControllerState:
-    key = model_key(project, model)
-    current = state.endpoints.get(key)
-    if current is None:
-        raise not_found(f"model endpoint {key}")
-    check_if_match(current.revision, if_match)
-    _no_rollout(state, key)
+    key, _ = _endpoint_to_change(state, project, model, if_match)
     new = _next(state)
     del new.endpoints[key]
     _settle_serving(new, project, model)
@@ -277,9 +292,7 @@ def switch(
         to_version = candidates[0]
     if live == [to_version]:
         raise conflict(f"version {to_version} already takes all traffic of {key}")
-    target = state.versions.get(version_key(project, model, to_version))
-    if target is not None and target.status in ROUTABLE and not target.replicas \
-            and target.spec.resource_request.min_replica > 0:  # fmt: skip
+    if _unready(state, project, model, to_version):
         raise conflict(f"version {to_version} has no ready replica; a switch to it is refused")
     rule = current.rule.model_copy(
         update={"destinations": [Destination(version=to_version, weight=100)]}
@@ -338,15 +351,8 @@ def start_rollout(
 ) -> ControllerState:
     """Begin a rollout: its first rule (the shadow's, or the first canary step's) in one
     revision, and its status beside the model endpoint."""
-    key = model_key(project, model)
-    current = state.endpoints.get(key)
-    if current is None:
-        raise not_found(f"model endpoint {key}")
-    check_if_match(current.revision, if_match)
-    _no_rollout(state, key)
-    candidate = state.versions.get(version_key(project, model, plan.candidate))
-    if candidate is not None and candidate.status in ROUTABLE and not candidate.replicas \
-            and candidate.spec.resource_request.min_replica > 0:  # fmt: skip
+    key, current = _endpoint_to_change(state, project, model, if_match)
+    if _unready(state, project, model, plan.candidate):
         raise conflict(f"version {plan.candidate} has no ready replica yet; start the rollout "
                        "once it has one")  # fmt: skip
     try:
