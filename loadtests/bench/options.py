@@ -26,7 +26,9 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def add_round_options(parser: argparse.ArgumentParser, *, c1: bool = True) -> None:
+def add_round_options(
+    parser: argparse.ArgumentParser, *, c1: bool = True, baseline: bool = True
+) -> None:
     """Options every interleaved-rounds benchmark takes (`--c1-seconds` only if `c1`)."""
     parser.add_argument(
         "--rounds", type=positive_int, default=5, help="interleaved rounds (default: %(default)s)"
@@ -69,6 +71,7 @@ def add_round_options(parser: argparse.ArgumentParser, *, c1: bool = True) -> No
     parser.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                         help="extra gateway argument, repeatable; write options as "
                              "--gateway-arg=--workers=2")  # fmt: skip
-    parser.add_argument("--baseline-root", type=Path, metavar="DIR",
-                        help="also run the gateway from this checkout (e.g. a git worktree "
-                             "of the commit before a change) in every round")  # fmt: skip
+    if baseline:
+        parser.add_argument("--baseline-root", type=Path, metavar="DIR",
+                            help="also run the gateway from this checkout (e.g. a git "
+                                 "worktree of the commit before a change) in every round")  # fmt: skip

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtests.bench.options import add_round_options, positive_int
-from loadtests.harness.errors import HarnessError
 from loadtests.harness.loadgen import (
     H2loadResult,
     LoadSettings,
@@ -197,10 +196,6 @@ def run_shadow(args: argparse.Namespace) -> int:
     per-request log, and the rate it achieved). Shadow counters are read from each
     gateway's admin /metrics around every run.
     """
-    if getattr(args, "baseline_root", None) is not None:
-        # The mirror's cost is a ratio within one checkout; to compare commits, run the
-        # benchmark in each (a flag that silently did nothing would read as an A/B).
-        raise HarnessError("shadow takes no --baseline-root: run it in each checkout")
     tools = ensure_tools(["nginx", "wrk", "h2load"])
     sut_cpus, load_cpus = usable_cpus(args.sut_cpu, args.load_cpu)
     rate_seconds: int = args.rate_seconds if args.rate_seconds is not None else args.seconds
@@ -491,7 +486,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "RESULT shadow mirror/plain=<ratio> p99_fixed_rate_ratio=<ratio>"
         ),
     )
-    add_round_options(parser, c1=False)
+    # The mirror's cost is a ratio within one checkout: to compare commits, run it in each.
+    add_round_options(parser, c1=False, baseline=False)
     parser.add_argument(
         "--rate-fraction",
         type=_fraction,
