@@ -74,4 +74,4 @@ def add_round_options(
     if baseline:
         parser.add_argument("--baseline-root", type=Path, metavar="DIR",
                             help="also run the gateway from this checkout (e.g. a git "
-                                 "worktree of the commit before a change) in every round")  # fmt: skip
+                            "worktree of the commit before a change) in every round")  # fmt: skip
