@@ -262,3 +262,19 @@ async def test_shadow_bounds_drop_and_count(gateway_factory: Any, replicas: Any)
     results = gw.worker.metrics.snapshot()["shadows"][0]["results"]
     assert results == {"dropped|concurrency": 2, "dropped|body_too_large": 1}
     release.set()
+
+
+def test_v2_answers_agree_whatever_model_gave_them() -> None:
+    """KServe V2 answers name their model and version: not a difference of prediction."""
+    from merlin_dp.gateway.mirror import bodies_agree
+
+    def v2(name: str, version: str, value: float) -> bytes:
+        return json.dumps({"model_name": name, "model_version": version, "id": "7",
+                           "outputs": [{"name": "p", "shape": [1], "datatype": "FP64",
+                                        "data": [value]}]}).encode()  # fmt: skip
+
+    assert bodies_agree(v2("scorer-1", "1", 0.5), v2("scorer-2", "2", 0.5), 1e-6)
+    assert not bodies_agree(v2("scorer-1", "1", 0.5), v2("scorer-2", "2", 0.6), 1e-6)
+    # Elsewhere a model's name is part of its answer.
+    assert not bodies_agree(b'{"model": "scorer-1", "predictions": [1]}',
+                            b'{"model": "scorer-2", "predictions": [1]}', 1e-6)  # fmt: skip

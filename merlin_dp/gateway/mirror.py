@@ -3,9 +3,11 @@ primary's.
 
 Equal bytes agree; otherwise, if both are JSON, they agree when they are equal with key
 order ignored and numbers equal within a relative tolerance (a candidate model's floats
-rarely match the primary's to the last bit). The HTTP mirror compares response bodies
-(:func:`bodies_agree`); the gRPC mirror compares decoded ``PredictValuesResponse``
-messages as JSON values (:func:`json_agree`).
+rarely match the primary's to the last bit). An Open Inference Protocol (KServe V2)
+answer names the model and version that gave it; those two fields differ by design and
+are not compared, as the gRPC mirror leaves out a response's model metadata. The HTTP
+mirror compares response bodies (:func:`bodies_agree`); the gRPC mirror compares decoded
+``PredictValuesResponse`` messages as JSON values (:func:`json_agree`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+# What an Open Inference Protocol answer says about who gave it.
+V2_IDENTITY = frozenset({"model_name", "model_version"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,9 @@ def bodies_agree(a: bytes, b: bytes, rel_tol: float) -> bool:
         left, right = json.loads(a), json.loads(b)
     except ValueError:
         return False
+    if isinstance(left, dict) and isinstance(right, dict) and "outputs" in left:
+        left = {k: v for k, v in left.items() if k not in V2_IDENTITY}
+        right = {k: v for k, v in right.items() if k not in V2_IDENTITY}
     return json_agree(left, right, rel_tol)
 
 
