@@ -32,16 +32,19 @@ import argparse
 import asyncio
 import json
 import random
+import signal
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httptools
 
-from loadtests.harness.processes import managed_processes
+from loadtests.harness.processes import ProcessSet, managed_processes
 from loadtests.harness.routes import write_route_file
 from loadtests.harness.systems import start_gateway, start_nginx
 from loadtests.harness.tools import ensure_tools
@@ -286,14 +289,13 @@ def _short(value: Any) -> str:
     return text if len(text) < 600 else text[:600] + "…"
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, procs: ProcessSet, workdir: Path) -> int:
     tools = ensure_tools(["nginx"])
     log: list[Seen] = []
     upstream_port, nginx_port, gateway_port, admin_port = free_ports(4)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Recorder(log), LOOPBACK, upstream_port)
-    with tempfile.TemporaryDirectory(prefix="differential-") as tmp, managed_processes() as procs:
-        workdir = Path(tmp)
+    try:
         upstream = f"{LOOPBACK}:{upstream_port}"
 
         def conf(prefix: Path) -> str:
@@ -333,6 +335,7 @@ async def run(args: argparse.Namespace) -> int:
             elif shown[kind] < args.show:
                 shown[kind] += 1
                 print(f"{kind} ({case}):\n    {difference(outcomes[0], outcomes[1])}")
+    finally:
         server.close()
     width = max(map(len, by_kind))
     print()
@@ -350,7 +353,22 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed (default: %(default)s)")
     parser.add_argument("--show", type=int, default=1,
                         help="differences shown per kind (default: %(default)s)")  # fmt: skip
-    return asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, through the block that stops nginx and the gateway.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="differential-") as tmp, \
+                managed_processes() as procs:  # fmt: skip
+            return asyncio.run(run(args, procs, Path(tmp)))
+    except KeyboardInterrupt:
+        print("differential: interrupted; processes stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
