@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         show(args, result, status_text(result))
 
 
-def action(name: str) -> Any:
+def action(name: str) -> Callable[[argparse.Namespace], None]:
     def cmd(args: argparse.Namespace) -> None:
         result = call(args, "POST", model_path(args.name) + f"/endpoint/rollout:{name}", {})
         show(args, result, status_text(result))

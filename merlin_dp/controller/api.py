@@ -56,6 +56,7 @@ from merlin_dp.controller.openapi import (
     openapi_document,
     query_parameters,
 )
+from merlin_dp.controller.rollouts import RESULTS
 from merlin_dp.controller.service import Controller
 from merlin_dp.controller.store import StoreError
 from merlin_dp.runtime.logtail import LogFollower, log_tail
@@ -563,7 +564,7 @@ class Api:
             await self._audit(request, f"rollout_{action}", key),
         )
         if self.c.rollouts is not None:
-            self.c.rollouts.count({"pause": "paused", "resume": "resumed"}.get(action, "aborted"))
+            self.c.rollouts.count(RESULTS[action])
         return self._rollout_view(key, new)
 
     def _rollout_view(self, key: str, state: ControllerState, code: int = 200) -> web.Response:

@@ -160,7 +160,7 @@ def two_sample_llr(
 
 def bernoulli_llr(k: int, n: int, p0: float, p1: float) -> float:
     """log P(k of n | p1) / P(k of n | p0)."""
-    return k * math.log(p1 / p0) + (n - k) * math.log((1 - p1) / (1 - p0))
+    return _loglik(k, n, p1) - _loglik(k, n, p0)
 
 
 def _best_on_piece(
