@@ -17,16 +17,15 @@ import os
 import time
 from typing import Any
 
-from aiohttp import web
-
 from merlin_dp.common.aio import cancel_and_wait
 from merlin_dp.common.net import bind_socket
 from merlin_dp.gateway.activation import Activator, HttpPoke
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.grpc.proxy import GrpcProxy
 from merlin_dp.gateway.h2.server import H2Listener
+from merlin_dp.gateway.http.front import HttpFront
 from merlin_dp.gateway.http.proxy import Proxy
-from merlin_dp.gateway.http.server import GatewayHttpServer
+from merlin_dp.gateway.http.settings import FrontSettings
 from merlin_dp.gateway.metrics import GatewayMetrics
 from merlin_dp.gateway.pool.http1 import Http1Pool
 from merlin_dp.gateway.pool.upstream import UpstreamRegistry
@@ -71,7 +70,7 @@ class GatewayWorker:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.applied_at: float | None = None
-        self._runner: web.ServerRunner | None = None
+        self.front: HttpFront | None = None
         self._source_task: asyncio.Task[None] | None = None
         self.port = config.port
 
@@ -104,27 +103,17 @@ class GatewayWorker:
     async def start(self) -> None:
         cfg = self.config
         tune_gc()
-        server = GatewayHttpServer(
-            self.proxy.handle,
-            access_log=None,
-            keepalive_timeout=cfg.keepalive_seconds,
-            max_line_size=cfg.max_line_bytes,
-            max_field_size=cfg.max_header_bytes,
-            # After an early answer (413), read and drop the rest of the body briefly so the
-            # client sees the answer rather than a reset; not for aiohttp's default 10 s.
-            lingering_time=2.0,
-            # A client that leaves cancels its handler, which aborts the replica exchange
-            # instead of keeping the replica busy for nobody.
-            handler_cancellation=True,
-            stats=self.metrics.connections,
+        settings = FrontSettings(
+            max_line_bytes=cfg.max_line_bytes,
+            max_header_bytes=cfg.max_header_bytes,
             header_timeout=cfg.header_timeout_seconds,
+            keepalive=cfg.keepalive_seconds,
             max_connections=cfg.max_connections,
         )
-        self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_seconds)
-        await self._runner.setup()
+        self.front = HttpFront(self.proxy.handle, settings, self.metrics.connections)
         sock = bind_socket(cfg.host, cfg.port, reuse_port=cfg.workers > 1)
         self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
+        await self.front.start(sock)
         if self.grpc_listener is not None and cfg.grpc_port is not None:
             grpc_sock = bind_socket(cfg.host, cfg.grpc_port, reuse_port=cfg.workers > 1)
             self.grpc_port = grpc_sock.getsockname()[1]
@@ -146,8 +135,8 @@ class GatewayWorker:
         if self.grpc_listener is not None:
             # GOAWAY to every client, then in-flight calls finish within the grace.
             await self.grpc_listener.stop(self.config.shutdown_seconds)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self.front is not None:
+            await self.front.stop(self.config.shutdown_seconds)
         if self.grpc is not None:
             await self.grpc.close()
         await self.proxy.mirroring.close()

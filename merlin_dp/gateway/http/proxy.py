@@ -24,25 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+import logging
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from time import perf_counter
-
-import aiohttp
-from aiohttp import web
-from aiohttp.http import HttpVersion11
-from aiohttp.web_request import BaseRequest
+from typing import Any
 
 from merlin_dp.gateway.activation import ActivationRefused, Activator
-from merlin_dp.gateway.errors import error_response
 from merlin_dp.gateway.http.mirror import Mirroring
-from merlin_dp.gateway.http.relay import (
+from merlin_dp.gateway.http.request import BadBody, ClientGone, HttpRequest
+from merlin_dp.gateway.http.responses import (
     PLAIN_CONNECTION,
-    RESPONSE_SKIP,
-    RelayedResponse,
-    connection_tokens,
+    Answer,
     drop_connection_tokens,
+    error_answer,
     relay,
+    streamed_head,
 )
 from merlin_dp.gateway.metrics import WRONG_PROTOCOL, GatewayMetrics
 from merlin_dp.gateway.mirror import MirrorLimits
@@ -78,6 +75,8 @@ REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 FORWARDED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 PATH_FORM_PREFIX = "/serving/"
 
+log = logging.getLogger("gateway")
+
 
 @dataclass(frozen=True, slots=True)
 class ProxyLimits:
@@ -107,17 +106,25 @@ class Proxy:
         self.activator: Activator | None = None
         self.grpc_port: int | None = None  # where UPI_V1 endpoints are served, if anywhere
 
-    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+    def handle(self, request: HttpRequest) -> Coroutine[Any, Any, None] | None:
+        """Answer one request: route it, forward it, write the answer to the client.
+
+        Not a coroutine itself: the common request (no body, or a small one already in,
+        and an idle connection to the chosen replica) is sent here and answered by the
+        replica connection's callbacks (:class:`Exchange`): no task, no future. Every
+        other request, and one whose answer streams or fails, is handed back as a
+        coroutine for the connection to run.
+        """
         start = perf_counter()
         table = self.table
-        host = request.headers.get("Host", "")
-        path = request.raw_path
+        host = request.host
+        path = request.target
         authority = None
-        if path[0] != "/" or request.method in REFUSED_METHODS or "/." in path or "%" in path:
+        if path[:1] != "/" or request.method in REFUSED_METHODS or "/." in path or "%" in path:
             # Rare: another target form, a method we answer, or dot-segments to resolve.
             checked = self._request_target(request, path)
-            if isinstance(checked, web.Response):
-                return checked
+            if isinstance(checked, Answer):
+                return self._write(request, checked)
             path, authority = checked
             if authority is not None:
                 host = authority
@@ -127,53 +134,124 @@ class Proxy:
         target = table.by_host.get(host) or table.by_host.get(host.lower())
         if target is None:
             if not path.startswith(PATH_FORM_PREFIX):
-                return self._unrouted(
-                    request, 404, f"no model endpoint or version endpoint at host {host!r}"
+                return self._write(
+                    request,
+                    self._unrouted(
+                        request, 404, f"no model endpoint or version endpoint at host {host!r}"
+                    ),
                 )
             target, path = self._path_form(table, path)
             if target is None:
-                return self._unrouted(
-                    request, 404, f"no model endpoint or version endpoint at {path!r}"
+                return self._write(
+                    request,
+                    self._unrouted(
+                        request, 404, f"no model endpoint or version endpoint at {path!r}"
+                    ),
                 )
         if target.grpc:
-            return self._wrong_protocol(request, target)
+            return self._write(request, self._wrong_protocol(request, target))
         version, chosen, policy, mirror = choose_version(target, request.headers)
-        stats = version.stats
         query = path.find("?")
         kind = target.rewrites.get(path if query < 0 else path[:query])
         original = path
         if kind is not None:
             path = version.rewritten[kind] if query < 0 else version.rewritten[kind] + path[query:]
-        try:
-            if mirror is None:
-                resp = await self._forward(request, version, policy, path, authority=authority)
-            else:
-                mirror_path = original
-                if kind is not None:
-                    mirror_path = mirror.version.rewritten[kind] + (
-                        path[path.find("?") :] if query >= 0 else ""
-                    )
-                resp = await self._mirrored(
-                    request, version, policy, path, mirror, mirror_path, authority
+        if mirror is None:
+            if self._send_now(request, version, chosen, policy, path, authority, start):
+                return None
+            work = self._forward(request, version, policy, path, authority=authority)
+        else:
+            mirror_path = original
+            if kind is not None:
+                mirror_path = mirror.version.rewritten[kind] + (
+                    path[path.find("?") :] if query >= 0 else ""
                 )
+            work = self._mirrored(request, version, policy, path, mirror, mirror_path, authority)
+        return self._complete(request, version, chosen, start, work)
+
+    async def _complete(
+        self,
+        request: HttpRequest,
+        version: VersionTarget,
+        chosen: int,
+        start: float,
+        work: Awaitable[Answer],
+    ) -> None:
+        """Await the answer from ``version``, count it, and write it to the client."""
+        stats = version.stats
+        try:
+            resp = await work
         except (ConnectionError, asyncio.CancelledError):
             # The client left; nginx's 499 says so in the metrics.
             stats.record(chosen, 499, perf_counter() - start)
             raise
-        except web.HTTPException as exc:
-            # aiohttp would answer this in plain text. Its one source here is read()
-            # refusing a body over client_max_size (1 MiB), which the buffered path's
-            # limit (at most 1 MiB of wire bytes) keeps out of reach; should that change,
-            # the answer is still ours.
-            resp = self._error(request, exc.status, exc.text or exc.reason, close=True)
+        except Exception:
+            if request.answer_started:
+                raise
+            log.exception("unexpected error answering %s %s", request.method, request.target)
+            resp = self._error(request, 500, "internal gateway error", close=True)
         finally:
             stats.in_flight -= 1
         stats.record(chosen, resp.status, perf_counter() - start)
-        return resp
+        await self._write(request, resp)
 
-    def _request_target(
-        self, request: BaseRequest, path: str
-    ) -> tuple[str, str | None] | web.Response:
+    def _send_now(
+        self,
+        request: HttpRequest,
+        version: VersionTarget,
+        chosen: int,
+        policy: RoutePolicy,
+        path: str,
+        authority: str | None,
+        start: float,
+    ) -> bool:
+        """Send the request at once, if it is the common one: its body (if any) in and
+        small, a replica of ``version`` free and an idle connection to it. Its answer
+        then comes through the connection's callbacks (:class:`Exchange`)."""
+        received = request.body
+        if received is not None and (
+            request.chunked
+            or not received.eof
+            or (request.content_length or 0) > self.limits.buffer_body_bytes
+        ):
+            return False
+        upstreams = version.upstreams
+        if not upstreams:
+            return False
+        limit = version.limit
+        up = choose(upstreams) if not limit else choose_free(upstreams, limit)
+        if up is None:
+            return False
+        conn = self.pool.take_idle(up)
+        if conn is None:
+            return False
+        up.outstanding += 1
+        body = b"" if received is None else received.take()
+        head, request_id = self._request_head(request, path, False, authority)
+        exchange = Exchange(self, request, version, chosen, policy, up, conn, head, body)
+        exchange.request_id = request_id
+        exchange.start = start
+        conn.begin(head + body if body else head, request.method == "HEAD", policy.timeout)
+        request.on_gone = exchange.gone
+        if conn.error is not None:
+            exchange.hand_over()
+        else:
+            conn.listener = exchange.progress
+        return True
+
+    async def _write(self, request: HttpRequest, answer: Answer) -> None:
+        """Send an answer made whole (a streamed one is out already)."""
+        if answer.close:
+            request.keep_alive = False
+        conn = request.conn
+        if answer.data:
+            conn.write(answer.data)
+        # Honour backpressure: a client that pipelines and never reads must not make us
+        # buffer without bound (no wait unless the transport paused writing).
+        if conn.write_paused:
+            await conn.drain()
+
+    def _request_target(self, request: HttpRequest, path: str) -> tuple[str, str | None] | Answer:
         """The origin-form path to route and forward, and the authority an absolute-form
         target names; or the gateway's own answer."""
         method = request.method
@@ -184,12 +262,12 @@ class Proxy:
                 request,
                 405,
                 f"{method} is not served by this gateway",
-                headers={"Allow": FORWARDED_METHODS},
+                headers=[("Allow", FORWARDED_METHODS)],
                 close=method == "CONNECT",
             )
         authority = None
         if path[0] != "/":
-            if path == "*":  # llhttp takes it only with OPTIONS
+            if path == "*":
                 return self._unrouted(
                     request, 400, "OPTIONS * is not served: ask a model endpoint's URL"
                 )
@@ -222,22 +300,29 @@ class Proxy:
 
     async def _mirrored(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         version: VersionTarget,
         policy: RoutePolicy,
         path: str,
         mirror: MirrorTarget,
         mirror_path: str,
         authority: str | None,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """The primary exchange, with a copy sent to the mirror version beside it."""
         body: bytes | None = b""
-        if request.body_exists:
+        received = request.body
+        if received is not None:
             length = request.content_length
-            if length is not None and length <= self.limits.buffer_body_bytes:
-                self._continue(request, length)
-                content = request.content
-                body = content.read_nowait() if content.is_eof() else await request.read()
+            if (
+                not request.chunked
+                and length is not None
+                and length <= self.limits.buffer_body_bytes
+            ):
+                request.continue_if_expected()
+                try:
+                    body = received.take() if received.eof else await received.read_all()
+                except BadBody as exc:
+                    return self._bad_body(request, exc)
             else:
                 body = None  # streams: can't be copied, counted as dropped
         if body is None:
@@ -249,7 +334,7 @@ class Proxy:
             # replica-facing header keeps its name).
             line_end = head[0].index(b"\r\n") + 2
             copy_head = (
-                f"{request.method} {mirror_path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+                f"{request.method} {mirror_path} HTTP/1.1\r\n".encode("latin-1")
                 + head[0][line_end:-2]
                 + b"X-Shadow-Request: 1\r\n\r\n"
             )
@@ -261,30 +346,22 @@ class Proxy:
         except BaseException:
             copy.primary_done(-1, None)
             raise
-        copy.primary_done(resp.status, response_body(resp))
+        copy.primary_done(resp.status, resp.body)
         return resp
 
-    def _continue(self, request: BaseRequest, length: int | None) -> None:
-        """Answer ``Expect: 100-continue`` before waiting for a body.
-
-        aiohttp's router does this; its low-level server, which we use, does not.
-        """
-        if (
-            not request.content.is_eof()
-            and request.headers.get("Expect", "").lower() == "100-continue"
-            and (length is None or length <= self.limits.max_body_bytes)
-        ):
-            transport = request.transport
-            if transport is not None:
-                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    def _bad_body(self, request: HttpRequest, exc: BadBody) -> Answer:
+        """A body whose framing broke after its head came (a bad chunk): the
+        connection's answer to the bytes, and then it closes."""
+        request.keep_alive = False
+        return Answer(400, exc.answer, None, True)
 
     def _unrouted(
-        self, request: BaseRequest, status: int, message: str, code: str | None = None
-    ) -> web.Response:
+        self, request: HttpRequest, status: int, message: str, code: str | None = None
+    ) -> Answer:
         self.metrics.count_unrouted(status)
         return self._error(request, status, message, code=code)
 
-    def _wrong_protocol(self, request: BaseRequest, target: Target) -> web.Response:
+    def _wrong_protocol(self, request: HttpRequest, target: Target) -> Answer:
         where = (
             f"the gateway's gRPC port ({self.grpc_port})"
             if self.grpc_port is not None
@@ -299,40 +376,45 @@ class Proxy:
 
     def _error(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         status: int,
         message: str,
         *,
         request_id: bytes | None = None,
         code: str | None = None,
         retry_after: int | None = None,
-        headers: dict[str, str] | None = None,
+        headers: list[tuple[str, str]] | None = None,
         close: bool = False,
-    ) -> web.Response:
+    ) -> Answer:
         """The gateway's own answer: its JSON error, with the request's ``X-Request-Id``
         (the client's, or the one the replica was sent, or a new one) as on any answer."""
         if request_id is None:
-            given = request.headers.get("X-Request-Id")
-            rid = given if given is not None else self.request_ids.next().decode()
-        else:
-            rid = request_id.decode("latin-1")
-        extra = {"X-Request-Id": rid} if headers is None else {**headers, "X-Request-Id": rid}
-        return error_response(
-            status, message, code=code, retry_after=retry_after, headers=extra, close=close
+            request_id = request.request_id or self.request_ids.next()
+        if retry_after is not None:
+            headers = [*(headers or ()), ("Retry-After", str(retry_after))]
+        return error_answer(
+            status,
+            message,
+            request_id=request_id,
+            code=code,
+            headers=headers,
+            close=close,
+            http10=request.http10,
+            keep_alive=request.keep_alive,
         )
 
     # --- forwarding: the body policy, activation, the exchange with retries ---------
 
     def _forward(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         version: VersionTarget,
         policy: RoutePolicy,
         path: str,
         preread: bytes | None = None,
         prebuilt: tuple[bytes, bytes] | None = None,
         authority: str | None = None,
-    ) -> Awaitable[web.StreamResponse]:
+    ) -> Awaitable[Answer]:
         """The answer to ``request`` from ``version``, to be awaited, by the body policy.
 
         A body framed in a way that can't go on, or over the size limit, is refused; a
@@ -349,29 +431,32 @@ class Proxy:
         """
         body: bytes | None = b""  # None: the body streams and can't be replayed
         chunked = False
-        if request.body_exists:
+        received = request.body
+        if received is not None:
             length = request.content_length
-            if preread is None:
-                self._continue(request, length)
-            if length is None:
+            if request.chunked:
                 refused = _unforwardable_framing(request)
                 if refused is not None:
                     return _answered(self._error(request, refused[0], refused[1], close=True))
+                if preread is None:
+                    request.continue_if_expected()
                 chunked = True
                 body = None
+            elif length is None:
+                body = b""  # llhttp: no length and not chunked is no body
             elif length > self.limits.max_body_bytes:
                 return _answered(self._too_large(request, length))
             elif preread is not None:
                 body = preread
-            elif length > self.limits.buffer_body_bytes:
-                body = None
             else:
-                content = request.content
-                if not content.is_eof():
+                request.continue_if_expected()
+                if length > self.limits.buffer_body_bytes:
+                    body = None
+                elif not received.eof:
                     return self._read_then_forward(request, version, policy, path, authority)
-                # Small bodies have usually arrived with the head: take them without the
-                # coroutine chain of read().
-                body = content.read_nowait()
+                else:
+                    # Small bodies have usually arrived with the head: take them as they are.
+                    body = received.take()
         head, request_id = prebuilt or self._request_head(request, path, chunked, authority)
         if not version.upstreams:
             return self._activate_then_send(
@@ -379,7 +464,7 @@ class Proxy:
             )
         return self._send(request, version, policy, head, body, chunked, request_id)
 
-    def _too_large(self, request: BaseRequest, length: int) -> web.Response:
+    def _too_large(self, request: HttpRequest, length: int) -> Answer:
         limit = self.limits.max_body_bytes
         return self._error(
             request,
@@ -390,26 +475,30 @@ class Proxy:
 
     async def _read_then_forward(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         version: VersionTarget,
         policy: RoutePolicy,
         path: str,
         authority: str | None,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """:meth:`_forward`, once a body small enough to buffer has all arrived."""
-        body = await request.read()
+        assert request.body is not None
+        try:
+            body = await request.body.read_all()
+        except BadBody as exc:
+            return self._bad_body(request, exc)
         return await self._forward(request, version, policy, path, body, None, authority)
 
     async def _activate_then_send(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         version: VersionTarget,
         policy: RoutePolicy,
         head: bytes,
         body: bytes | None,
         chunked: bool,
         request_id: bytes,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """The exchange for a version without a ready replica: the request waits while
         the version starts from zero, if its route allows that; else 503."""
         refused = None
@@ -429,8 +518,8 @@ class Proxy:
         )
 
     def _unavailable(
-        self, request: BaseRequest, version: VersionTarget, message: str, request_id: bytes
-    ) -> web.Response:
+        self, request: HttpRequest, version: VersionTarget, message: str, request_id: bytes
+    ) -> Answer:
         """503 with Retry-After: nothing can serve the request now, try again soon."""
         return self._error(
             request,
@@ -438,19 +527,20 @@ class Proxy:
             message,
             request_id=request_id,
             retry_after=1,
-            headers={"X-Model-Version": version.version_header},
+            headers=[("X-Model-Version", version.version_header)],
         )
 
     async def _send(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         version: VersionTarget,
         policy: RoutePolicy,
         head: bytes,
         body: bytes | None,
         chunked: bool,
         request_id: bytes,
-    ) -> web.StreamResponse:
+        begun: Exchange | None = None,
+    ) -> Answer:
         """The exchange with a replica of ``version``, and another after a failure, as
         far as the route's retries allow and the request can be sent again.
 
@@ -461,7 +551,8 @@ class Proxy:
 
         The replica's slot (its ``outstanding`` count) is taken when it is chosen; with a
         concurrency limit only a replica with a free slot is chosen, and when there is
-        none the request waits in the version's queue (a retry too).
+        none the request waits in the version's queue (a retry too). ``begun``: an
+        exchange :meth:`_send_now` started, whose answer streams or failed.
         """
         upstreams = version.upstreams
         pool = self.pool
@@ -475,8 +566,9 @@ class Proxy:
         limit = version.limit
         # Whoever chooses a replica takes its slot (``outstanding``); the queue hands
         # over slots already taken.
-        up = choose(upstreams) if not limit else choose_free(upstreams, limit)
-        if up is not None:
+        if begun is not None:
+            up: Upstream | None = begun.up  # its slot taken already
+        elif (up := choose(upstreams) if not limit else choose_free(upstreams, limit)) is not None:
             up.outstanding += 1
         elif limit and self.activator is not None:
             try:
@@ -485,7 +577,10 @@ class Proxy:
                 return self._unavailable(request, version, str(exc), request_id)
         fresh = False
         while up is not None:
-            conn = None if fresh else pool.take_idle(up)
+            if begun is not None:
+                conn: UpstreamConnection | None = begun.conn
+            else:
+                conn = None if fresh else pool.take_idle(up)
             fresh = False
             if conn is None:
                 try:
@@ -505,11 +600,13 @@ class Proxy:
                     up = await self._retry_slot(version, tried)
                     continue
             used = up
-            dispatched = perf_counter()
+            dispatched = perf_counter() if begun is None else begun.dispatched
             stale = False  # the same replica again, on the slot it has
+            resumed = begun is not None
+            begun = None
             try:
                 return await self._exchange(
-                    request, used, conn, head, body, chunked, version, policy, request_id
+                    request, used, conn, head, body, chunked, version, policy, request_id, resumed
                 )
             except ClientSideError as exc:
                 return self._error(request, exc.status, str(exc), request_id=request_id, close=True)
@@ -543,7 +640,7 @@ class Proxy:
             502,
             f"version endpoint {version.full_name} failed: {_client_reason(failure)}",
             request_id=request_id,
-            headers={"X-Model-Version": version.version_header},
+            headers=[("X-Model-Version", version.version_header)],
         )
 
     async def _retry_slot(
@@ -562,24 +659,24 @@ class Proxy:
         return None
 
     def _timed_out(
-        self, request: BaseRequest, version: VersionTarget, policy: RoutePolicy, request_id: bytes
-    ) -> web.Response:
+        self, request: HttpRequest, version: VersionTarget, policy: RoutePolicy, request_id: bytes
+    ) -> Answer:
         """504: the replica was silent for the route's whole timeout."""
         return self._error(
             request,
             504,
             f"version endpoint {version.full_name} did not answer within {policy.timeout:g} s",
             request_id=request_id,
-            headers={"X-Model-Version": version.version_header},
+            headers=[("X-Model-Version", version.version_header)],
         )
 
     def _request_head(
-        self, request: BaseRequest, path: str, chunked: bool, authority: str | None = None
+        self, request: HttpRequest, path: str, chunked: bool, authority: str | None = None
     ) -> tuple[bytes, bytes]:
-        lines = [f"{request.method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
+        lines = [f"{request.method} {path} HTTP/1.1\r\n".encode("latin-1")]
         append = lines.append
         forwarded_for = request_id = connection = None
-        for name, value in request.raw_headers:
+        for name, value in request.raw:
             lname = name.lower()
             if lname in REQUEST_HOP_BY_HOP:
                 if lname == b"connection":
@@ -598,8 +695,8 @@ class Proxy:
             # An absolute-form target's authority is the request's host (RFC 9112 §3.2.2).
             lines = [line for line in lines if line[:5].lower() != b"host:"]
             append = lines.append
-            append(b"Host: " + authority.encode("utf-8", "surrogateescape") + b"\r\n")
-        peer = (request.remote or "unknown").encode()
+            append(b"Host: " + authority.encode("latin-1") + b"\r\n")
+        peer = request.peer
         append(
             b"X-Forwarded-For: " + forwarded_for + b", " + peer + b"\r\n"
             if forwarded_for
@@ -615,7 +712,7 @@ class Proxy:
 
     async def _exchange(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         up: Upstream,
         conn: UpstreamConnection,
         head: bytes,
@@ -624,10 +721,13 @@ class Proxy:
         version: VersionTarget,
         policy: RoutePolicy,
         request_id: bytes,
-    ) -> web.StreamResponse:
+        begun: bool = False,
+    ) -> Answer:
         no_body = request.method == "HEAD"
         sender: asyncio.Future[None] | None = None
-        if body is None:
+        if begun:
+            pass  # sent by _send_now
+        elif body is None:
             # Full duplex: a replica may answer (and stream) before the upload ends.
             conn.begin(head, no_body, policy.timeout, body_sent=False)
             sender = asyncio.ensure_future(self._send_body(request, conn, chunked, conn.exchange))
@@ -644,19 +744,17 @@ class Proxy:
                 chunks = conn.take_chunks()
                 payload = chunks[0] if len(chunks) == 1 else (b"".join(chunks) if chunks else b"")
                 self._settle(up, conn, status)
-                if request.version == HttpVersion11:
-                    return relay(
-                        status,
-                        conn.headers,
-                        payload,
-                        version.relay_headers + b"X-Request-Id: " + request_id + b"\r\n",
-                        request.keep_alive,
-                        no_body,
-                    )
-                headers = _response_headers(conn.headers, version.version_header, request_id)
-                return web.Response(status=status, headers=headers, body=payload)
-            headers = _response_headers(conn.headers, version.version_header, request_id)
-            return await self._stream_response(request, up, conn, status, headers)
+                return relay(
+                    status,
+                    conn.headers,
+                    payload,
+                    version.relay_headers + b"X-Request-Id: " + request_id + b"\r\n",
+                    request.keep_alive,
+                    no_body,
+                    request.http10,
+                )
+            extra = version.relay_headers + b"X-Request-Id: " + request_id + b"\r\n"
+            return await self._stream_response(request, up, conn, status, extra, no_body)
         except BaseException:
             # Failed, or cancelled because the client left: the connection can't be reused.
             if conn.exchange == exchange and not conn.complete:
@@ -682,16 +780,17 @@ class Proxy:
         self.pool.release(conn)
 
     async def _send_body(
-        self, request: BaseRequest, conn: UpstreamConnection, chunked: bool, exchange: int
+        self, request: HttpRequest, conn: UpstreamConnection, chunked: bool, exchange: int
     ) -> None:
-        content = request.content
+        received = request.body
+        assert received is not None
         limit = self.limits.max_body_bytes
         total = 0
         try:
             while True:
                 conn.awaiting_client = True
                 try:
-                    chunk = await content.readany()
+                    chunk = await received.read_any()
                 finally:
                     conn.awaiting_client = False
                 if not chunk:
@@ -711,7 +810,10 @@ class Proxy:
         except ClientSideError as exc:
             if conn.exchange == exchange:
                 conn.fail(exc)
-        except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+        except BadBody:
+            if conn.exchange == exchange:
+                conn.fail(ClientSideError(400, "malformed request body: a bad chunk"))
+        except ConnectionError as exc:
             if conn.exchange == exchange:
                 conn.fail(ClientSideError(499, f"the client went away mid-upload: {exc}"))
         except asyncio.CancelledError:
@@ -721,19 +823,30 @@ class Proxy:
 
     async def _stream_response(
         self,
-        request: BaseRequest,
+        request: HttpRequest,
         up: Upstream,
         conn: UpstreamConnection,
         status: int,
-        headers: list[tuple[str, str]],
-    ) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, headers=headers)
+        extra: bytes,
+        no_body: bool,
+    ) -> Answer:
+        head, chunked, keep_alive = streamed_head(
+            status, conn.headers, extra, request.keep_alive, request.http10, no_body
+        )
+        request.keep_alive = keep_alive
+        client = request.conn
         try:
-            await resp.prepare(request)
+            request.answer_started = True
+            client.write(head)
             while True:
                 if conn.chunks:
                     for chunk in conn.take_chunks():
-                        await resp.write(chunk)
+                        if chunked:
+                            client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                        else:
+                            client.write(chunk)
+                    if client.write_paused:
+                        await client.drain()
                     continue
                 if conn.complete:
                     break
@@ -743,17 +856,17 @@ class Proxy:
                     if not isinstance(error, ClientSideError):
                         up.record_failure()
                         self.upstream_stats.error(error.kind)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    raise ConnectionResetError(str(error))
+                    client.abort()
+                    raise ClientGone(str(error))
                 await conn.wait()
-            await resp.write_eof()
+            if chunked:
+                client.write(b"0\r\n\r\n")
         except BaseException:
             conn.abort()
             raise
         # Only now can the connection serve another exchange.
         self._settle(up, conn, status)
-        return resp
+        return Answer(status, b"", None, not keep_alive)
 
 
 def _absolute_form(target: str) -> tuple[str, str] | None:
@@ -796,14 +909,14 @@ def _resolve_dot_segments(path: str) -> str | None:
     return "/" + "/".join(kept) + rest
 
 
-def _unforwardable_framing(request: BaseRequest) -> tuple[int, str] | None:
+def _unforwardable_framing(request: HttpRequest) -> tuple[int, str] | None:
     """Why a body framed by Transfer-Encoding can't go on, if it can't (RFC 9112 §6.1):
     HTTP/1.0 has no transfer codings (nginx: 400), and any coding but ``chunked`` would
     reach the replica undone while our ``Transfer-Encoding: chunked`` no longer names it
-    (nginx: 501). aiohttp has already refused a second header line."""
-    if request.version != HttpVersion11:
+    (nginx: 501). llhttp has already refused a coding list that doesn't end in chunked."""
+    if request.http10:
         return 400, "Transfer-Encoding in an HTTP/1.0 request"
-    coding = request.headers.get("Transfer-Encoding", "")
+    coding = (request.transfer_encoding or b"").decode("latin-1")
     if coding.lower() != "chunked":
         return 501, f"transfer coding {coding[:100]!r} is not implemented: only chunked is"
     return None
@@ -820,29 +933,125 @@ def _client_reason(failure: UpstreamError | None) -> str:
     }.get(failure.kind, failure.kind)
 
 
-def response_body(resp: web.StreamResponse) -> bytes | None:
-    """The body of an answer we hold whole; None for a streamed one."""
-    if isinstance(resp, RelayedResponse):
-        return resp.payload
-    body = resp.body if isinstance(resp, web.Response) else None
-    return body if isinstance(body, bytes) else None
-
-
-def _response_headers(
-    raw: list[tuple[bytes, bytes]], version_header: str, request_id: bytes
-) -> list[tuple[str, str]]:
-    named = b",".join(v for n, v in raw if n.lower() == b"connection")
-    drop = connection_tokens(named) if named else set()
-    out = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in raw
-        if name.lower() not in RESPONSE_SKIP and name.lower() not in drop
-    ]
-    out.append(("X-Model-Version", version_header))
-    out.append(("X-Request-Id", request_id.decode("latin-1")))
-    return out
-
-
-async def _answered(resp: web.StreamResponse) -> web.StreamResponse:
+async def _answered(resp: Answer) -> Answer:
     """An answer already made, as the awaitable :meth:`Proxy._forward` hands back."""
     return resp
+
+
+class Exchange:
+    """A request :meth:`Proxy._send_now` sent, answered by the replica connection's
+    callbacks: when the answer is whole it is relayed, counted and written here. An
+    answer that streams, or an exchange that fails (to be retried, or answered with
+    an error), goes on in :meth:`Proxy._send` as a coroutine, where it left off."""
+
+    __slots__ = (
+        "body",
+        "chosen",
+        "conn",
+        "dispatched",
+        "head",
+        "policy",
+        "proxy",
+        "request",
+        "request_id",
+        "start",
+        "up",
+        "version",
+    )
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        request: HttpRequest,
+        version: VersionTarget,
+        chosen: int,
+        policy: RoutePolicy,
+        up: Upstream,
+        conn: UpstreamConnection,
+        head: bytes,
+        body: bytes,
+    ) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.version = version
+        self.chosen = chosen
+        self.policy = policy
+        self.up = up
+        self.conn = conn
+        self.head = head
+        self.body = body
+        self.request_id = b""
+        self.start = self.dispatched = perf_counter()
+
+    def progress(self) -> None:
+        """The replica connection's listener: called after each read that changed it."""
+        conn = self.conn
+        if conn.complete:
+            self._answer()
+        elif conn.error is not None or conn.head_done:
+            self.hand_over()
+
+    def _answer(self) -> None:
+        conn = self.conn
+        conn.listener = None
+        request = self.request
+        request.on_gone = None
+        version = self.version
+        stats = version.stats
+        status = conn.status
+        chunks = conn.take_chunks()
+        payload = chunks[0] if len(chunks) == 1 else (b"".join(chunks) if chunks else b"")
+        answer = relay(
+            status,
+            conn.headers,
+            payload,
+            version.relay_headers + b"X-Request-Id: " + self.request_id + b"\r\n",
+            request.keep_alive,
+            request.method == "HEAD",
+            request.http10,
+        )
+        self.proxy._settle(self.up, conn, status)
+        end = perf_counter()
+        stats.served += 1
+        stats.service_seconds += end - self.dispatched
+        self.up.release()
+        stats.in_flight -= 1
+        stats.record(self.chosen, status, end - self.start)
+        if answer.close:
+            request.keep_alive = False
+        client = request.conn
+        client.write(answer.data)
+        client.answered(request)
+
+    def hand_over(self) -> None:
+        """The answer streams, or the exchange failed: :meth:`Proxy._send` goes on."""
+        self.conn.listener = None
+        request = self.request
+        request.on_gone = None
+        proxy = self.proxy
+        work = proxy._send(
+            request,
+            self.version,
+            self.policy,
+            self.head,
+            self.body,
+            False,
+            self.request_id,
+            begun=self,
+        )
+        request.conn.follow(proxy._complete(request, self.version, self.chosen, self.start, work))
+
+    def gone(self) -> None:
+        """The client left before the answer: stop the exchange, give the slot back."""
+        conn = self.conn
+        conn.listener = None
+        if not conn.complete:
+            conn.abort()
+        conn.finish()
+        stats = self.version.stats
+        end = perf_counter()
+        stats.served += 1
+        stats.service_seconds += end - self.dispatched
+        self.up.release()
+        stats.in_flight -= 1
+        stats.record(self.chosen, 499, end - self.start)

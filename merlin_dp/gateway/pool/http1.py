@@ -144,6 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
         "headers",
         "idle_list",
         "idle_since",
+        "in_read",
         "keep_alive",
         "listener",
         "loop",
@@ -158,6 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
         "upstream",
         "used",
         "waiter",
+        "woken",
         "write_paused",
         "write_waiter",
     )
@@ -180,9 +182,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
         self.waiter: asyncio.Future[None] | None = None
-        # A callback-driven user (a mirrored copy) is called at every state change instead
-        # of awaiting a future.
+        # A callback-driven user (a mirrored copy, an exchange sent at once) is called
+        # instead of awaiting a future: once per read that changed the state (so that it
+        # sees a head and the body that came with it together), else at once.
         self.listener: Callable[[], None] | None = None
+        self.in_read = False
+        self.woken = False
         self.read_paused = False
         self._reset_exchange()
 
@@ -305,7 +310,10 @@ class UpstreamConnection(asyncio.Protocol):
     def _wake(self) -> None:
         listener = self.listener
         if listener is not None:
-            listener()
+            if self.in_read:
+                self.woken = True
+            else:
+                listener()
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
@@ -329,6 +337,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         # The timeout bounds silence, not the whole exchange, so streams may run long.
         self.deadline = self.loop.time() + self.timeout
+        self.in_read = True
+        try:
+            self._parse(data)
+        finally:
+            self.in_read = False
+            if self.woken:
+                self.woken = False
+                listener = self.listener
+                if listener is not None:
+                    listener()
+
+    def _parse(self, data: bytes) -> None:
         try:
             if not self.head_done:
                 # Counted before the parser sees them: httptools keeps an unfinished header

@@ -10,13 +10,13 @@ their requests end in different places.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from random import random
 
 from merlin_dp.gateway.metrics import CHOSEN_DIRECT, CHOSEN_WEIGHT
 from merlin_dp.gateway.routing.table import (
     DIRECT_POLICY,
     WEIGHT_SLOTS,
+    HeaderLookup,
     MirrorTarget,
     ModelTarget,
     RoutePolicy,
@@ -29,7 +29,7 @@ from merlin_dp.gateway.routing.table import (
 Choice = tuple[VersionTarget, int, RoutePolicy, MirrorTarget | None]
 
 
-def choose_version(target: Target, headers: Mapping[str, str]) -> Choice:
+def choose_version(target: Target, headers: HeaderLookup) -> Choice:
     """Choose the version for one request and count its arrival."""
     if type(target) is ModelTarget:
         if target.weights_only:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from merlin_dp.gateway.metrics import CHOSEN_MATCH, CHOSEN_STICKY, CHOSEN_WEIGHT, VersionStats
 from merlin_dp.gateway.pool.upstream import Upstream, UpstreamRegistry
@@ -25,6 +26,12 @@ from merlin_dp.spec.routes import RouteTableSpec, parse_address
 from merlin_dp.spec.rule import full_name
 
 WEIGHT_SLOTS = 100
+
+
+class HeaderLookup(Protocol):
+    """A request's headers (HTTP) or metadata (gRPC), looked up by name."""
+
+    def get(self, name: str, /) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +129,7 @@ class ModelTarget:
     def pick(self, rand: Callable[[], float] = random.random) -> VersionTarget:
         return self.slots[int(rand() * WEIGHT_SLOTS)]
 
-    def route(self, headers: Mapping[str, str]) -> tuple[VersionTarget, int]:
+    def route(self, headers: HeaderLookup) -> tuple[VersionTarget, int]:
         """Header matches in order, then the sticky key, then the weights."""
         for m in self.matches:
             value = headers.get(m.header)
