@@ -58,10 +58,37 @@ log = logging.getLogger("gateway")
 # Parsed requests waiting behind the one being answered before we stop reading.
 MAX_PIPELINED = 16
 HEAD_END = b"\r\n\r\n"
-# Header names the gateway itself acts on (lowercase).
-_NOTED = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id", b"connection"}
-)
+# What the gateway does with a request header, by its name: nothing (0), or note it as
+# one of these. Looked up as spelled first (the usual spellings, and common headers that
+# need nothing, are there), lowercased only for other spellings.
+_HOST, _LENGTH, _CODING, _EXPECT, _REQUEST_ID, _CONNECTION, _HOP = range(1, 8)
+_KINDS_LOWER = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CODING,
+    b"expect": _EXPECT,
+    b"x-request-id": _REQUEST_ID,
+    b"connection": _CONNECTION,
+    # Hop-by-hop (RFC 9110 §7.6.1), and X-Forwarded-For, which we extend: the forwarded
+    # head is then made line by line (see Proxy._request_head).
+    b"keep-alive": _HOP,
+    b"proxy-connection": _HOP,
+    b"te": _HOP,
+    b"trailer": _HOP,
+    b"upgrade": _HOP,
+    b"x-forwarded-for": _HOP,
+}
+_PLAIN = (b"content-type", b"user-agent", b"accept", b"accept-encoding", b"accept-language",
+          b"authorization", b"cookie", b"content-encoding", b"cache-control", b"origin",
+          b"referer", b"x-model-version")  # fmt: skip
+_KINDS: dict[bytes, int] = {
+    **_KINDS_LOWER,
+    **{name.title(): kind for name, kind in _KINDS_LOWER.items()},
+    b"X-Request-ID": _REQUEST_ID,
+    b"TE": _HOP,
+    **{name: 0 for name in _PLAIN},
+    **{name.title(): 0 for name in _PLAIN},
+}
 _METHODS: dict[bytes, str] = {
     m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 }
@@ -107,6 +134,9 @@ class HttpConnection(asyncio.Protocol):
         "_hosts",
         "_in_head",
         "_lingering",
+        "_max_field",
+        "_max_headers",
+        "_max_line",
         "_parsing",
         "_queue_paused",
         "_raw_body_left",
@@ -130,6 +160,10 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = b"unknown"
         self.parser = httptools.HttpRequestParser(self)
+        settings = front.settings
+        self._max_line = settings.max_line_bytes
+        self._max_field = settings.max_header_bytes
+        self._max_headers = settings.max_headers
         self._parsing: HttpRequest | None = None  # the request whose bytes are arriving
         self._url = b""
         self._hosts = 0
@@ -187,7 +221,10 @@ class HttpConnection(asyncio.Protocol):
                 self._feed_within_head_limit(data, room)
                 self._after_read()
                 return
-        if not self._feed(data):
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parse_stopped(data, exc)
             self._after_read()
             return
         if self._in_head:
@@ -203,21 +240,25 @@ class HttpConnection(asyncio.Protocol):
         """Parse ``data``; False when parsing stopped (a refused request, an upgrade)."""
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade(data, exc.args[0])
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parse_stopped(data, exc)
             return False
-        except httptools.HttpParserCallbackError as exc:
+        return True
+
+    def _parse_stopped(
+        self, data: bytes | memoryview, exc: httptools.HttpParserError | httptools.HttpParserUpgrade
+    ) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            self._upgrade(data, exc.args[0])
+        elif isinstance(exc, httptools.HttpParserCallbackError):
             cause = exc.__context__
             if isinstance(cause, _HeadRefused):
                 self._refuse(cause.data)
             else:
                 log.error("request parser callback failed", exc_info=cause)
                 self._refuse(INTERNAL_ERROR)
-            return False
-        except httptools.HttpParserError as exc:
+        elif isinstance(exc, httptools.HttpParserError):
             self._refuse(malformed(exc))
-            return False
-        return True
 
     def _head_unfinished(self, data: bytes) -> None:
         """A read ended inside a head: count its bytes so far and start its clock."""
@@ -300,44 +341,53 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._hosts = 0
         self.idle_since = 0.0
-        self._parsing = HttpRequest(self, "", "", [], False, True)
+        self._parsing = HttpRequest(self)
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self.front.settings.max_line_bytes:
+        url = self._url + url
+        self._url = url
+        if len(url) > self._max_line:
             raise _HeadRefused(self.front.line_too_long)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        parsing = self._parsing
-        if not self._in_head or parsing is None:
+        if not self._in_head:
             return  # a chunked body's trailer: not forwarded (nginx drops them too)
-        raw = parsing.raw
-        raw.append((name, value))
-        settings = self.front.settings
-        if len(raw) > settings.max_headers or len(name) + len(value) > settings.max_header_bytes:
+        request = self._parsing
+        assert request is not None
+        if value and value[-1] <= 32:
+            # llhttp keeps whitespace after a value; it is not part of it (RFC 9110 §5.5).
+            value = value.rstrip(b" \t")
+        if len(value) > self._max_field:
             raise _HeadRefused(self.front.head_too_large)
-        key = name.lower()
-        if key in _NOTED:
-            self._note(parsing, key, value)
+        request.raw.append((name, value))
+        kind = _KINDS.get(name)
+        if kind is None:
+            kind = _KINDS_LOWER.get(name.lower(), 0)
+        if kind:
+            self._note(request, kind, value)
 
-    def _note(self, request: HttpRequest, key: bytes, value: bytes) -> None:
-        if key == b"host":
+    def _note(self, request: HttpRequest, kind: int, value: bytes) -> None:
+        if kind == _HOST:
             self._hosts += 1
             request.host = value.decode("latin-1")
-        elif key == b"content-length":
+        elif kind == _LENGTH:
             request.content_length = int(value)  # llhttp let only digits through
-        elif key == b"transfer-encoding":
-            request.chunked = True
+        elif kind == _CODING:
+            request.chunked = request.hop = True
             te = request.transfer_encoding
             request.transfer_encoding = value if te is None else te + b", " + value
-        elif key == b"expect":
+        elif kind == _EXPECT:
+            request.hop = True
             request.expect_continue = value.lower() == b"100-continue"
-        elif key == b"x-request-id":
+        elif kind == _REQUEST_ID:
             if request.request_id is None:
                 request.request_id = value
-        else:  # connection
+        elif kind == _CONNECTION:
+            request.hop = True
             c = request.connection
             request.connection = value if c is None else c + b"," + value
+        else:
+            request.hop = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -349,6 +399,8 @@ class HttpConnection(asyncio.Protocol):
         parser = self.parser
         request = self._parsing
         assert request is not None
+        if len(request.raw) > self._max_headers:
+            raise _HeadRefused(self.front.head_too_large)
         version = parser.get_http_version()
         if version != "1.1":
             if version != "1.0":
@@ -370,14 +422,20 @@ class HttpConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
-        if request is not None and request.body is not None:
-            request.body.feed(body)
+        if request is not None:
+            received = request.body
+            if received is not None:
+                received.feed(body)
 
     def on_message_complete(self) -> None:
         request = self._parsing
-        self._parsing = None
-        if request is not None and request.body is not None:
-            request.body.end()
+        if request is not None:
+            self._parsing = None
+            received = request.body
+            if received is not None:
+                received.eof = True
+                if received.waiting:
+                    received.end()
 
     # --- declined upgrades ------------------------------------------------------------
 

@@ -36,10 +36,10 @@ from merlin_dp.gateway.http.request import BadBody, ClientGone, HttpRequest
 from merlin_dp.gateway.http.responses import (
     PLAIN_CONNECTION,
     Answer,
-    drop_connection_tokens,
     error_answer,
     relay,
     streamed_head,
+    without_named,
 )
 from merlin_dp.gateway.metrics import WRONG_PROTOCOL, GatewayMetrics
 from merlin_dp.gateway.mirror import MirrorLimits
@@ -673,6 +673,22 @@ class Proxy:
     def _request_head(
         self, request: HttpRequest, path: str, chunked: bool, authority: str | None = None
     ) -> tuple[bytes, bytes]:
+        """The head sent to the replica, and the request's id (the client's, or new)."""
+        if not request.hop and authority is None:
+            # Nothing to drop or change (the connection saw no such header): the lines go
+            # on as they came, joined in C.
+            start = f"{request.method} {path} HTTP/1.1\r\n".encode("latin-1")
+            request_id = request.request_id
+            ours = b"\r\nX-Forwarded-For: " + request.peer
+            if request_id is None:
+                request_id = self.request_ids.next()
+                ours += b"\r\nX-Request-Id: " + request_id
+            if chunked:
+                ours += b"\r\nTransfer-Encoding: chunked"
+            raw = request.raw
+            if not raw:
+                return start + ours[2:] + b"\r\n\r\n", request_id
+            return start + b"\r\n".join(map(b": ".join, raw)) + ours + b"\r\n\r\n", request_id
         lines = [f"{request.method} {path} HTTP/1.1\r\n".encode("latin-1")]
         append = lines.append
         forwarded_for = request_id = connection = None
@@ -689,7 +705,7 @@ class Proxy:
                 request_id = value
             append(name + b": " + value + b"\r\n")
         if connection is not None and connection.lower() not in PLAIN_CONNECTION:
-            lines = drop_connection_tokens(lines, connection)
+            lines = [lines[0], *without_named(lines[1:], connection)]
             append = lines.append
         if authority is not None:
             # An absolute-form target's authority is the request's host (RFC 9112 §3.2.2).
@@ -746,7 +762,9 @@ class Proxy:
                 self._settle(up, conn, status)
                 return relay(
                     status,
-                    conn.headers,
+                    conn.kept,
+                    conn.length,
+                    conn.connection,
                     payload,
                     version.relay_headers + b"X-Request-Id: " + request_id + b"\r\n",
                     request.keep_alive,
@@ -831,7 +849,14 @@ class Proxy:
         no_body: bool,
     ) -> Answer:
         head, chunked, keep_alive = streamed_head(
-            status, conn.headers, extra, request.keep_alive, request.http10, no_body
+            status,
+            conn.kept,
+            conn.length,
+            conn.connection,
+            extra,
+            request.keep_alive,
+            request.http10,
+            no_body,
         )
         request.keep_alive = keep_alive
         client = request.conn
@@ -1003,7 +1028,9 @@ class Exchange:
         payload = chunks[0] if len(chunks) == 1 else (b"".join(chunks) if chunks else b"")
         answer = relay(
             status,
-            conn.headers,
+            conn.kept,
+            conn.length,
+            conn.connection,
             payload,
             version.relay_headers + b"X-Request-Id: " + self.request_id + b"\r\n",
             request.keep_alive,

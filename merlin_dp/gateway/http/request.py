@@ -54,6 +54,9 @@ class ClientSide(Protocol):
     def follow(self, work: Coroutine[Any, Any, None]) -> None: ...
 
 
+_KEYS: dict[str, bytes] = {}  # header name -> its lowercase bytes
+
+
 class RequestHeaders:
     """Case-insensitive lookup over a request's raw header lines (the first match)."""
 
@@ -63,7 +66,11 @@ class RequestHeaders:
         self.raw = raw
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        key = name.encode("latin-1").lower()
+        key = _KEYS.get(name)
+        if key is None:
+            key = name.encode("latin-1").lower()
+            if len(_KEYS) < 1024:  # the names routes match on: few
+                _KEYS[name] = key
         size = len(key)
         for header, value in self.raw:
             if len(header) == size and header.lower() == key:
@@ -98,6 +105,11 @@ class RequestBody:
     def end(self) -> None:
         self.eof = True
         self._wake()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a reader waits for more."""
+        return self._waiter is not None
 
     def fail(self, error: BaseException) -> None:
         if not self.eof:
@@ -159,7 +171,7 @@ class HttpRequest:
         "connection",
         "content_length",
         "expect_continue",
-        "headers",
+        "hop",
         "host",
         "http10",
         "keep_alive",
@@ -171,24 +183,17 @@ class HttpRequest:
         "transfer_encoding",
     )
 
-    def __init__(
-        self,
-        conn: ClientSide,
-        method: str,
-        target: str,
-        raw: list[tuple[bytes, bytes]],
-        http10: bool,
-        keep_alive: bool,
-    ) -> None:
+    def __init__(self, conn: ClientSide) -> None:
         self.conn = conn
-        self.method = method
-        # The request-target as sent, decoded byte for byte (latin-1), so that it goes on
-        # as it came.
-        self.target = target
-        self.raw = raw
-        self.headers = RequestHeaders(raw)
-        self.http10 = http10
-        self.keep_alive = keep_alive
+        # Set when the head is whole: the method, and the request-target as sent,
+        # decoded byte for byte (latin-1), so that it goes on as it came.
+        self.method = ""
+        self.target = ""
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.http10 = False
+        self.keep_alive = True
+        # A header that is hop-by-hop, or that the forwarded head changes, is present.
+        self.hop = False
         self.host = ""
         self.content_length: int | None = None
         self.chunked = False
@@ -201,6 +206,11 @@ class HttpRequest:
         # to cancel).
         self.on_gone: Callable[[], None] | None = None
         self.answer_started = False  # a streamed answer's head is out: no error can follow
+
+    @property
+    def headers(self) -> RequestHeaders:
+        """The headers, looked up by name (for a route's header matches)."""
+        return RequestHeaders(self.raw)
 
     @property
     def peer(self) -> bytes:

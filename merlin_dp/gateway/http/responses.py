@@ -18,13 +18,6 @@ import httptools
 
 from merlin_dp.gateway.errors import error_body
 
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the ones we set ourselves.
-RESPONSE_SKIP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-        b"transfer-encoding", b"upgrade", b"x-model-version", b"x-request-id",
-    }
-)  # fmt: skip
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES = {
     code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code, phrase in _REASONS.items()
@@ -47,19 +40,13 @@ def connection_tokens(connection: bytes) -> set[bytes]:
     return {t.strip().lower() for t in connection.split(b",")} - PROTECTED
 
 
-def drop_connection_tokens(lines: list[bytes], connection: bytes) -> list[bytes]:
-    """Remove header lines the peer named in Connection (they are hop-by-hop too).
-
-    ``lines[0]`` is the start line and stays.
-    """
+def without_named(lines: list[bytes], connection: bytes) -> list[bytes]:
+    """The header lines (``Name: value``) but those the peer named in Connection (they
+    are hop-by-hop too)."""
     tokens = connection_tokens(connection)
     if not tokens:
         return lines
-    return [
-        line
-        for i, line in enumerate(lines)
-        if i == 0 or line.split(b":", 1)[0].strip().lower() not in tokens
-    ]
+    return [line for line in lines if line.split(b":", 1)[0].strip().lower() not in tokens]
 
 
 class Answer:
@@ -165,9 +152,18 @@ def bad_version(version: str) -> bytes:
     return _raw_error(400, f"HTTP/{version} is not served: use HTTP/1.1")
 
 
+def _relayed_lines(kept: list[bytes], connection: bytes | None) -> bytes:
+    """The replica's header lines we relay, CRLF-terminated."""
+    if connection is not None and connection.lower() not in PLAIN_CONNECTION:
+        kept = without_named(kept, connection)
+    return b"\r\n".join(kept) + b"\r\n" if kept else b""
+
+
 def streamed_head(
     status: int,
-    headers: list[tuple[bytes, bytes]],
+    kept: list[bytes],
+    has_length: bool,
+    connection: bytes | None,
     extra: bytes,
     keep_alive: bool,
     http10: bool,
@@ -175,74 +171,47 @@ def streamed_head(
 ) -> tuple[bytes, bool, bool]:
     """The head of an answer whose body streams from the replica, as
     (head, chunked, keep_alive): a body without a length goes chunked to an HTTP/1.1
-    client and ends with the connection for an HTTP/1.0 one."""
-    parts = [status_line(status, http10)]
-    append = parts.append
-    has_length = False
-    connection = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname in RESPONSE_SKIP:
-            if lname == b"connection":
-                connection = value if connection is None else connection + b"," + value
-            continue
-        if lname == b"content-length":
-            has_length = True
-        append(name + b": " + value + b"\r\n")
-    if connection is not None and connection.lower() not in PLAIN_CONNECTION:
-        parts = drop_connection_tokens(parts, connection)
-        append = parts.append
-    append(extra)
+    client and ends with the connection for an HTTP/1.0 one. ``kept`` are the replica's
+    lines to relay, ``connection`` its Connection header, ``extra`` our own lines."""
+    framing = b""
     chunked = False
     if not has_length and not no_body and status >= 200 and status not in (204, 304):
         if http10:
             keep_alive = False
         else:
             chunked = True
-            append(b"Transfer-Encoding: chunked\r\n")
-    append(connection_line(keep_alive, http10))
-    append(b"\r\n")
-    return b"".join(parts), chunked, keep_alive
+            framing = b"Transfer-Encoding: chunked\r\n"
+    head = (
+        status_line(status, http10)
+        + _relayed_lines(kept, connection)
+        + extra
+        + framing
+        + connection_line(keep_alive, http10)
+        + b"\r\n"
+    )
+    return head, chunked, keep_alive
 
 
 def relay(
     status: int,
-    raw_headers: list[tuple[bytes, bytes]],
+    kept: list[bytes],
+    has_length: bool,
+    connection: bytes | None,
     body: bytes,
     extra: bytes,
     keep_alive: bool,
     head_request: bool,
     http10: bool = False,
 ) -> Answer:
-    """The answer from the replica's head and whole body.
-
-    ``extra`` holds our own header lines (already CRLF-terminated).
-    """
-    parts = [status_line(status, http10)]
-    append = parts.append
-    has_length = False
-    connection = None
-    for name, value in raw_headers:
-        lname = name.lower()
-        if lname in RESPONSE_SKIP:
-            if lname == b"connection":
-                connection = value if connection is None else connection + b"," + value
-            continue
-        if lname == b"content-length":
-            has_length = True
-        append(name + b": " + value + b"\r\n")
-    if connection is not None and connection.lower() not in PLAIN_CONNECTION:
-        parts = drop_connection_tokens(parts, connection)
-        append = parts.append
-    append(extra)
+    """The answer from the replica's head (as :func:`streamed_head` takes it) and its
+    whole body. A body the replica chunked, or ended by closing, gets a length."""
+    head = status_line(status, http10) + _relayed_lines(kept, connection) + extra
     if not has_length and not head_request and status >= 200 and status not in (204, 304):
-        # The replica chunked it or closed to end it; we send it whole with a length.
-        append(b"Content-Length: %d\r\n" % len(body))
+        head += b"Content-Length: %d\r\n" % len(body)
     if not keep_alive:
-        append(b"Connection: close\r\n")
+        head += b"Connection: close\r\n"
     elif http10:
-        append(b"Connection: keep-alive\r\n")
-    append(b"\r\n")
-    if body and not head_request:
-        append(body)
-    return Answer(status, b"".join(parts), body, not keep_alive)
+        head += b"Connection: keep-alive\r\n"
+    if head_request or not body:
+        return Answer(status, head + b"\r\n", body, not keep_alive)
+    return Answer(status, head + b"\r\n" + body, body, not keep_alive)

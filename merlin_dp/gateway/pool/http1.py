@@ -32,6 +32,25 @@ from merlin_dp.gateway.pool.upstream import (
 # client side drains it. This bounds the gateway's memory per streamed response.
 READ_HIGH_WATER = 256 * 1024
 
+# What the gateway does with a response header, by its name: relay it as it came (0),
+# or one of these. Looked up as spelled first (the usual spellings are there), then
+# lowercased. Hop-by-hop fields (RFC 9110 §7.6.1) and those we set ourselves are dropped.
+KEPT, LENGTH, CODING, CONNECTION, DROPPED = range(5)
+_DROPPED = (b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+            b"x-model-version", b"x-request-id")  # fmt: skip
+_USUAL = (b"Server", b"Date", b"Content-Type", b"server", b"date", b"content-type")
+_KINDS_LOWER = {
+    b"content-length": LENGTH,
+    b"transfer-encoding": CODING,
+    b"connection": CONNECTION,
+    **dict.fromkeys(_DROPPED, DROPPED),
+}
+_KINDS = {
+    **_KINDS_LOWER,
+    **{name.title(): kind for name, kind in _KINDS_LOWER.items()},
+    **dict.fromkeys(_USUAL, KEPT),
+}
+
 
 class Http1Pool:
     """The worker's HTTP/1.1 connections to replicas.
@@ -134,18 +153,22 @@ class UpstreamConnection(asyncio.Protocol):
         "buffered",
         "chunks",
         "closed",
+        "coding",
         "complete",
+        "connection",
         "deadline",
         "error",
         "exchange",
         "got_bytes",
         "head_done",
         "head_room",
-        "headers",
+        "header_count",
         "idle_list",
         "idle_since",
         "in_read",
         "keep_alive",
+        "kept",
+        "length",
         "listener",
         "loop",
         "no_body",
@@ -193,7 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset_exchange(self) -> None:
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self._reset_head()
         self.keep_alive = False
         self.head_done = False
         self.head_room = self.pool.limits.max_head_bytes  # response head bytes still allowed
@@ -206,6 +229,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.error: UpstreamError | None = None
+
+    def _reset_head(self) -> None:
+        # The response head, sorted as it arrives: the lines relayed as they came
+        # (``Name: value``, no CRLF), and what the gateway acts on.
+        self.kept: list[bytes] = []
+        self.header_count = 0
+        self.length = False  # a Content-Length among the kept lines
+        self.coding: bytes | None = None  # Transfer-Encoding
+        self.connection: bytes | None = None  # Connection, its lines joined
 
     # --- pool bookkeeping ---------------------------------------------------------
 
@@ -423,22 +455,35 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamError("protocol", "bytes after a complete answer")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.complete:
-            self._desync()
-            return
-        self.headers.append((name, value))
+        if self.head_done:
+            return  # a chunked body's trailer: not relayed
+        self.header_count += 1
+        kind = _KINDS.get(name)
+        if kind is None:
+            kind = _KINDS_LOWER.get(name.lower(), KEPT)
+        if kind == KEPT:
+            self.kept.append(name + b": " + value)
+        elif kind == LENGTH:
+            self.kept.append(name + b": " + value)
+            self.length = True
+        elif kind == CONNECTION:
+            c = self.connection
+            self.connection = value if c is None else c + b"," + value
+        elif kind == CODING:
+            c = self.coding
+            self.coding = value if c is None else c + b"," + value
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200 or status > 599:
             if 100 <= status < 200 and status != 101:
                 # Interim response (100 Continue, 103 Early Hints): not forwarded.
-                self.headers = []
+                self._reset_head()
                 return
             # 101 would hand us another protocol; outside 100-599 is no HTTP status.
             self.fail(UpstreamError("protocol", f"the replica answered status {status}"))
             return
-        if len(self.headers) > self.pool.limits.max_headers:
+        if self.header_count > self.pool.limits.max_headers:
             limit = self.pool.limits.max_headers
             self.fail(UpstreamError("protocol", f"response head with over {limit} headers"))
             return
@@ -447,10 +492,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = True
         if not self.keep_alive:
             # RFC 9112 §6.3: no length and no final "chunked" coding: the body ends at close.
-            self.until_close = not any(
-                n.lower() == b"content-length"
-                or (n.lower() == b"transfer-encoding" and v.lower().rstrip().endswith(b"chunked"))
-                for n, v in self.headers
+            coding = self.coding
+            self.until_close = not self.length and not (
+                coding is not None and coding.lower().rstrip().endswith(b"chunked")
             )
         if not self.body_sent:
             # Answered while the upload still streams: the replica may never read the rest,
