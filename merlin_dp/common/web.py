@@ -1,11 +1,11 @@
-"""What the gateway's and the controller's aiohttp servers share about bad requests.
+"""Bad requests to an aiohttp server, and the machine-readable error codes.
 
 aiohttp answers requests it can't parse itself, before any handler runs, with a
 plain-text page that repeats what it choked on. :class:`JsonErrorHandler` answers them
 with the server's own JSON error instead (the status that fits: 400 malformed, 414
-request line too long, 431 header too large; 500 for a bug, without the trace); each
-server says how its error body looks. :data:`REASONS` are the machine-readable codes
-both use for a status.
+request line too long, 431 header too large; 500 for a bug, without the trace); the
+controller's API says how its error body looks. :data:`REASONS` are the codes the API
+and the gateway (whose HTTP front is its own) use for a status.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ REASONS = {
     502: "bad_gateway",
     503: "unavailable",
     504: "upstream_timeout",
+    505: "http_version_not_supported",
 }
 
 
