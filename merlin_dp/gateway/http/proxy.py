@@ -230,7 +230,7 @@ class Proxy:
         head, request_id = self._request_head(request, path, False, authority)
         exchange = Exchange(self, request, version, chosen, policy, up, conn, head, body)
         exchange.request_id = request_id
-        exchange.start = start
+        exchange.start = exchange.dispatched = start
         conn.begin(head + body if body else head, request.method == "HEAD", policy.timeout)
         request.on_gone = exchange.gone
         if conn.error is not None:
@@ -1006,7 +1006,7 @@ class Exchange:
         self.head = head
         self.body = body
         self.request_id = b""
-        self.start = self.dispatched = perf_counter()
+        self.start = self.dispatched = 0.0
 
     def progress(self) -> None:
         """The replica connection's listener: called after each read that changed it."""
@@ -1037,11 +1037,17 @@ class Exchange:
             request.method == "HEAD",
             request.http10,
         )
-        self.proxy._settle(self.up, conn, status)
+        up = self.up
+        conn.finish()
+        if status >= 500:
+            up.record_failure()
+        elif up.failures:
+            up.record_success()
+        self.proxy.pool.release(conn)
         end = perf_counter()
         stats.served += 1
         stats.service_seconds += end - self.dispatched
-        self.up.release()
+        up.release()
         stats.in_flight -= 1
         stats.record(self.chosen, status, end - self.start)
         if answer.close:

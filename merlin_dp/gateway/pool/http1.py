@@ -371,7 +371,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = self.loop.time() + self.timeout
         self.in_read = True
         try:
-            self._parse(data)
+            if self.head_done or len(data) <= self.head_room:
+                if not self.head_done:
+                    self.head_room -= len(data)
+                self.parser.feed_data(data)
+            else:
+                self._parse(data)
+        except httptools.HttpParserUpgrade:
+            self.fail(UpstreamError("protocol", "upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self.fail(UpstreamError("protocol", f"malformed response from upstream: {exc}"))
         finally:
             self.in_read = False
             if self.woken:
@@ -381,20 +390,12 @@ class UpstreamConnection(asyncio.Protocol):
                     listener()
 
     def _parse(self, data: bytes) -> None:
-        try:
-            if not self.head_done:
-                # Counted before the parser sees them: httptools keeps an unfinished header
-                # in memory, so a cap checked in its callbacks would come after the damage.
-                room = self.head_room
-                self.head_room = room - len(data)
-                if self.head_room < 0:
-                    self._feed_within_head_limit(memoryview(data), room)
-                    return
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.fail(UpstreamError("protocol", "upstream switched protocols"))
-        except httptools.HttpParserError as exc:
-            self.fail(UpstreamError("protocol", f"malformed response from upstream: {exc}"))
+        # A head going past its limit. Its bytes are counted before the parser sees them:
+        # httptools keeps an unfinished header in memory, so a cap checked in its
+        # callbacks would come after the damage.
+        room = self.head_room
+        self.head_room = room - len(data)
+        self._feed_within_head_limit(memoryview(data), room)
 
     def _feed_within_head_limit(self, data: memoryview, room: int) -> None:
         # The parser gets what the head may still take; the rest only if the head ended
@@ -448,12 +449,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def on_message_begin(self) -> None:
-        if self.complete:
-            # A second answer (or junk) right behind a whole one, in the same read: stop
-            # the parser here; feed_data raises and fail() retires the connection.
-            raise UpstreamError("protocol", "bytes after a complete answer")
-
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # a chunked body's trailer: not relayed
@@ -472,6 +467,12 @@ class UpstreamConnection(asyncio.Protocol):
         elif kind == CODING:
             c = self.coding
             self.coding = value if c is None else c + b"," + value
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer (or junk) right behind a whole one, in the same read: stop
+            # the parser here; feed_data raises and fail() retires the connection.
+            raise UpstreamError("protocol", "bytes after a complete answer")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
