@@ -31,7 +31,7 @@ from time import perf_counter
 from typing import Any
 
 from merlin_dp.gateway.activation import ActivationRefused, Activator
-from merlin_dp.gateway.http.mirror import Mirroring
+from merlin_dp.gateway.http.mirror import MirrorCopy, Mirroring
 from merlin_dp.gateway.http.request import BadBody, ClientGone, HttpRequest
 from merlin_dp.gateway.http.responses import (
     PLAIN_CONNECTION,
@@ -166,6 +166,10 @@ class Proxy:
                 mirror_path = mirror.version.rewritten[kind] + (
                     path[path.find("?") :] if query >= 0 else ""
                 )
+            if self._send_now(
+                request, version, chosen, policy, path, authority, start, mirror, mirror_path
+            ):
+                return None
             work = self._mirrored(request, version, policy, path, mirror, mirror_path, authority)
         return self._complete(request, version, chosen, start, work)
 
@@ -204,10 +208,13 @@ class Proxy:
         path: str,
         authority: str | None,
         start: float,
+        mirror: MirrorTarget | None = None,
+        mirror_path: str = "",
     ) -> bool:
         """Send the request at once, if it is the common one: its body (if any) in and
         small, a replica of ``version`` free and an idle connection to it. Its answer
-        then comes through the connection's callbacks (:class:`Exchange`)."""
+        then comes through the connection's callbacks (:class:`Exchange`). With a
+        ``mirror``, its copy goes out first."""
         received = request.body
         if received is not None and (
             request.chunked
@@ -231,6 +238,10 @@ class Proxy:
         exchange = Exchange(self, request, version, chosen, policy, up, conn, head, body)
         exchange.request_id = request_id
         exchange.start = exchange.dispatched = start
+        if mirror is not None:
+            exchange.copy = self.mirroring.launch(
+                mirror, self._copy_head(request, head, mirror_path), body, policy.timeout
+            )
         conn.begin(head + body if body else head, request.method == "HEAD", policy.timeout)
         request.on_gone = exchange.gone
         if conn.error is not None:
@@ -330,24 +341,20 @@ class Proxy:
             copy = self.mirroring.launch(mirror, b"", None, policy.timeout)
         else:
             head = self._request_head(request, path, False, authority)
-            # The copy's head is the primary's with its own request line and a marker (the
-            # replica-facing header keeps its name).
-            line_end = head[0].index(b"\r\n") + 2
-            copy_head = (
-                f"{request.method} {mirror_path} HTTP/1.1\r\n".encode("latin-1")
-                + head[0][line_end:-2]
-                + b"X-Shadow-Request: 1\r\n\r\n"
-            )
+            copy_head = self._copy_head(request, head[0], mirror_path)
             copy = self.mirroring.launch(mirror, copy_head, body, policy.timeout)
-        if copy is None:
-            return await self._forward(request, version, policy, path, body, head, authority)
-        try:
-            resp = await self._forward(request, version, policy, path, body, head, authority)
-        except BaseException:
-            copy.primary_done(-1, None)
-            raise
-        copy.primary_done(resp.status, resp.body)
-        return resp
+        work = self._forward(request, version, policy, path, body, head, authority)
+        return await (work if copy is None else _with_copy(copy, work))
+
+    def _copy_head(self, request: HttpRequest, head: bytes, mirror_path: str) -> bytes:
+        """The copy's head: the primary's with its own request line and a marker (the
+        replica-facing header keeps its name)."""
+        line_end = head.index(b"\r\n") + 2
+        return (
+            f"{request.method} {mirror_path} HTTP/1.1\r\n".encode("latin-1")
+            + head[line_end:-2]
+            + b"X-Shadow-Request: 1\r\n\r\n"
+        )
 
     def _bad_body(self, request: HttpRequest, exc: BadBody) -> Answer:
         """A body whose framing broke after its head came (a bad chunk): the
@@ -973,6 +980,7 @@ class Exchange:
         "body",
         "chosen",
         "conn",
+        "copy",
         "dispatched",
         "head",
         "policy",
@@ -1007,6 +1015,7 @@ class Exchange:
         self.body = body
         self.request_id = b""
         self.start = self.dispatched = 0.0
+        self.copy: MirrorCopy | None = None  # a mirrored copy, told the primary's answer
 
     def progress(self) -> None:
         """The replica connection's listener: called after each read that changed it."""
@@ -1050,6 +1059,8 @@ class Exchange:
         up.release()
         stats.in_flight -= 1
         stats.record(self.chosen, status, end - self.start)
+        if self.copy is not None:
+            self.copy.primary_done(status, payload)
         if answer.close:
             request.keep_alive = False
         client = request.conn
@@ -1072,6 +1083,8 @@ class Exchange:
             self.request_id,
             begun=self,
         )
+        if self.copy is not None:
+            work = _with_copy(self.copy, work)
         request.conn.follow(proxy._complete(request, self.version, self.chosen, self.start, work))
 
     def gone(self) -> None:
@@ -1088,3 +1101,16 @@ class Exchange:
         self.up.release()
         stats.in_flight -= 1
         stats.record(self.chosen, 499, end - self.start)
+        if self.copy is not None:
+            self.copy.primary_done(-1, None)
+
+
+async def _with_copy(copy: MirrorCopy, work: Awaitable[Answer]) -> Answer:
+    """The primary's answer, told to its mirrored copy (-1: it never came)."""
+    try:
+        resp = await work
+    except BaseException:
+        copy.primary_done(-1, None)
+        raise
+    copy.primary_done(resp.status, resp.body)
+    return resp
