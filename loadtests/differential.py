@@ -14,8 +14,8 @@ request-smuggling shapes among them), each refused and the connection closed.
 
 Both proxies get each case on a fresh connection; the replica (an asyncio server with an
 httptools parser, in this process) records each request it receives — method, target,
-headers in order, body — and answers ``200`` with a JSON body naming the method and the
-body's size. Compared, per case: the requests the replica saw (the case's ``X-Case``
+headers in order, body — and answers ``200`` with a JSON body naming the method, the
+target and the body's size. Compared, per case: the requests the replica saw (the case's ``X-Case``
 header finds them) and the responses the client read (status; headers and body of
 non-error answers). Not compared, by design: the response's ``Date``, ``Server``,
 ``Connection``, ``Keep-Alive``, ``X-Model-Version`` and ``X-Request-Id``; the request's
@@ -143,7 +143,9 @@ class Recorder(asyncio.Protocol):
         seen = self.current
         assert seen is not None and self.transport is not None
         self.log.append(seen)
-        body = json.dumps({"method": seen.method, "body_bytes": len(seen.body)}).encode()
+        body = json.dumps(
+            {"method": seen.method, "target": seen.target, "body_bytes": len(seen.body)}
+        ).encode()
         head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Replica: r1\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
         self.transport.write(head + (b"" if seen.method == "HEAD" else body))

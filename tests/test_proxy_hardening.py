@@ -711,3 +711,26 @@ async def test_dot_segments_are_resolved_before_routing(
     else:
         assert status == 200, body
         assert raw_replica.requests == [b"GET " + outcome + b" HTTP/1.1"]
+
+
+async def test_a_malformed_chunk_after_the_body_began_gets_400_and_a_close(
+    gateway_factory: Any, replicas: Any
+) -> None:
+    """The head went on and the body began to stream when a bad chunk size came: the
+    client gets 400 (it was answered 408 after a timeout before the front was ours), the
+    connection closes, and the replica's exchange is dropped, not left half-sent."""
+    (r1,) = [await Replica("v1").start()]
+    replicas.append(r1)
+    gw = await gateway_factory(spec(r1.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"POST /v1/predict HTTP/1.1\r\nHost: " + HOST + b"\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")  # fmt: skip
+        await asyncio.sleep(0.2)  # the body streams to the replica
+        writer.write(b"zz\r\nbad\r\n0\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the close
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert not gw.worker.http1.busy
