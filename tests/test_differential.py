@@ -15,7 +15,7 @@ from pathlib import Path
 from loadtests.differential import compare
 from loadtests.harness.processes import managed_processes
 
-CASES = 3000  # every kind about 50 times
+CASES = 2000  # every kind 40 times
 
 
 def test_the_gateway_and_nginx_agree_on_the_same_raw_requests(tmp_path: Path) -> None:

@@ -221,7 +221,7 @@ def fresh_request_served(port: int) -> bool:
     return got.startswith(b"HTTP/1.1 200 ")
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           derandomize=True)  # fmt: skip
 @given(pieces=stream())
 def test_no_crash_no_hang_no_desync(gateway: Gateway, pieces: list[bytes]) -> None:
