@@ -309,9 +309,12 @@ async def test_an_open_loop_burst_asks_for_what_it_needs_not_its_backlog(stack: 
     assert max(asked) >= needed - 1  # it did scale for the burst
     # What the burst needs at the service time the gateway measured (a loaded machine
     # makes a 50 ms sleep take longer): sized on the queue, it would be many times that.
+    # Poisson arrivals at 40/s reach 60/s over a window now and then, which asks for 5 of
+    # the 3 (1.5x failed about one run in seven, before and after the HTTP front of
+    # issue 19): 2x still tells a rate from a backlog.
     measured = stack.scaler.last_signals[KEY].service_time
     needed = max(needed, math.ceil(40 * measured / 0.7))
-    assert max(asked) <= 1.5 * needed, (asked, measured)
+    assert max(asked) <= 2 * needed, (asked, measured)
 
 
 async def test_one_long_request_changes_no_scale(stack: Stack) -> None:
