@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 import aiohttp
 
-from merlin_dp.gateway.pool.upstream import Upstream
+from merlin_dp.gateway.pool.http1 import Http1Pool
+from merlin_dp.gateway.pool.upstream import PoolLimits, Upstream, UpstreamStats
 from tests.conftest import Procs, model_endpoint, start_replicas, version
 
 
@@ -141,3 +144,53 @@ async def test_killed_replica_costs_only_its_in_flight_requests(
     assert len(failures) <= in_flight_at_kill[0], (failures, in_flight_at_kill)
     for failure in failures:
         assert failure.startswith("502"), failure
+
+
+async def test_a_request_sent_on_a_connection_its_replica_had_closed_is_marked_unread() -> None:
+    """The race behind a killed replica's extra failure: the replica's FIN is in the
+    gateway's socket but not yet seen when a request is sent on that pooled connection.
+    The replica's kernel answers the request with RST, so it provably went unread and
+    may go to another replica, POST or not; an EOF alone would not prove it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    answered, closed = threading.Event(), threading.Event()
+
+    def replica() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        answered.set()
+        closed.wait(5)
+        conn.close()  # nothing unread: a FIN, as from a replica that died idle
+
+    thread = threading.Thread(target=replica)
+    thread.start()
+    loop = asyncio.get_running_loop()
+    limits, stats = PoolLimits(), UpstreamStats()
+    pool = Http1Pool(loop, limits, stats)
+    up = Upstream("127.0.0.1", listener.getsockname()[1], loop, limits, stats)
+    request = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    try:
+        conn = await pool.connect(up)
+        conn.begin(request, no_body=False, timeout=5)
+        while not conn.complete:
+            await conn.wait()
+        conn.finish()
+        pool.release(conn)
+        closed.set()
+        thread.join()
+        time.sleep(0.05)  # noqa: ASYNC251 -- the FIN arrives while the loop, blocked, sees nothing
+        again = pool.take_idle(up)
+        assert again is conn
+        again.begin(request, no_body=False, timeout=5)
+        assert again.reused
+        while again.error is None and not again.complete:
+            await again.wait()
+        assert again.error is not None and not again.complete
+        assert again.error.unread, again.error
+    finally:
+        closed.set()
+        thread.join()
+        pool.close()
+        listener.close()

@@ -13,6 +13,7 @@ per state change, and timeouts are the pool's ticker, not ``wait_for``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable
 from typing import cast
@@ -408,7 +409,29 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser.feed_data(data[room:])
 
     def eof_received(self) -> bool | None:
+        if (
+            self.used
+            and not (self.got_bytes or self.complete)
+            and self.error is None
+            and self._write_refused()
+        ):
+            # The replica's socket was gone when our request reached it (a FIN came
+            # before we sent, and its kernel answered the request with RST): unread.
+            self.error = UpstreamError(
+                "reset", f"upstream {self.upstream.address} closed the connection", unread=True
+            )
         return None  # close the transport; connection_lost reports it
+
+    def _write_refused(self) -> bool:
+        """Whether the replica's kernel reset what we wrote after it had closed: after
+        its FIN the connection is half-closed, and a RST then leaves EPIPE pending on
+        the socket. Asked only at an EOF mid-exchange, never per request."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if sock else 0
+        except OSError:
+            return False
+        return err in (errno.EPIPE, errno.ECONNRESET)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
