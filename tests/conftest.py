@@ -30,6 +30,13 @@ from tests.upstream_app import make_app
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any("kserve_python" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.clients import build_in_background  # it imports this module
+
+        build_in_background()
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     # The gateway runs on uvloop in production, so its tests do too.
     return {"uvloop": uvloop.new_event_loop}

@@ -4,6 +4,7 @@ retries, ejection and timeouts."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 from typing import Any
 
@@ -299,7 +300,11 @@ async def test_failing_replica_is_ejected(gateway_factory: Any, replicas: Any) -
 
 async def test_ejected_replica_returns_after_backoff(gateway_factory: Any, replicas: Any) -> None:
     (good,) = await start_replicas(replicas, "good")
-    port = free_port()
+    # Bound but not listening: connects are refused, and no other process can take the
+    # port meanwhile (a free port another test's server took once made this pass nothing).
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
     config = GatewayConfig(pool=PoolLimits(eject_after=2, eject_base_seconds=0.3))
     gw = await gateway_factory(
         two_versions([f"127.0.0.1:{port}", good.address], [good.address]), config
@@ -308,6 +313,7 @@ async def test_ejected_replica_returns_after_backoff(gateway_factory: Any, repli
         async with gw.request("POST", "scorer.fraud.localhost", "/v1/predict") as resp:
             assert resp.status == 200
     assert gw.worker.registry.stats.ejections >= 1
+    dead.close()
     revived = await Replica("revived").start(port)
     replicas.append(revived)
     await asyncio.sleep(0.5)
