@@ -11,3 +11,8 @@ and the arrows between the rooms):
 - ``cli``: the ``merlin-dp`` command line; ``loadtest``: the Locust suites it runs;
 - ``protos``: UPI v1 and its generated stubs; ``common``: small helpers with no domain.
 """
+
+from merlin_dp.common import hot_path
+
+# Before anything imports the hot path: compiled, or its sources when they changed since.
+hot_path.install()

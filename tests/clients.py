@@ -30,8 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
-
+ROOT = Path(__file__).resolve().parent.parent
 KSERVE_LOCK = ROOT / "requirements" / "kserve-client.txt"
 KSERVE_SCRIPT = Path(__file__).with_name("kserve_client_script.py")
 CLIENTS_DIR = ROOT / ".cache" / "clients"

@@ -25,6 +25,7 @@ from merlin_dp.common.net import LOOPBACK, free_port
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.routing.sources import FileRouteSource
 from merlin_dp.gateway.worker import GatewayWorker
+from tests.clients import build_in_background
 from tests.upstream_app import make_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     if any("kserve_python" in getattr(item, "fixturenames", ()) for item in session.items):
-        from tests.clients import build_in_background  # it imports this module
-
         build_in_background()
 
 

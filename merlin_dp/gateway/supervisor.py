@@ -25,6 +25,7 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
+from merlin_dp.common import hot_path
 from merlin_dp.common.aio import raise_if_cancelling
 from merlin_dp.gateway.admin import admin_app, start_admin
 from merlin_dp.gateway.config import GatewayConfig
@@ -80,8 +81,9 @@ async def _serve_single(config: GatewayConfig) -> None:
 
     admin, admin_port = await start_admin(admin_app(reports), config.admin_host, config.admin_port)
     log.info(
-        "gateway serving http://%s:%d (admin http://%s:%d, routes from %s)",
+        "gateway serving http://%s:%d (admin http://%s:%d, routes from %s; hot path %s)",
         config.host, worker.port, config.admin_host, admin_port, worker.source.description,
+        hot_path.state,
     )  # fmt: skip
     await _wait_for_stop(worker.source)
     log.info("gateway stopping: finishing in-flight requests")
@@ -217,8 +219,9 @@ async def _supervise(config: GatewayConfig, log_level: str) -> None:
         admin_app(workers.reports), config.admin_host, config.admin_port
     )
     log.info(
-        "gateway supervisor: %d workers serving http://%s:%d (admin http://%s:%d)",
+        "gateway supervisor: %d workers serving http://%s:%d (admin http://%s:%d; hot path %s)",
         config.workers, config.host, config.port, config.admin_host, admin_port,
+        hot_path.state,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

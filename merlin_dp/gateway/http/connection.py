@@ -42,7 +42,8 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from merlin_dp.gateway.http.request import BadBody, ClientGone, HttpRequest, RequestBody
+from merlin_dp.gateway.errors import ClientGone
+from merlin_dp.gateway.http.request import BadBody, HttpRequest, RequestBody
 from merlin_dp.gateway.http.responses import (
     BAD_HOST,
     HEAD_TIMEOUT,

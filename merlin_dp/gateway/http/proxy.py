@@ -31,8 +31,9 @@ from time import perf_counter
 from typing import Any
 
 from merlin_dp.gateway.activation import ActivationRefused, Activator
+from merlin_dp.gateway.errors import ClientGone
 from merlin_dp.gateway.http.mirror import MirrorCopy, Mirroring
-from merlin_dp.gateway.http.request import BadBody, ClientGone, HttpRequest
+from merlin_dp.gateway.http.request import BadBody, HttpRequest
 from merlin_dp.gateway.http.responses import (
     PLAIN_CONNECTION,
     Answer,

@@ -24,10 +24,6 @@ from typing import Any, Protocol
 BODY_HIGH_WATER = 256 * 1024
 
 
-class ClientGone(ConnectionError):
-    """The client closed its connection before its request was over."""
-
-
 class BadBody(Exception):
     """The body's framing turned out malformed (a bad chunk) after its head was passed
     on: ``answer`` is the connection's error answer to send instead."""
