@@ -46,17 +46,14 @@ async def conversation(port: int, parts: list[tuple[float, bytes]], guard: float
 async def test_a_stale_head_clock_cuts_a_later_head_that_came_in_time(
     gateway_factory: Any,
 ) -> None:
-    """A request arriving while aiohttp holds bytes behind a declined ``Upgrade:
-    websocket`` request starts a *sure* head clock (http_server.py, data_received:
-    ``elif data and (timer is None or not self._head_sure)`` → ``_start_head_clock(
-    sure=True)``): aiohttp stores those bytes as the message tail and parses them later in
-    ``finish_response``, outside ``data_received``, so the completed head never stops that
-    clock. It keeps running after the request is answered; a sure clock is not restarted
-    by the next head's first bytes, so when it runs out while the client is sending a
-    later head, ``_head_late`` finds a head under way and answers 408, though that head
-    had come within far less than ``header_timeout``. Here: the clock starts at 0.1 s
-    (request b), the third head begins at 1.5 s and is whole at 2.7 s (1.2 s, under the
-    2 s timeout), and gets 408 when b's stale clock runs out at 2.1 s."""
+    """Was a bug of the aiohttp-based front: bytes that arrived behind a declined
+    ``Upgrade: websocket`` request started a head clock that the head they held, parsed
+    later, never stopped; the clock ran on after that request was answered and cut a
+    later head that was arriving in time with a 408. The own front keeps one head clock
+    per connection, started by a head's first byte and stopped when that head is whole,
+    however the bytes were split around the upgrade. Here: request b arrives at 0.1 s,
+    the third head begins at 1.5 s and is whole at 2.7 s (1.2 s, under the 2 s timeout):
+    it must be answered, not cut at 2.1 s."""
     answers = 0
 
     async def slow_first(writer: asyncio.StreamWriter) -> None:

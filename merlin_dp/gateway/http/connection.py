@@ -95,12 +95,16 @@ _METHODS: dict[bytes, str] = {
 }
 
 
+# The proxy: answers a request at once or by callbacks (None), or with a coroutine.
+Handler = Callable[[HttpRequest], Coroutine[Any, Any, None] | None]
+
+
 class Front(Protocol):
     """What connections share: the listener (:class:`~merlin_dp.gateway.http.front.
     HttpFront`) that made them."""
 
     loop: asyncio.AbstractEventLoop
-    handler: Callable[[HttpRequest], Coroutine[Any, Any, None] | None]
+    handler: Handler
     settings: FrontSettings
     stats: ConnectionStats
     connections: set[HttpConnection]

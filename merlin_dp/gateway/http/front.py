@@ -17,17 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
 
-from merlin_dp.gateway.http.connection import HttpConnection
-from merlin_dp.gateway.http.request import HttpRequest
+from merlin_dp.gateway.http.connection import Handler, HttpConnection
 from merlin_dp.gateway.http.responses import bad_version, head_too_large, line_too_long
 from merlin_dp.gateway.http.settings import FrontSettings
 from merlin_dp.gateway.metrics import ConnectionStats
-
-# The proxy: answers a request at once or by callbacks (None), or with a coroutine.
-Handler = Callable[[HttpRequest], Coroutine[Any, Any, None] | None]
 
 
 class HttpFront:

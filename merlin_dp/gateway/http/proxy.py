@@ -801,7 +801,7 @@ class Proxy:
         conn.finish()
         if status >= 500:
             up.record_failure()
-        else:
+        elif up.failures:  # the common case skips the call
             up.record_success()
         self.pool.release(conn)
 
@@ -1048,12 +1048,7 @@ class Exchange:
             request.http10,
         )
         up = self.up
-        conn.finish()
-        if status >= 500:
-            up.record_failure()
-        elif up.failures:
-            up.record_success()
-        self.proxy.pool.release(conn)
+        self.proxy._settle(up, conn, status)
         end = perf_counter()
         stats.served += 1
         stats.service_seconds += end - self.dispatched
