@@ -68,7 +68,11 @@ class BuildHotPath(build_ext):
 def _hot_path_extensions() -> list[Any]:
     if not BUILDING & set(sys.argv):
         return []
-    hot_path.MANIFEST.unlink(missing_ok=True)  # until a compile succeeds: no stale one used
+    # Until a compile succeeds, no earlier one is used: its manifest and its extensions
+    # (the package has no other C code) go.
+    hot_path.MANIFEST.unlink(missing_ok=True)
+    for stale in hot_path.PACKAGE_DIR.rglob("*.so"):
+        stale.unlink()
     if os.environ.get("MERLIN_DP_COMPILE", "1") == "0":
         return []
     try:

@@ -22,6 +22,9 @@ pip_install --require-hashes -r requirements/ci.txt
 # environment that would fetch unpinned ones).
 pip_install --no-deps --no-build-isolation -e .
 python3 -m pip check --disable-pip-version-check
+# Bytecode for the project's modules now: the tests start hundreds of processes, and
+# where PYTHONDONTWRITEBYTECODE is set each would compile what it imports again.
+python3 -m compileall -q merlin_dp tests loadtests > /dev/null
 
 echo "== ruff"
 python3 -m ruff check .

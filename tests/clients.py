@@ -53,12 +53,9 @@ def kserve_venv() -> Path:
         log = CLIENTS_DIR / f"kserve-{digest}.log"
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
-            # Niced, and without compiling every module to bytecode up front: it is made
-            # while other tests run (build_in_background), and the client script uses a
-            # few of its modules.
+            # Niced: it is made while other tests run (build_in_background).
             ["nice", "-n", "10", str(python), "-m", "pip", "install",
-             "--disable-pip-version-check", "--no-compile", "--require-hashes",
-             "-r", str(KSERVE_LOCK)],
+             "--disable-pip-version-check", "--require-hashes", "-r", str(KSERVE_LOCK)],
         ]  # fmt: skip
         with log.open("w") as out:
             for step in steps:

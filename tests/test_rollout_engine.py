@@ -3,11 +3,13 @@ latter compiled by the gateway's own routing table."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from merlin_dp.gateway.metrics import VersionStats
+from merlin_dp.gateway.pool.upstream import PoolLimits, UpstreamRegistry
 from merlin_dp.gateway.routing.table import ModelTarget, compile_table
 from merlin_dp.rollout.engine import RolloutRefused, begin, carry_out, decide, rule_for
 from merlin_dp.rollout.evidence import count_second, last_countable
@@ -149,11 +151,9 @@ def test_stepping_up_moves_only_callers_in_the_new_share() -> None:
                                  "rule": rule_for(status).model_dump()}],
         })  # fmt: skip
 
-        class NoUpstreams:
-            def get(self, host: str, port: int) -> Any:
-                return (host, port)
-
-        table = compile_table(spec, "localhost", NoUpstreams(), VersionStats)  # type: ignore[arg-type]
+        loop = asyncio.new_event_loop()  # no replicas: nothing runs on it
+        table = compile_table(spec, "localhost", UpstreamRegistry(loop, PoolLimits()), VersionStats)
+        loop.close()
         target = table.by_host["scorer.fraud.localhost"]
         assert isinstance(target, ModelTarget)
         return {u: target.route({"X-User": u})[0].version for u in map(str, range(2000))}

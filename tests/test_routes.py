@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
@@ -147,18 +148,17 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
 
 def test_weighted_pick_is_accurate_and_constant_time() -> None:
     from merlin_dp.gateway.metrics import VersionStats
+    from merlin_dp.gateway.pool.upstream import PoolLimits, UpstreamRegistry
     from merlin_dp.gateway.routing.table import compile_table
 
-    class NoUpstreams:
-        def get(self, host: str, port: int) -> Any:
-            return (host, port)
-
+    loop = asyncio.new_event_loop()  # the registry's replicas keep it; nothing runs on it
     table = compile_table(
         RouteTableSpec.model_validate(spec()),
         "localhost",
-        NoUpstreams(),  # type: ignore[arg-type]
+        UpstreamRegistry(loop, PoolLimits()),
         VersionStats,
     )
+    loop.close()
     target = table.by_host["scorer.fraud.localhost"]
     rng = random.Random(7)
     counts = {"1": 0, "2": 0}

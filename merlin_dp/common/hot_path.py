@@ -1,7 +1,7 @@
 """The compiled hot path: which modules the build compiles with mypyc, and whether this
 process runs them compiled.
 
-The HTTP front's per-request modules (:data:`MODULES`) are ordinary typed Python. When
+The gateway's per-request modules (:data:`MODULES`) are ordinary typed Python. When
 the build has mypyc (``pip install``; see setup.py), it also compiles them to C
 extensions beside their sources and writes :data:`MANIFEST`, the SHA-256 of each source
 it compiled. A process uses the extensions only when every source still has the hash
@@ -28,10 +28,21 @@ from types import ModuleType
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # merlin_dp/
 MODULES = (
+    # The HTTP front and the replica client: every request's bytes.
     "merlin_dp.gateway.http.connection",
     "merlin_dp.gateway.http.request",
     "merlin_dp.gateway.http.responses",
+    "merlin_dp.gateway.http.proxy",
+    "merlin_dp.gateway.http.mirror",
     "merlin_dp.gateway.pool.http1",
+    # What both fronts call per request: the choice of version and replica, the
+    # replicas' health, the counters, the mirror's comparison.
+    "merlin_dp.gateway.routing.table",
+    "merlin_dp.gateway.routing.choice",
+    "merlin_dp.gateway.routing.balancer",
+    "merlin_dp.gateway.pool.upstream",
+    "merlin_dp.gateway.metrics",
+    "merlin_dp.gateway.mirror",
 )
 MANIFEST = PACKAGE_DIR / "_compiled.json"
 # The shared library mypyc builds for the modules together, beside them in the package.
@@ -55,14 +66,21 @@ def write_manifest(path: Path = MANIFEST) -> None:
     path.write_text(json.dumps({"modules": digests()}, indent=1, sort_keys=True) + "\n")
 
 
-def _why_not_compiled() -> str | None:
+def recorded() -> dict[str, str]:
+    """The manifest's modules and hashes; empty without a readable manifest."""
+    try:
+        modules = json.loads(MANIFEST.read_text())["modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return modules if isinstance(modules, dict) else {}
+
+
+def _why_not_compiled(built: dict[str, str]) -> str | None:
     if os.environ.get(ENV, "") == "interpreted":
         return f"{ENV}=interpreted"
-    try:
-        recorded = json.loads(MANIFEST.read_text())["modules"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if not built:
         return "not compiled by the build (no mypyc, or the build was told not to)"
-    if recorded != digests():
+    if built != digests():
         return "sources edited since the build compiled them (pip install again to compile)"
     if not all(_extension_of(m) for m in MODULES):
         return "the build's compiled modules are missing"
@@ -79,12 +97,15 @@ def _extension_of(module: str) -> Path | None:
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
-    """Finds the hot path's modules as source, ahead of the extensions beside them."""
+    """Finds the given modules as source, ahead of the extensions beside them."""
+
+    def __init__(self, modules: set[str]) -> None:
+        self.modules = modules
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in MODULES:
+        if fullname not in self.modules:
             return None
         return importlib.util.spec_from_file_location(fullname, source_of(fullname))
 
@@ -95,11 +116,15 @@ def install() -> str:
     global state
     if not state.startswith("interpreted: not decided"):
         return state
-    why = _why_not_compiled()
+    built = recorded()
+    why = _why_not_compiled(built)
     if why is None:
         state = "compiled"
     else:
         state = f"interpreted: {why}"
         if not any(isinstance(f, _FromSource) for f in sys.meta_path):
-            sys.meta_path.insert(0, _FromSource())
+            # The build's modules too: one dropped from MODULES since still has its
+            # extension beside its source.
+            ours = {m for m in {*MODULES, *built} if m.startswith("merlin_dp.")}
+            sys.meta_path.insert(0, _FromSource(ours))
     return state

@@ -85,6 +85,11 @@ class ProxyLimits:
     # Bodies up to this size are read whole before sending: one write, and replayable.
     buffer_body_bytes: int = 256 * 1024
 
+    def __reduce__(self) -> tuple[type[ProxyLimits], tuple[int, int]]:
+        # Pickled to worker processes; compiled, a frozen dataclass is rebuilt only
+        # through its constructor (unpickling would set its fields one by one).
+        return (ProxyLimits, (self.max_body_bytes, self.buffer_body_bytes))
+
 
 class Proxy:
     """The request handler for the traffic port."""
@@ -625,22 +630,29 @@ class Proxy:
                     stale_retry = False
                     fresh = stale = True
                     ustats.retries += 1
-                    continue
-                ustats.error(exc.kind)
-                up.record_failure()
-                if exc.kind == "timeout":
-                    return self._timed_out(request, version, policy, request_id)
-                failure = exc
-                if not (replayable or (exc.unread and body is not None)) or retries_left == 0:
-                    break
-                retries_left -= 1
-                ustats.retries += 1
-                tried = [up] if tried is None else [*tried, up]
+                else:
+                    # Noted before the slot is given back: a replica ejected now is not
+                    # handed to whoever waits for the slot.
+                    ustats.error(exc.kind)
+                    up.record_failure()
+                    failure = exc
             finally:
                 if not stale:
                     stats.served += 1
                     stats.service_seconds += perf_counter() - dispatched
                     used.release()
+            # After a failure only (the loop goes on out here: the compiled hot path can't
+            # continue or break inside try/finally).
+            if stale:
+                continue
+            assert failure is not None
+            if failure.kind == "timeout":
+                return self._timed_out(request, version, policy, request_id)
+            if not (replayable or (failure.unread and body is not None)) or retries_left == 0:
+                break
+            retries_left -= 1
+            ustats.retries += 1
+            tried = [up] if tried is None else [*tried, up]
             # A retry, its slot taken only now that the failed one's is given back.
             up = await self._retry_slot(version, tried)
         return self._error(

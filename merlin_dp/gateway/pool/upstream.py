@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol, TypeVar
 
 from merlin_dp.common.aio import raise_if_cancelling
@@ -73,6 +73,11 @@ class PoolLimits:
     # is tighter than model servers' heads need.
     max_head_bytes: int = 64 * 1024
     max_headers: int = 100
+
+    def __reduce__(self) -> tuple[type[PoolLimits], tuple[object, ...]]:
+        # Pickled to worker processes; compiled, a frozen dataclass is rebuilt only
+        # through its constructor (unpickling would set its fields one by one).
+        return (PoolLimits, tuple(getattr(self, f.name) for f in fields(self)))
 
 
 class UpstreamStats:
