@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -51,6 +53,8 @@ from loadtests.harness.routes import (
 )
 from loadtests.harness.systems import (
     UPSTREAM_BODY,
+    nginx_mirror_conf,
+    nginx_proxy_conf,
     nginx_upstream_conf,
     start_gateway,
     start_nginx,
@@ -241,6 +245,24 @@ def run_shadow(args: argparse.Namespace) -> int:
             for name, (proc, port, _) in gateways.items()
         }
         admin_ports = {name: admin for name, (_, _, admin) in gateways.items()}
+        # --nginx-reference: nginx plain and with a 100% mirror, on the same CPU.
+        references: dict[str, Target] = {}
+        reference_cpu: dict[str, list[float]] = {}
+        reference_rps: dict[str, list[float]] = {}
+        reference_errors = 0
+        if args.nginx_reference:
+            for name, conf in (
+                (SHADOW_PLAIN, nginx_proxy_conf),
+                (SHADOW_MIRROR, nginx_mirror_conf),
+            ):
+                port = free_ports(1)[0]
+                proc = start_nginx(
+                    procs, f"nginx-{name}", functools.partial(conf, port=port, upstream=upstream),
+                    nginx_path=tools["nginx"], port=port, workdir=workdir, cpus=sut_cpus,
+                )  # fmt: skip
+                references[name] = Target(
+                    f"nginx-{name}", f"http://{LOOPBACK}:{port}", WrkRequest(), proc
+                )
         for target in targets.values():
             check_target(target, UPSTREAM_BODY)
         settings = LoadSettings(
@@ -285,9 +307,31 @@ def run_shadow(args: argparse.Namespace) -> int:
             for name in (SHADOW_PLAIN, SHADOW_MIRROR):
                 measurements.append(rows[name])
                 print(format_row(shadow_row(rows[name]), _SHADOW_WIDTHS, 2), flush=True)
+            for name in order:
+                if name in references:
+                    warm_up(references[name], settings)
+                    ref_load, ref_cpu = measure_saturating(references[name], measured)
+                    reference_cpu.setdefault(name, []).append(ref_cpu)
+                    reference_rps.setdefault(name, []).append(ref_load.requests_per_s)
+                    reference_errors += ref_load.errors
         time.sleep(0.2)  # let the last copies' comparisons finish before the final reading
         totals = {name: read_shadow_counters(admin) for name, admin in admin_ports.items()}
     report_shadow(measurements, totals)
+    if reference_cpu:
+        # CPU a request, plain over mirror: what a native proxy's mirror costs, beside ours.
+        per_round = [
+            p / m
+            for p, m in zip(reference_cpu[SHADOW_PLAIN], reference_cpu[SHADOW_MIRROR], strict=True)
+        ]
+        plain, mirror = (
+            f"{statistics.median(reference_rps[n]):,.0f} req/s at "
+            f"{statistics.median(reference_cpu[n]):.1f} µs/req"
+            for n in (SHADOW_PLAIN, SHADOW_MIRROR)
+        )
+        print(
+            f"nginx reference: plain {plain}, mirror {mirror}, {reference_errors} errors; "
+            f"mirror/plain by CPU = {statistics.median(per_round):.3f} (median of rounds)"
+        )
     return 0
 
 
@@ -506,5 +550,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=positive_int,
         default=None,
         help="seconds of each fixed-rate run, after a 1 s warm-up (default: --seconds)",
+    )
+    parser.add_argument(
+        "--nginx-reference",
+        action="store_true",
+        help="also measure nginx proxy_pass without and with a 100%% mirror (the mirror "
+        "directive) each round, and print nginx's mirror/plain by CPU a request",
     )
     parser.set_defaults(run=run_shadow)

@@ -86,6 +86,41 @@ http {{
 """)  # fmt: skip
 
 
+def nginx_mirror_conf(prefix: Path, port: int, upstream: str) -> str:
+    """nginx_proxy_conf plus a copy of every request to `upstream` (the ``mirror``
+    directive): the native reference for a 100% mirror. nginx sends the copies and
+    compares nothing; it holds the client's next request on a kept-alive connection until
+    the copy is answered."""
+    return nginx_main_conf(prefix, f"""\
+events {{ worker_connections 4096; }}
+http {{
+{nginx_http_common(prefix)}
+    upstream bench_upstream {{
+        server {upstream};
+        keepalive 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen {LOOPBACK}:{port} backlog=4096;
+        location / {{
+            mirror /mirror;
+            mirror_request_body on;
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+        location = /mirror {{
+            internal;
+            proxy_pass http://bench_upstream$request_uri;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")  # fmt: skip
+
+
 def nginx_grpc_proxy_conf(prefix: Path, port: int, upstream: str, *, keepalive: bool = True) -> str:
     """nginx (one process) with ``grpc_pass`` to `upstream` over h2c. nginx doesn't
     multiplex calls on upstream connections: each call in flight holds one, and without
