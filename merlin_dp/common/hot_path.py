@@ -43,6 +43,20 @@ MODULES = (
     "merlin_dp.gateway.pool.upstream",
     "merlin_dp.gateway.metrics",
     "merlin_dp.gateway.mirror",
+    # The gRPC front and its HTTP/2, both ways: every call's frames.
+    "merlin_dp.gateway.h2.codec",
+    "merlin_dp.gateway.h2.connection",
+    "merlin_dp.gateway.h2.flow",
+    "merlin_dp.gateway.h2.frames",
+    "merlin_dp.gateway.h2.limits",
+    "merlin_dp.gateway.h2.server",
+    "merlin_dp.gateway.h2.settings",
+    "merlin_dp.gateway.h2.streams",
+    "merlin_dp.gateway.grpc.proxy",
+    "merlin_dp.gateway.grpc.request",
+    "merlin_dp.gateway.grpc.status",
+    "merlin_dp.gateway.grpc.mirror",
+    "merlin_dp.gateway.pool.h2",
 )
 MANIFEST = PACKAGE_DIR / "_compiled.json"
 # The shared library mypyc builds for the modules together, beside them in the package.

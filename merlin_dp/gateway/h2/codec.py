@@ -64,7 +64,9 @@ class HeaderDecoder:
         if block is not None:
             return block
         table = self._decoder.header_table
-        entries = table.dynamic_entries
+        # Any: the table's newest entry is compared by identity, and compiled code would
+        # rebuild a typed tuple on the way out (a new object every time).
+        entries: Any = table.dynamic_entries
         before = (len(entries), entries[0] if entries else None, table.maxsize)
         try:
             fields = self._decoder.decode(data, raw=True)
