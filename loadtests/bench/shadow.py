@@ -53,7 +53,6 @@ from loadtests.harness.routes import (
 )
 from loadtests.harness.systems import (
     UPSTREAM_BODY,
-    nginx_mirror_conf,
     nginx_proxy_conf,
     nginx_upstream_conf,
     start_gateway,
@@ -251,13 +250,13 @@ def run_shadow(args: argparse.Namespace) -> int:
         reference_rps: dict[str, list[float]] = {}
         reference_errors = 0
         if args.nginx_reference:
-            for name, conf in (
-                (SHADOW_PLAIN, nginx_proxy_conf),
-                (SHADOW_MIRROR, nginx_mirror_conf),
-            ):
+            for name, mirrored in ((SHADOW_PLAIN, False), (SHADOW_MIRROR, True)):
                 port = free_ports(1)[0]
+                conf = functools.partial(
+                    nginx_proxy_conf, port=port, upstream=upstream, mirror=mirrored
+                )
                 proc = start_nginx(
-                    procs, f"nginx-{name}", functools.partial(conf, port=port, upstream=upstream),
+                    procs, f"nginx-{name}", conf,
                     nginx_path=tools["nginx"], port=port, workdir=workdir, cpus=sut_cpus,
                 )  # fmt: skip
                 references[name] = Target(

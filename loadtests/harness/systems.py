@@ -62,8 +62,25 @@ http {{
 """)  # fmt: skip
 
 
-def nginx_proxy_conf(prefix: Path, port: int, upstream: str) -> str:
-    """nginx (one process) proxying everything to `upstream` over kept-alive HTTP/1.1."""
+def nginx_proxy_conf(prefix: Path, port: int, upstream: str, *, mirror: bool = False) -> str:
+    """nginx (one process) proxying everything to `upstream` over kept-alive HTTP/1.1.
+
+    `mirror`: a copy of every request to `upstream` too (the ``mirror`` directive), the
+    native reference for a 100% mirror. nginx sends the copies and compares nothing; it
+    holds the client's next request on a kept-alive connection until the copy is
+    answered."""
+    copy = "mirror /mirror;\n            mirror_request_body on;\n            " if mirror else ""
+    mirror_location = (
+        """
+        location = /mirror {
+            internal;
+            proxy_pass http://bench_upstream$request_uri;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }"""
+        if mirror
+        else ""
+    )
     return nginx_main_conf(prefix, f"""\
 events {{ worker_connections 4096; }}
 http {{
@@ -77,45 +94,10 @@ http {{
     server {{
         listen {LOOPBACK}:{port} backlog=4096;
         location / {{
-            proxy_pass http://bench_upstream;
+            {copy}proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-        }}
-    }}
-}}
-""")  # fmt: skip
-
-
-def nginx_mirror_conf(prefix: Path, port: int, upstream: str) -> str:
-    """nginx_proxy_conf plus a copy of every request to `upstream` (the ``mirror``
-    directive): the native reference for a 100% mirror. nginx sends the copies and
-    compares nothing; it holds the client's next request on a kept-alive connection until
-    the copy is answered."""
-    return nginx_main_conf(prefix, f"""\
-events {{ worker_connections 4096; }}
-http {{
-{nginx_http_common(prefix)}
-    upstream bench_upstream {{
-        server {upstream};
-        keepalive 256;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-    }}
-    server {{
-        listen {LOOPBACK}:{port} backlog=4096;
-        location / {{
-            mirror /mirror;
-            mirror_request_body on;
-            proxy_pass http://bench_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-        location = /mirror {{
-            internal;
-            proxy_pass http://bench_upstream$request_uri;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
+        }}{mirror_location}
     }}
 }}
 """)  # fmt: skip
