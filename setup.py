@@ -53,7 +53,6 @@ class BuildHotPath(build_ext):
     """Compiles the hot path; a failed compile leaves it interpreted, not the install."""
 
     def run(self) -> None:
-        hot_path.MANIFEST.unlink(missing_ok=True)
         try:
             super().run()
         except Exception as exc:

@@ -63,8 +63,8 @@ MANIFEST = PACKAGE_DIR / "_compiled.json"
 GROUP = "merlin_dp.gateway.hot"
 ENV = "MERLIN_DP_HOT_PATH"
 
-# What this process runs: "compiled", or "interpreted: <why>"; set by install().
-state = "interpreted: not decided yet"
+# What this process runs: "compiled", or "interpreted: <why>"; set once by install().
+state = ""
 
 
 def source_of(module: str) -> Path:
@@ -128,7 +128,7 @@ def install() -> str:
     """Decide, once per process and before any hot-path module is imported, whether they
     run compiled; returns :data:`state`."""
     global state
-    if not state.startswith("interpreted: not decided"):
+    if state:
         return state
     built = recorded()
     why = _why_not_compiled(built)
@@ -136,9 +136,8 @@ def install() -> str:
         state = "compiled"
     else:
         state = f"interpreted: {why}"
-        if not any(isinstance(f, _FromSource) for f in sys.meta_path):
-            # The build's modules too: one dropped from MODULES since still has its
-            # extension beside its source.
-            ours = {m for m in {*MODULES, *built} if m.startswith("merlin_dp.")}
-            sys.meta_path.insert(0, _FromSource(ours))
+        # The build's modules too: one dropped from MODULES since still has its
+        # extension beside its source.
+        ours = {m for m in {*MODULES, *built} if m.startswith("merlin_dp.")}
+        sys.meta_path.insert(0, _FromSource(ours))
     return state
