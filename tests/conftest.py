@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -287,3 +289,41 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
+
+
+class Up:
+    """`merlin-dp up` as a process, on free ports."""
+
+    def __init__(
+        self, tmp: Path, state: Path, name: str = "up", extra: tuple[str, ...] = ()
+    ) -> None:
+        self.port, self.admin, self.api_port, self.grpc_port = (free_port() for _ in range(4))
+        self.log = tmp / f"{name}.log"
+        self._out = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "merlin_dp", "up", "--state-dir", str(state),
+             "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin}",
+             "--api", f"127.0.0.1:{self.api_port}", "--grpc-port", str(self.grpc_port), *extra],
+            cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + 60
+        while "merlin-dp is up." not in self.log.read_text():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._out.close()

@@ -27,8 +27,9 @@ ROOMS: dict[str, set[str]] = {
     "autoscaler": {"spec", "runtime", "common"},
     "rollout": {"spec", "common"},
     "controller": {"rollout", "autoscaler", "runtime", "spec", "common"},
-    "cli": {"controller", "rollout", "autoscaler", "gateway", "runtime", "spec", "loadtest",
-            "common", "servers", "protos"},
+    "sdk": {"controller", "servers", "spec", "common"},
+    "cli": {"sdk", "controller", "rollout", "autoscaler", "gateway", "runtime", "spec",
+            "loadtest", "common", "servers", "protos"},
     # Not installed: the benchmarks and the tests may use anything below them.
     "loadtests": {PACKAGE},
     "tests": {PACKAGE, "loadtests"},

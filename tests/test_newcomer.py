@@ -22,7 +22,7 @@ import grpc
 
 from merlin_dp.common.net import free_port
 from merlin_dp.protos.caraml.upi.v1 import upi_pb2_grpc
-from tests.conftest import ROOT, Proc, wait_port
+from tests.conftest import ROOT, Proc, Up, wait_port
 from tests.test_upi_server import DOUBLE, make_table, request, scores
 
 EXAMPLE = ROOT / "examples" / "custom_model.py"
@@ -36,42 +36,6 @@ def cli(api: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[s
         [sys.executable, "-m", "merlin_dp", *args, "--controller", api],
         cwd=cwd, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-
-
-class Up:
-    """`merlin-dp up` as a process, on free ports."""
-
-    def __init__(self, tmp: Path, state: Path, name: str = "up") -> None:
-        self.port, self.admin, self.api_port, self.grpc_port = (free_port() for _ in range(4))
-        self.log = tmp / f"{name}.log"
-        self._out = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "merlin_dp", "up", "--state-dir", str(state),
-             "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin}",
-             "--api", f"127.0.0.1:{self.api_port}", "--grpc-port", str(self.grpc_port)],
-            cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def wait_up(self) -> None:
-        deadline = time.monotonic() + 60
-        while "merlin-dp is up." not in self.log.read_text():
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._out.close()
 
 
 def replica_pids(state: Path) -> set[int]:

@@ -10,127 +10,68 @@ Every command works from any directory: nothing is read from the state directory
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
 import shlex
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-DEFAULT_CONTROLLER = "http://127.0.0.1:8090"
+from merlin_dp.sdk.client import DEFAULT_CONTROLLER, Client
+from merlin_dp.sdk.errors import MerlinError, Unreachable, WaitTimeout
+from merlin_dp.sdk.operations import split_name
+from merlin_dp.sdk.text import (
+    endpoint_line,
+    history_text,
+    version_line,
+    versions_text,
+)
 
 
 class CliError(Exception):
     pass
 
 
-# --- talking to the API ----------------------------------------------------------------
+def client(args: argparse.Namespace) -> Client:
+    """The SDK's client, as the command line configured it."""
+    return Client(args.controller, args.token or "")
 
 
-def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    with _open(args, method, path, body) as resp:
-        return json.loads(resp.read() or b"null")
-
-
-def _open(
-    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float | None = 30
-) -> http.client.HTTPResponse:
-    url = args.controller.rstrip("/") + path
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if args.token:
-        req.add_header("Authorization", f"Bearer {args.token}")
+def names(text: str, parts: int) -> list[str]:
     try:
-        resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
-        return resp
-    except urllib.error.HTTPError as exc:
-        try:
-            err = json.loads(exc.read())["error"]
-            raise CliError(f"{exc.code} {err['code']}: {err['message']}") from None
-        except (ValueError, KeyError, TypeError):
-            raise CliError(f"{exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise CliError(f"cannot reach the controller at {args.controller}: {exc.reason}") from None
-
-
-def split_name(text: str, parts: int) -> list[str]:
-    names = text.split("/")
-    if len(names) != parts or not all(names):
-        shape = "PROJECT/MODEL/VERSION" if parts == 3 else "PROJECT/MODEL"
-        raise CliError(f"{text!r} is not {shape}")
-    return names
-
-
-def model_path(text: str) -> str:
-    project, model = split_name(text, 2)
-    return f"/v1/projects/{project}/models/{model}"
+        return split_name(text, parts)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 # --- output -----------------------------------------------------------------------------
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def show(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.output == "json" else text)
+    print(json.dumps(jsonable(data), indent=2) if args.output == "json" else text)
 
 
-def versions_text(versions: list[dict[str, Any]]) -> str:
-    """A table of versions, then each one's message in full: a failure's reason and the
-    log lines it quotes are the point, so they are not cut to fit a column."""
-    ordered = sorted(versions, key=lambda v: v["version"])
-    rows = [[v["version"], v["status"], str(len(v["replicas"])), v["spec"]["protocol"],
-             v["url"] or "-"] for v in ordered]  # fmt: skip
-    text = table(rows, ["version", "status", "ready", "protocol", "url"])
-    for v in ordered:
-        if v["message"]:
-            first, *rest = v["message"].splitlines()
-            text += f"\n\nversion {v['version']} ({v['status']}): {first}"
-            text += "".join(f"\n    {line}" for line in rest)
-    return text
-
-
-def version_line(name: str, v: dict[str, Any]) -> str:
-    line = f"{name}: {v['status']}  {v['url']}"
-    if v["spec"]["protocol"] == "UPI_V1" and v["url"]:
-        line += "  (a gRPC target; its host is the :authority the gateway routes by)"
-    return line + (f"\n{v['message']}" if v["message"] else "")
-
-
-def describe_rule(rule: dict[str, Any]) -> str:
-    parts = [" ".join(f"{d['version']}={d['weight']}%" for d in rule["destinations"])]
-    for m in rule.get("match", []):
-        test = f"={m['exact']}" if m.get("exact") is not None else f"~{m['regex']}"
-        parts.append(f"match {m['header']}{test} -> {m['version']}")
-    if rule.get("sticky"):
-        s = rule["sticky"]
-        parts.append(
-            f"sticky {'header ' + s['header'] if s.get('header') else 'cookie ' + s['cookie']}"
-        )
-    if rule.get("mirror"):
-        parts.append(f"mirror {rule['mirror']['percent']}% -> {rule['mirror']['version']}")
-    return "; ".join(parts)
+def jsonable(data: Any) -> Any:
+    """The API's JSON for SDK results (models, lists and dicts of them)."""
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    if isinstance(data, dict):
+        return {k: jsonable(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [jsonable(v) for v in data]
+    return data
 
 
 # --- commands ---------------------------------------------------------------------------
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
-    project, model, version = split_name(args.name, 3)
+    names(args.name, 3)
     if args.wait < 0:
         raise CliError("--wait is a number of seconds, 0 or more")
     body: dict[str, Any] = {
@@ -158,27 +99,21 @@ def cmd_deploy(args: argparse.Namespace) -> None:
             raise CliError(f"--workdir is for --type custom; {args.type} reads --model-dir")
         body["model_dir"] = str(Path(args.model_dir).resolve()) if args.model_dir else ""
         body["pyfunc_class"] = args.pyfunc_class or ""
-    path = f"/v1/projects/{project}/models/{model}/versions/{version}/endpoint"
-    result = call(args, "PUT", path, body)
-    if not args.wait:
-        show(args, result, version_line(args.name, result))
-        return
-    deadline = time.monotonic() + args.wait
-    while result["status"] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        result = call(args, "GET", path)
-    if result["status"] in ("running", "serving"):
-        show(args, result, version_line(args.name, result))
-        return
-    if args.output == "json":
-        show(args, result, "")
-    if result["status"] == "pending":
-        raise CliError(
-            f"{args.name} is still pending after {args.wait:g} s: no replica has passed its "
-            f"readiness check yet (its output: merlin-dp logs {args.name})"
-        )
-    first, *rest = result["message"].splitlines() or [""]
-    raise CliError(f"{args.name} {result['status']}: {first}" + "".join(f"\n    {r}" for r in rest))
+    try:
+        result = client(args).deploy(args.name, spec=body, wait=args.wait)
+    except WaitTimeout as exc:
+        show_failure(args, exc.version)
+        raise CliError(f"{exc} (its output: merlin-dp logs {args.name})") from None
+    except MerlinError as exc:
+        show_failure(args, getattr(exc, "version", None))
+        raise
+    show(args, result, version_line(args.name, result))
+
+
+def show_failure(args: argparse.Namespace, version: Any) -> None:
+    """With -o json, the version's record on stdout beside the error on stderr."""
+    if args.output == "json" and version is not None:
+        show(args, version, "")
 
 
 def parse_pair(text: str, sep: str) -> tuple[str, str]:
@@ -189,16 +124,13 @@ def parse_pair(text: str, sep: str) -> tuple[str, str]:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> None:
-    project, model, version = split_name(args.name, 3)
-    result = call(
-        args, "DELETE", f"/v1/projects/{project}/models/{model}/versions/{version}/endpoint"
-    )
-    show(args, result, f"{args.name}: {result['status']}")
+    result = client(args).undeploy(args.name)
+    show(args, result, f"{args.name}: {result.status}")
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
-    result = call(args, "GET", model_path(args.name) + "/versions")
-    show(args, result, versions_text(result["versions"]))
+    versions = client(args).versions(args.name)
+    show(args, {"versions": versions}, versions_text(versions))
 
 
 def build_rule(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,84 +168,52 @@ def build_rule(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_route(args: argparse.Namespace) -> None:
-    body = {"rule": build_rule(args), "protocol": args.protocol}
-    result = call(args, "PUT", model_path(args.name) + "/endpoint", body)
-    show(
-        args,
-        result,
-        f"{args.name} (revision {result['revision']}): {describe_rule(result['rule'])}",
-    )
+    result = client(args).route(args.name, rule=build_rule(args), protocol=args.protocol)
+    show(args, result, endpoint_line(args.name, result))
 
 
 def cmd_switch(args: argparse.Namespace) -> None:
-    result = call(args, "POST", model_path(args.name) + "/endpoint:switch", {"to_version": args.to})
-    show(
-        args,
-        result,
-        f"{args.name} (revision {result['revision']}): {describe_rule(result['rule'])}",
-    )
+    result = client(args).switch(args.name, args.to)
+    show(args, result, endpoint_line(args.name, result))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    body = {"to_revision": args.to_revision}
-    result = call(args, "POST", model_path(args.name) + "/endpoint:rollback", body)
-    show(
-        args,
-        result,
-        f"{args.name} (revision {result['revision']}): {describe_rule(result['rule'])}",
-    )
+    result = client(args).rollback(args.name, args.to_revision)
+    show(args, result, endpoint_line(args.name, result))
 
 
 def cmd_history(args: argparse.Namespace) -> None:
-    result = call(args, "GET", model_path(args.name) + "/endpoint/history")
-    rows = [
-        [str(h["revision"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"])), h["by"],
-         describe_rule(h["rule"])]
-        for h in result["history"]
-    ]  # fmt: skip
-    show(args, result, table(rows, ["revision", "at", "by", "rule"]))
+    history = client(args).history(args.name)
+    show(args, {"history": history}, history_text(history))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    base = model_path(args.name)
-    versions = call(args, "GET", base + "/versions")
-    try:
-        endpoint = call(args, "GET", base + "/endpoint")
-    except CliError as exc:
-        if not str(exc).startswith("404"):
-            raise
-        endpoint = None
-    if endpoint is None and not versions["versions"]:
-        raise CliError(f"no model endpoint or version endpoints for {args.name}")
-    data = {"endpoint": endpoint, "versions": versions["versions"]}
-    head = (f"{endpoint['url']}  revision {endpoint['revision']}: {describe_rule(endpoint['rule'])}"
-            if endpoint else f"{args.name}: no model endpoint yet")  # fmt: skip
-    show(args, data, head + "\n\n" + versions_text(versions["versions"]))
+    status = client(args).status(args.name)
+    data = {"endpoint": status.endpoint, "versions": status.versions}
+    show(args, data, str(status))
 
 
 def cmd_logs(args: argparse.Namespace) -> None:
-    project, model, version = split_name(args.name, 3)
+    names(args.name, 3)
     if args.lines < 0:
         raise CliError("--lines is 0 or more")
-    path = f"/v1/projects/{project}/models/{model}/versions/{version}/logs?lines={args.lines}"
     if args.follow:
         try:
             # No timeout: a quiet log sends nothing for as long as it is quiet.
-            with _open(args, "GET", path + "&follow=1", timeout=None) as resp:
-                for line in resp:
-                    sys.stdout.write(line.decode("utf-8", "replace"))
-                    sys.stdout.flush()
+            for line in client(args).follow_logs(args.name, args.lines):
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
         except KeyboardInterrupt:
             return
-        except OSError as exc:
+        except Unreachable as exc:
             raise CliError(f"lost the controller at {args.controller}: {exc}") from None
         raise CliError(f"the controller at {args.controller} ended the stream (stopping?)")
-    result = call(args, "GET", path)
-    if not result["logs"]:
+    result = client(args).logs(args.name, args.lines)
+    if not result.logs:
         raise CliError(f"no replica logs for {args.name} yet")
-    blocks = [f"==> {entry['name']} <==\n" + "\n".join(entry["lines"]) for entry in result["logs"]]
-    if result["omitted"]:
-        blocks.insert(0, f"({result['omitted']} older log files not shown)")
+    blocks = [f"==> {entry.name} <==\n" + "\n".join(entry.lines) for entry in result.logs]
+    if result.omitted:
+        blocks.insert(0, f"({result.omitted} older log files not shown)")
     show(args, result, "\n\n".join(blocks))
 
 
@@ -423,7 +323,7 @@ def wrap(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Na
     def run(args: argparse.Namespace) -> int:
         try:
             command(args)
-        except CliError as exc:
+        except (CliError, MerlinError, ValueError) as exc:
             print(f"merlin-dp: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -15,15 +15,8 @@ from typing import Any
 
 import yaml
 
-from merlin_dp.cli.client import (
-    CliError,
-    call,
-    common_options,
-    model_path,
-    show,
-    table,
-    wrap,
-)
+from merlin_dp.cli.client import CliError, client, common_options, show, wrap
+from merlin_dp.sdk.text import rollout_text
 
 WATCH_SECONDS = 2.0
 
@@ -54,54 +47,31 @@ def cmd_start(args: argparse.Namespace) -> None:
         plan["webhook"] = args.webhook
     if args.no_compare:
         plan["analysis"] = {**plan.get("analysis", {}), "compare_predictions": False}
-    result = call(args, "POST", model_path(args.name) + "/endpoint:rollout", plan)
-    show(args, result, status_text(result))
+    plan_body = {k: v for k, v in plan.items() if k != "candidate"}
+    result = client(args).start_rollout(args.name, args.candidate, plan_body)
+    show(args, result, rollout_text(result))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    path = model_path(args.name) + "/endpoint/rollout"
-    result = call(args, "GET", path)
-    show(args, result, status_text(result))
-    while args.watch and result["phase"] in ("shadow", "canary"):
+    sdk = client(args)
+    result = sdk.rollout(args.name)
+    show(args, result, rollout_text(result))
+    while args.watch and result.active:
         time.sleep(WATCH_SECONDS)
-        result = call(args, "GET", path)
+        result = sdk.rollout(args.name)
         print()
-        show(args, result, status_text(result))
+        show(args, result, rollout_text(result))
 
 
 def action(name: str) -> Callable[[argparse.Namespace], None]:
     def cmd(args: argparse.Namespace) -> None:
-        result = call(args, "POST", model_path(args.name) + f"/endpoint/rollout:{name}", {})
-        show(args, result, status_text(result))
+        sdk = client(args)
+        steer = {"pause": sdk.pause_rollout, "resume": sdk.resume_rollout,
+                 "abort": sdk.abort_rollout}[name]  # fmt: skip
+        result = steer(args.name)
+        show(args, result, rollout_text(result))
 
     return cmd
-
-
-def status_text(s: dict[str, Any]) -> str:
-    where = "shadowing all traffic" if s["phase"] == "shadow" else f"{s['weight']}% to candidate"
-    if s["phase"] not in ("shadow", "canary"):
-        where = s["phase"].replace("_", " ")
-    head = (f"{s['project']}/{s['model']}: {s['baseline']} -> {s['candidate']}: {where}"
-            + (" (paused)" if s["paused"] else ""))  # fmt: skip
-    if s["phase"] == "canary":
-        steps = s["plan"]["steps"]
-        head += f", step {s['step'] + 1} of {len(steps)} ({', '.join(map(str, steps))})"
-    lines = [head]
-    if s["message"]:
-        lines.append(s["message"])
-    if s["tests"]:
-        rows = [[t["metric"], f"{100 * t['baseline']:.3g}%", f"{100 * t['candidate']:.3g}%",
-                 f"{100 * t['margin']:.3g}%", str(t["samples"]), f"{t['llr']:g}",
-                 f"{t['pass_at']:g} / {t['fail_at']:g}", t["verdict"]]
-                for t in s["tests"]]  # fmt: skip
-        lines += ["", table(rows, ["test", "baseline", "candidate", "regression at", "answers",
-                                   "llr", "pass / fail", "verdict"])]  # fmt: skip
-    if s["decisions"]:
-        rows = [[time.strftime("%H:%M:%S", time.localtime(d["at"])), d["action"],
-                 f"{d['weight']}%", str(d["revision"] or "-"), d["reason"]]
-                for d in s["decisions"]]  # fmt: skip
-        lines += ["", table(rows, ["at", "action", "weight", "revision", "reason"])]
-    return "\n".join(lines)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -175,7 +175,8 @@ def host_refusals(spec: VersionEndpointSpec, roots: Sequence[str]) -> list[dict[
         where = _outside(spec.model_dir, roots)
         if where:
             refuse("model_dir", where)
-        elif spec.type == "pyfunc" and not _module_in(spec.pyfunc_class, spec.model_dir):
+        elif (spec.type == "pyfunc" and spec.pyfunc_class
+              and not _module_in(spec.pyfunc_class, spec.model_dir)):  # fmt: skip
             module = spec.pyfunc_class.partition(":")[0].partition(".")[0]
             refuse("pyfunc_class", f"module {module} is not in model_dir")
     for name in sorted(spec.env_vars):

@@ -237,7 +237,8 @@ def deploy_spec(rec: VersionEndpoint) -> DeploySpec:
         server = (
             "merlin_dp.servers.upi" if spec.protocol == "UPI_V1" else "merlin_dp.servers.pyfunc"
         )
-        command = (sys.executable, "-m", server, spec.pyfunc_class)
+        # No class: the pyfunc server loads the package in model_dir.
+        command = (sys.executable, "-m", server, *filter(None, [spec.pyfunc_class]))
     else:
         command = (sys.executable, "-m", "merlin_dp.servers.sklearn")
     return DeploySpec(

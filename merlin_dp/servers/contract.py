@@ -13,13 +13,15 @@ sets: ``CARAML_HTTP_PORT``, ``CARAML_MODEL_NAME``, ``CARAML_MODEL_FULL_NAME``,
 set — a pod sets 0.0.0.0 so its probes and the gateways can reach it).
 
 A model is anything with ``load()`` and ``predict(payload)``; ``predict`` may be
-``async``. A sync ``predict`` runs in a worker thread so probes stay answered while it
-works; ``load`` runs before the server reports ready.
+``async``, and gets ``headers=`` (the request's) too when the model sets
+``takes_headers``. A sync ``predict`` runs in a worker thread so probes stay answered
+while it works; ``load`` runs before the server reports ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -70,13 +72,18 @@ def make_app(model: Model, full_name: str, model_name: str | None = None) -> web
     """
     state = {"ready": False, "error": ""}
     is_async = inspect.iscoroutinefunction(model.predict)
+    # Merlin's contract hands the model the request's headers (merlin_contract).
+    takes_headers = bool(getattr(model, "takes_headers", False))
     stable_name = model_name or full_name
 
-    async def call_model(payload: Any) -> Any:
+    async def call_model(payload: Any, request: web.Request) -> Any:
+        predict: Callable[..., Any] = model.predict
+        if takes_headers:
+            predict = functools.partial(predict, headers=dict(request.headers))
         try:
             if is_async:
-                return await model.predict(payload)
-            return await asyncio.to_thread(model.predict, payload)
+                return await predict(payload)
+            return await asyncio.to_thread(predict, payload)
         except BadInput as exc:
             raise _Refusal(400, str(exc)) from None
         except Exception as exc:
@@ -111,7 +118,7 @@ def make_app(model: Model, full_name: str, model_name: str | None = None) -> web
             payload = json.loads(await request.read())
         except ValueError as exc:
             raise _Refusal(400, f"the body is not JSON: {exc}") from None
-        return web.json_response(await call_model(payload))
+        return web.json_response(await call_model(payload, request))
 
     async def infer(request: web.Request) -> web.Response:
         try:
@@ -119,7 +126,7 @@ def make_app(model: Model, full_name: str, model_name: str | None = None) -> web
             payload = call.payload()
         except v2.InvalidTensor as exc:
             raise _Refusal(400, str(exc)) from None
-        result = await call_model(payload)
+        result = await call_model(payload, request)
         try:
             body, headers = v2.encode_response(stable_name, call, result)
         except v2.InvalidTensor as exc:

@@ -1,9 +1,19 @@
-"""`python -m merlin_dp.servers.pyfunc module:Class`: serve a user's Python model class.
+"""`python -m merlin_dp.servers.pyfunc [module:Class]`: serve a user's Python model.
 
-The class lives in the model directory (``CARAML_ARTIFACT_LOCATION``, put first on
-``sys.path``); it is constructed with no arguments, gets ``load()`` once, then
-``predict(payload)`` per request with the parsed JSON body, and returns anything JSON
-can encode. Raising :class:`merlin_dp.servers.contract.BadInput` answers 400.
+The model directory (``CARAML_ARTIFACT_LOCATION``) holds the class's module, which is
+loaded from there and nowhere else, and the class is constructed with no arguments. Two
+contracts are served:
+
+- this server's own: ``load()`` once, then ``predict(payload)`` per request with the
+  parsed JSON body, returning anything JSON can encode (``predict`` may be ``async``);
+- Merlin's PyFunc (:mod:`merlin_dp.servers.merlin_contract`): ``initialize(artifacts)``
+  once, then ``infer(request, headers=...)``. A model file that imports ``merlin`` runs
+  unchanged: where merlin-sdk is not installed, ``merlin.PyFuncModel`` is this
+  project's.
+
+With no class named, the directory is a package the SDK made
+(:mod:`merlin_dp.servers.package`): the pickled object is loaded instead. Raising
+:class:`merlin_dp.servers.contract.BadInput` answers 400.
 
 The same ``predict`` answers KServe V2 / Open Inference Protocol calls
 (``POST /v2/models/<name>/infer``), through :mod:`merlin_dp.servers.v2`: the request's
@@ -21,14 +31,24 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+from typing import Any
 
 from merlin_dp.servers.contract import Model, serve
+from merlin_dp.servers.merlin_contract import (
+    MerlinModel,
+    artifacts_in,
+    follows_merlin,
+    provide_merlin,
+)
+from merlin_dp.servers.package import PackageError, load_pyfunc
 
 
-def load_class(spec: str, model_dir: str) -> Model:
+def load_class(spec: str, model_dir: str) -> Any:
+    """An instance of ``module:Class`` from ``model_dir``, as constructed, unchecked."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
         raise SystemExit(f"pyfunc: {spec!r} is not module:Class")
+    provide_merlin()  # before the model's module runs its `import merlin`
     try:
         if model_dir:
             _load_top(module_name, model_dir)
@@ -37,10 +57,26 @@ def load_class(spec: str, model_dir: str) -> Model:
         cls = getattr(module, class_name)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"pyfunc: cannot find {spec} in {model_dir or sys.path}: {exc}") from None
-    model = cls()
+    return cls()
+
+
+def load_model(spec: str, model_dir: str) -> Model:
+    """What the server serves: the class named, or the package in ``model_dir``."""
+    if not spec:
+        try:
+            return load_pyfunc(model_dir)  # type: ignore[no-any-return]
+        except PackageError as exc:
+            raise SystemExit(f"pyfunc: {exc}") from None
+    model = load_class(spec, model_dir)
+    if follows_merlin(model):
+        return MerlinModel(model, artifacts_in(model_dir))
     for method in ("load", "predict"):
         if not callable(getattr(model, method, None)):
-            raise SystemExit(f"pyfunc: {spec} has no {method}() method")
+            raise SystemExit(
+                f"pyfunc: {spec} has no {method}() method (this server's contract is "
+                "load() and predict(payload); Merlin's is initialize(artifacts) and "
+                "infer(request, **kwargs))"
+            )
     return model  # type: ignore[no-any-return]
 
 
@@ -73,9 +109,10 @@ def _load_top(module_name: str, model_dir: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m merlin_dp.servers.pyfunc module:Class")
-    serve(load_class(sys.argv[1], os.environ.get("CARAML_ARTIFACT_LOCATION", "")))
+    if len(sys.argv) > 2:
+        raise SystemExit("usage: python -m merlin_dp.servers.pyfunc [module:Class]")
+    spec = sys.argv[1] if len(sys.argv) == 2 else ""
+    serve(load_model(spec, os.environ.get("CARAML_ARTIFACT_LOCATION", "")))
 
 
 if __name__ == "__main__":

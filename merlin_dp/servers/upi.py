@@ -367,7 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m merlin_dp.servers.upi module:Class")
-    serve(load_class(args[0], os.environ.get("CARAML_ARTIFACT_LOCATION", "")))
+    model = load_class(args[0], os.environ.get("CARAML_ARTIFACT_LOCATION", ""))
+    for method in ("load", "predict"):
+        if not callable(getattr(model, method, None)):
+            raise SystemExit(f"upi: {args[0]} has no {method}() method")
+    serve(model)
 
 
 if __name__ == "__main__":

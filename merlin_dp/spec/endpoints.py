@@ -72,7 +72,11 @@ class VersionEndpointSpec(StrictModel):
         default_factory=list, description="custom: the program and its arguments."
     )
     model_dir: str = Field(default="", description="pyfunc / sklearn: the artifact directory.")
-    pyfunc_class: str = Field(default="", description="pyfunc: 'module:Class' in model_dir.")
+    pyfunc_class: str = Field(
+        default="",
+        description="pyfunc: 'module:Class' in model_dir. Empty: model_dir is a package the "
+        "SDK made (its merlin-dp-model.json names the model).",
+    )
     protocol: Protocol = "HTTP_JSON"
     resource_request: ResourceRequest = Field(default_factory=ResourceRequest)
     autoscaling_policy: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy)
@@ -119,8 +123,10 @@ class VersionEndpointSpec(StrictModel):
             raise ValueError("type custom needs a command")
         if self.type in ("pyfunc", "sklearn") and not self.model_dir:
             raise ValueError(f"type {self.type} needs model_dir")
-        if self.type == "pyfunc" and ":" not in self.pyfunc_class:
-            raise ValueError("type pyfunc needs pyfunc_class as 'module:Class'")
+        if self.type == "pyfunc" and self.pyfunc_class and ":" not in self.pyfunc_class:
+            raise ValueError("pyfunc_class is 'module:Class' (or empty for a packaged model)")
+        if self.type == "pyfunc" and not self.pyfunc_class and self.protocol == "UPI_V1":
+            raise ValueError("type pyfunc with UPI_V1 needs pyfunc_class as 'module:Class'")
         if self.type == "sklearn" and self.protocol == "UPI_V1":
             raise ValueError("type sklearn serves HTTP_JSON; for UPI_V1 wrap it as pyfunc")
         if self.workdir and self.type != "custom":

@@ -1,0 +1,137 @@
+"""Merlin's PyFunc contract, served by the pyfunc server unchanged.
+
+A class written for Merlin subclasses ``merlin.PyFuncModel`` and implements
+``initialize(artifacts)`` (once, with a dict of artifact name → local path) and
+``infer(request, **kwargs)`` (per request, with the parsed JSON body and
+``headers=`` the request's headers), as merlin-sdk 0.50's ``merlin.pyfunc.PyFuncModel``
+and merlin-pyfunc-server call them. This module owns that contract here:
+
+- :class:`PyFuncModel`, the same base class for code written against this project;
+- :func:`provide_merlin`: where merlin-sdk is not installed (it needs Python < 3.11 and
+  pins what this project can't use), the pyfunc server makes ``import merlin``,
+  ``merlin.model`` and ``merlin.pyfunc`` resolve to a stand-in offering
+  :class:`PyFuncModel`, so a model file written for Merlin runs without an edit;
+- :class:`MerlinModel`, which serves such an object through the server's
+  ``load()``/``predict()``;
+- :func:`artifacts_in`: the artifacts a model directory offers ``initialize``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("model")
+
+ARTIFACTS_DIR = "artifacts"
+# The names a Merlin model file imports its base class by (merlin-sdk 0.50).
+MERLIN_MODULES = ("merlin", "merlin.model", "merlin.pyfunc")
+
+
+class PyFuncModel:
+    """Merlin's PyFunc contract: subclass it and implement :meth:`initialize` and
+    :meth:`infer`. Served by the pyfunc server, or deployed from a notebook with
+    ``Client.deploy(name, model=MyModel())``."""
+
+    def initialize(self, artifacts: dict[str, str]) -> None:
+        """Called once before the first request: ``artifacts`` maps each artifact's name
+        to its path on this machine. Load weights and open clients here."""
+
+    def infer(self, request: Any, **kwargs: Any) -> Any:
+        """Answer one request: ``request`` is the parsed JSON body, ``kwargs["headers"]``
+        the request's headers. Return anything JSON can encode."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement infer()")
+
+
+def follows_merlin(obj: object) -> bool:
+    """Written for Merlin's contract (``initialize`` and ``infer``) rather than this
+    server's own (``load`` and ``predict``)."""
+    return callable(getattr(obj, "infer", None)) and callable(getattr(obj, "initialize", None))
+
+
+class MerlinModel:
+    """A Merlin PyFunc object behind the server's ``load()``/``predict()``."""
+
+    takes_headers = True  # contract.make_app passes the request's headers to predict
+
+    def __init__(self, model: Any, artifacts: dict[str, str]) -> None:
+        self.model = model
+        self.artifacts = artifacts
+        self._kwargs = _accepts_kwargs(model.infer)
+
+    def load(self) -> None:
+        self.model.initialize(dict(self.artifacts))
+
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        if self._kwargs:
+            return self.model.infer(payload, headers=dict(headers or {}))
+        # Merlin's older classes take no keyword arguments; merlin-pyfunc-server calls
+        # them without headers too.
+        return self.model.infer(payload)
+
+
+def _accepts_kwargs(function: Any) -> bool:
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or p.name == "headers" for p in params)
+
+
+def artifacts_in(model_dir: str, named: dict[str, str] | None = None) -> dict[str, str]:
+    """Artifact name → absolute path. ``named`` (a package's manifest) gives names and
+    paths relative to ``model_dir``; without it, every entry of ``model_dir/artifacts/``
+    is offered under its file name and, where no two share one, its stem
+    (``artifacts/model.joblib`` is ``"model.joblib"`` and ``"model"``)."""
+    root = Path(model_dir).resolve()
+    if named is not None:
+        return {name: str(root / rel) for name, rel in named.items()}
+    folder = root / ARTIFACTS_DIR
+    if not folder.is_dir():
+        return {}
+    entries = sorted(folder.iterdir())
+    found = {entry.name: str(entry) for entry in entries}
+    stems: dict[str, list[Path]] = {}
+    for entry in entries:
+        stems.setdefault(entry.stem, []).append(entry)
+    for stem, paths in stems.items():
+        if len(paths) == 1 and stem not in found:
+            found[stem] = str(paths[0])
+    return found
+
+
+def provide_merlin() -> bool:
+    """Make ``import merlin`` (and ``merlin.model``, ``merlin.pyfunc``) give
+    :class:`PyFuncModel` in this process, unless merlin-sdk itself is installed. True
+    when the stand-in was put in place."""
+    if "merlin" in sys.modules:
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("merlin") is not None:
+        return False
+    for name in MERLIN_MODULES:
+        module = types.ModuleType(name, f"merlin-dataplane's stand-in for merlin-sdk's {name}")
+        module.PyFuncModel = PyFuncModel  # type: ignore[attr-defined]
+        module.__getattr__ = _missing(name)  # type: ignore[method-assign]
+        if name == "merlin":
+            module.__path__ = []  # a package: its submodules are the entries below
+        sys.modules[name] = module
+    sys.modules["merlin"].model = sys.modules["merlin.model"]  # type: ignore[attr-defined]
+    sys.modules["merlin"].pyfunc = sys.modules["merlin.pyfunc"]  # type: ignore[attr-defined]
+    log.info("merlin-sdk is not installed: `import merlin` gives the PyFuncModel stand-in")
+    return True
+
+
+def _missing(module: str) -> Any:
+    def __getattr__(name: str) -> Any:
+        raise AttributeError(
+            f"{module}.{name}: merlin-sdk is not installed where this replica runs; "
+            f"merlin-dataplane stands in for {module} with PyFuncModel only"
+        )
+
+    return __getattr__
