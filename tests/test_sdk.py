@@ -207,7 +207,7 @@ def test_a_model_directory_written_for_merlin_runs_unchanged(up: Up, tmp_path: P
     client.undeploy("sdk/linear/1")
 
 
-def test_refusals_are_exceptions_a_caller_can_catch(up: Up) -> None:
+def test_refusals_are_exceptions_a_caller_can_catch(up: Up, tmp_path: Path) -> None:
     client = Client(up.api)
     with pytest.raises(NotFound) as missing:
         client.version("sdk/nothing/1")
@@ -247,6 +247,20 @@ def test_refusals_are_exceptions_a_caller_can_catch(up: Up) -> None:
         client.deploy("sdk/unfitted/1", model=LogisticRegression())
     with pytest.raises(NotFound):
         client.version("sdk/lock/1")
+
+    # A package the replica can't load fails the version, saying why.
+    packed = package(Doubler(), tmp_path / "needs", requirements=["no-such-dist==1.0"])
+    with pytest.raises(DeployFailed) as unmet:
+        client.deploy("sdk/needs/1", model_dir=packed.path, wait=60)
+    assert "needs no-such-dist==1.0, not installed where the replica runs" in str(unmet.value)
+    client.undeploy("sdk/needs/1")
+    manifest = packed.path / MANIFEST
+    here = f'"python": "{sys.version_info.major}.{sys.version_info.minor}"'
+    manifest.write_text(manifest.read_text().replace(here, '"python": "3.99"'))
+    with pytest.raises(DeployFailed) as other_python:
+        client.deploy("sdk/needs/1", model_dir=packed.path, wait=60)
+    assert "packaged with Python 3.99" in str(other_python.value)
+    client.undeploy("sdk/needs/1")
 
     with pytest.raises(Unreachable, match="cannot reach"):
         Client(f"http://127.0.0.1:{free_port()}").versions("sdk/x")

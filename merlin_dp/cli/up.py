@@ -20,11 +20,7 @@ import logging
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
-from typing import Any
-
-import aiohttp
 
 from merlin_dp.autoscaler.collector import GatewaySignals
 from merlin_dp.autoscaler.scaler import Autoscaler
@@ -38,6 +34,8 @@ from merlin_dp.gateway.admin import admin_app, start_admin
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.routing.sources import ControllerRouteSource
 from merlin_dp.gateway.worker import GatewayWorker, Report
+from merlin_dp.sdk.client import AsyncClient
+from merlin_dp.sdk.errors import MerlinError, NotFound
 
 log = logging.getLogger("merlin-dp")
 
@@ -223,33 +221,25 @@ async def _demo(api: str, state_dir: Path) -> None:
             await asyncio.to_thread(train, models)
         except ImportError:
             raise _Failed("--demo needs scikit-learn: pip install -e '.[sklearn]'") from None
-    base = f"{api}/v1/projects/{DEMO_PROJECT}/models/{DEMO_MODEL}"
-    async with aiohttp.ClientSession() as s:
-        for version in ("1", "2"):
-            async with s.get(f"{base}/versions/{version}/endpoint") as r:
-                current: dict[str, Any] = await r.json() if r.status == 200 else {}
-            if current.get("status") in ("pending", "running", "serving"):
-                continue
-            body = {"type": "sklearn", "model_dir": str((models / f"v{version}").resolve()),
-                    "ready_deadline_seconds": 60}  # fmt: skip
-            async with s.put(f"{base}/versions/{version}/endpoint", json=body) as r:
-                if r.status != 202:
-                    raise _Failed(f"deploying iris {version}: {r.status} {await r.text()}")
-        deadline = time.monotonic() + 90
-        for version in ("1", "2"):
-            while True:
-                async with s.get(f"{base}/versions/{version}/endpoint") as r:
-                    current = await r.json()
-                if current["status"] in ("running", "serving"):
-                    break
-                if current["status"] == "failed" or time.monotonic() > deadline:
-                    raise _Failed(f"iris {version} did not start: {current.get('message')}")
-                await asyncio.sleep(0.2)
-        async with s.get(f"{base}/endpoint") as r:
-            if r.status == 200:
+    model = f"{DEMO_PROJECT}/{DEMO_MODEL}"
+    # Through the SDK, as any client: the demo is two deploys and a route.
+    async with AsyncClient(api, token="") as client:
+        try:
+            for version in ("1", "2"):
+                try:
+                    current = await client.version(f"{model}/{version}")
+                    if current.status in ("pending", "running", "serving"):
+                        continue
+                except NotFound:
+                    pass
+                await client.deploy(f"{model}/{version}", model_dir=models / f"v{version}",
+                                    ready_deadline=60, wait=0)  # fmt: skip
+            for version in ("1", "2"):
+                await client.wait(f"{model}/{version}", 90)
+            try:
+                await client.endpoint(model)
                 return  # the demo's rule (or the user's) survives restarts as it was
-        rule = {"rule": {"destinations": [{"version": "1", "weight": 90},
-                                          {"version": "2", "weight": 10}]}}  # fmt: skip
-        async with s.put(f"{base}/endpoint", json=rule) as r:
-            if r.status not in (200, 201):
-                raise _Failed(f"routing the demo: {r.status} {await r.text()}")
+            except NotFound:
+                await client.route(model, {"1": 90, "2": 10})
+        except MerlinError as exc:
+            raise _Failed(f"the iris demo: {exc}") from None

@@ -46,6 +46,7 @@ from merlin_dp.sdk.errors import (
     api_error,
 )
 from merlin_dp.sdk.text import status_text
+from merlin_dp.servers.package import MANIFEST, Manifest, PackageError
 from merlin_dp.spec.endpoints import (
     AutoscalingPolicy,
     ResourceRequest,
@@ -496,7 +497,7 @@ def deploy_spec(
     elif model_dir is not None:
         if workdir is not None:
             raise ValueError("workdir is for a command; a model directory is read as is")
-        data.update(type=model_type or ("pyfunc" if pyfunc_class is not None else "sklearn"),
+        data.update(type=model_type or _dir_type(Path(model_dir), pyfunc_class),
                     model_dir=str(Path(model_dir).resolve()))  # fmt: skip
         if pyfunc_class:
             data["pyfunc_class"] = pyfunc_class
@@ -514,3 +515,15 @@ def deploy_spec(
     if ready_deadline is not None:
         data["ready_deadline_seconds"] = ready_deadline
     return build(VersionEndpointSpec, data, "")
+
+
+def _dir_type(model_dir: Path, pyfunc_class: str | None) -> str:
+    """A class named: pyfunc. A package (its manifest says): its kind. Else sklearn."""
+    if pyfunc_class:
+        return "pyfunc"
+    if (model_dir / MANIFEST).exists():
+        try:
+            return Manifest.read(model_dir).kind
+        except PackageError as exc:
+            raise ValueError(str(exc)) from None
+    return "sklearn"
