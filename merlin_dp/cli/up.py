@@ -196,6 +196,7 @@ def _banner(args: argparse.Namespace, public: PublicGateway, api: str, admin: st
     if grpc:
         lines.append(f"  UPI (gRPC):  {grpc}  (h2c; :authority picks the model)")
     lines += [
+        f"  Console:     {api}/ui/",
         f"  API:         {api}  (OpenAPI: {api}/openapi.json)",
         f"  Metrics:     {admin}/metrics",
         f"  State, logs: {args.state_dir}/",
