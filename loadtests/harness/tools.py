@@ -1,5 +1,5 @@
-"""The programs the load jobs run (nginx, wrk, h2load, redis-server): finding them, and
-installing their Debian packages when they are missing."""
+"""The programs the load jobs and tests run (nginx, wrk, h2load, redis-server, chromium):
+finding them, and installing their Debian packages when they are missing."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ APT_PACKAGES: Mapping[str, str] = MappingProxyType({
     "h2load": "nghttp2-client",
     "nghttp": "nghttp2-client",
     "redis-server": "redis-server",
+    "chromium": "chromium",  # the web console's browser tests (tests/test_console.py)
 })  # fmt: skip
 # Where a tool may live outside a non-root PATH (nginx is in /usr/sbin).
 _EXTRA_TOOL_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
