@@ -45,7 +45,7 @@ CACHE = ROOT / ".cache"
 NO_BODY: Any = object()
 METHODS = ("GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS")
 # Values for path parameters when a test calls every path.
-PATH_VALUES = {"project": "docs", "model": "scorer", "version": "1"}
+PATH_VALUES = {"project": "docs", "model": "scorer", "version": "1", "path": "index.html"}
 BASE = "/v1/projects/{project}/models/{model}"
 
 

@@ -44,7 +44,7 @@ class _Buckets:
             found = self._series[key] = VersionSeries(self.horizon)
         return found
 
-    def _add(self, records: Iterable[SignalRecord], now: float) -> int:
+    def add(self, records: Iterable[SignalRecord], now: float) -> int:
         """Add a gateway's records; returns the newest second among them (-1: none)."""
         newest = -1
         for rec in records:
@@ -97,7 +97,7 @@ class GatewaySignals(_Buckets):
             try:
                 async with self._session.get(f"{url}/signals", params={"since": since}) as r:
                     records = (await r.json())["signals"]
-                newest = self._add(records, now)
+                newest = self.add(records, now)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError) as exc:
                 raise_if_cancelling()
                 self.failures[url] = self.failures.get(url, 0) + 1
@@ -178,7 +178,7 @@ class RedisSignals(_Buckets):
         try:
             sender = fields[b"sender"].decode()
             records = json.loads(fields[b"records"])
-            self._add(records, now)
+            self.add(records, now)
         except (KeyError, ValueError, TypeError) as exc:
             log.debug("a malformed signals entry was skipped: %s", exc)
             return

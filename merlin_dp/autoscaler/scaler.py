@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -36,6 +37,21 @@ log = logging.getLogger("autoscaler")
 # A poke counts as demand for this long: gateways repeat theirs every second while
 # requests wait, so a stale one means they stopped waiting.
 POKE_FRESH_SECONDS = 3.0
+# Scale events kept for whoever shows them (the controller's time series).
+EVENTS_KEPT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    """One change of a version's replica count, as decided: from what ran to what was
+    asked for, and why. ``cold_start``: from zero, with requests waiting for it."""
+
+    at: float
+    key: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    cold_start: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +100,8 @@ class Autoscaler:
         self._wake = asyncio.Event()
         self._task: asyncio.Future[None] | None = None
         self._startup: dict[str, float] = {}  # key -> seconds the last replica took to ready
+        self.desired: dict[str, int] = {}  # key -> the last decision's replica count
+        self.events: deque[ScaleEvent] = deque(maxlen=EVENTS_KEPT)
 
     def poke(self, key: str, waiting: int) -> None:
         """Requests wait at zero for ``key``: decide now, not at the next tick."""
@@ -108,6 +126,7 @@ class Autoscaler:
         self.metrics.retain(running)
         for gone in [k for k in self.scalers if k not in running]:
             del self.scalers[gone]
+            self.desired.pop(gone, None)
         for url in self.signals.sources:
             seen = self.signals.last_seen.get(url)
             self.metrics.set_gateway(
@@ -158,10 +177,13 @@ class Autoscaler:
                                       reason=decision.reason, metric=config.metrics_type,
                                       value=value)  # fmt: skip
         self.metrics.observe_inputs(key, observed)
+        self.desired[key] = decision.desired
         live = ready + starting
         if decision.desired != live:
-            if live == 0 and waiting:
+            cold = live == 0 and bool(waiting)
+            if cold:
                 self.metrics.activation(key)
+            self.events.append(ScaleEvent(now, key, live, decision.desired, decision.reason, cold))
             log.info("scaling %s from %d to %d (%s)", key, live, decision.desired,
                      decision.reason)  # fmt: skip
             await self.runtime.scale(key, decision.desired)

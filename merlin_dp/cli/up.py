@@ -29,6 +29,7 @@ from merlin_dp.cli.gateway import split_address
 from merlin_dp.controller.autoscaling import attach_autoscaler
 from merlin_dp.controller.rollouts import RolloutDriver, attach_rollouts
 from merlin_dp.controller.server import ControllerConfig, StartError, listen_error, start_controller
+from merlin_dp.controller.timeseries import TimeSeries
 from merlin_dp.controller.urls import PublicGateway, model_url
 from merlin_dp.gateway.admin import admin_app, start_admin
 from merlin_dp.gateway.config import GatewayConfig
@@ -112,6 +113,7 @@ async def _up(args: argparse.Namespace) -> None:
     admin_runner = None
     autoscaler: Autoscaler | None = None
     rollouts: RolloutDriver | None = None
+    series: TimeSeries | None = None
     try:
         try:
             await worker.start()
@@ -128,6 +130,8 @@ async def _up(args: argparse.Namespace) -> None:
         signals = GatewaySignals([f"http://{admin_host}:{admin_port}"])
         autoscaler = attach_autoscaler(controller, signals, timings=timings_from(args))
         rollouts = attach_rollouts(controller, signals)
+        series = controller.series = TimeSeries(lambda: controller.state, signals, autoscaler)
+        series.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,6 +147,8 @@ async def _up(args: argparse.Namespace) -> None:
         await stop.wait()
         print("merlin-dp: stopping (in-flight requests finish, replicas drain)", flush=True)
     finally:
+        if series is not None:
+            await series.close()
         if rollouts is not None:
             await rollouts.close()
         if autoscaler is not None:

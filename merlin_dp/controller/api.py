@@ -46,6 +46,7 @@ from merlin_dp.controller.models import (
     VersionEndpoint,
     VersionEndpointList,
     VersionLogs,
+    WhoAmI,
 )
 from merlin_dp.controller.openapi import (
     AUDIT_LIMIT_MAX,
@@ -59,6 +60,7 @@ from merlin_dp.controller.openapi import (
 from merlin_dp.controller.rollouts import RESULTS
 from merlin_dp.controller.service import Controller
 from merlin_dp.controller.store import StoreError
+from merlin_dp.controller.timeseries import TimeSeries
 from merlin_dp.runtime.logtail import LogFollower, log_tail
 from merlin_dp.spec.endpoints import (
     VersionEndpointSpec,
@@ -72,6 +74,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 MAX_BODY = 1024 * 1024
+# The web console: static files served under CONSOLE_PREFIX, without a token.
+CONSOLE_DIR = Path(__file__).with_name("console")
+CONSOLE_PREFIX = "/ui/"
+CONSOLE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".png": "image/png",
+                 ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8",
+                 ".md": "text/plain; charset=utf-8"}  # fmt: skip
 LOG_POLL_SECONDS = 0.5
 WATCH_HEARTBEAT_SECONDS = 15.0
 
@@ -113,6 +122,8 @@ def make_app(
                          f"{request.method} is not allowed on {request.path}; allowed: {allowed}",
                          headers={"Allow": allowed})  # fmt: skip
         except web.HTTPNotFound:
+            if request.path == CONSOLE_PREFIX.rstrip("/"):  # a console typed without its /
+                raise web.HTTPPermanentRedirect(CONSOLE_PREFIX) from None
             return error(404, "not_found", f"the API has no path {request.path}")
         except web.HTTPException as exc:
             if exc.status >= 400:
@@ -126,7 +137,10 @@ def make_app(
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in ("/healthz", "/readyz", "/openapi.json"):
+        if request.path in ("/healthz", "/readyz", "/openapi.json") or request.path.startswith(
+            CONSOLE_PREFIX
+        ):
+            # The console's files hold no data: every call the page makes carries a token.
             return await handler(request)
         principal = tokens.authenticate(request.headers.get("Authorization"))
         if principal is None:
@@ -155,7 +169,10 @@ def make_app(
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/openapi.json", api.openapi)
+    app.router.add_get(CONSOLE_PREFIX + "{path:.*}", api.console)
     app.router.add_get("/v1/routes", api.routes)
+    app.router.add_get("/v1/whoami", api.whoami)
+    app.router.add_get("/v1/overview", api.overview)
     app.router.add_get("/v1/audit", api.audit)
     app.router.add_post("/v1/activations", api.activate)
     app.router.add_get("/metrics", api.metrics)
@@ -168,6 +185,7 @@ def make_app(
     app.router.add_get(base + "/endpoint", api.get_endpoint)
     app.router.add_delete(base + "/endpoint", api.delete_endpoint)
     app.router.add_get(base + "/endpoint/history", api.history)
+    app.router.add_get(base + "/series", api.series)
     app.router.add_post(base + "/endpoint:switch", api.switch)
     app.router.add_post(base + "/endpoint:rollback", api.rollback)
     app.router.add_post(base + "/endpoint:rollout", api.start_rollout)
@@ -347,6 +365,59 @@ class Api:
             # The watcher left before its cancellation arrived (it closed right after the
             # head): nothing to answer, and nothing went wrong here.
             return resp
+
+    async def console(self, request: web.Request) -> web.StreamResponse:
+        """The web console's files (controller/console/), index.html for the folder."""
+        wanted = request.match_info["path"] or "index.html"
+        root = CONSOLE_DIR.resolve()
+        path = (root / wanted).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise st.not_found(f"console file {wanted}")
+        kind = CONSOLE_TYPES.get(path.suffix, "application/octet-stream")
+        return web.FileResponse(path, headers={"Content-Type": kind,
+                                               "X-Content-Type-Options": "nosniff",
+                                               "Cache-Control": "no-cache"})  # fmt: skip
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        p = request[PRINCIPAL]
+        return answer(WhoAmI(name=p.name, access=p.access, projects=sorted(p.projects),
+                             host=p.host))  # fmt: skip
+
+    async def overview(self, request: web.Request) -> web.Response:
+        """Every model the caller may read, with each version's last seconds."""
+        principal = request[PRINCIPAL]
+        series = self._series()
+        whole = series.overview(self.c.url)
+        mine = [m for m in whole.models if principal.may("read", m.project)]
+        return answer(whole.model_copy(update={"models": mine}))
+
+    async def series(self, request: web.Request) -> web.StreamResponse:
+        """A model's last minutes per version and second; with watch, each new second."""
+        project, model, _ = self._names(request, "read")
+        watch = request.query.get("watch", "0")
+        if watch not in WATCH_VALUES:
+            raise _Invalid([{"path": "watch", "message": f"one of {', '.join(WATCH_VALUES)}"}])
+        since = _query_int(request, "since", -1, -1, SINCE_MAX)
+        series = self._series()
+        if watch in ("0", "false"):
+            return answer(series.model_series(project, model, since))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            while True:
+                if since < series.until:
+                    now = series.model_series(project, model, since)
+                    await resp.write(now.model_dump_json().encode() + b"\n")
+                    since = now.until
+                elif not await series.wait_newer(since, WATCH_HEARTBEAT_SECONDS):
+                    await resp.write(b"\n")  # heartbeat: lets both ends notice a dead peer
+        except ConnectionResetError:
+            return resp
+
+    def _series(self) -> TimeSeries:
+        if self.c.series is None:
+            raise st.ApiError(503, "no_time_series", "this controller keeps no time series")
+        return self.c.series
 
     async def metrics(self, request: web.Request) -> web.Response:
         """The attached autoscaler's metrics (decisions, signals, missing data)."""

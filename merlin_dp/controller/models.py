@@ -187,3 +187,99 @@ class Readiness(StrictModel):
     ready: bool
     reason: str
     revision: int
+
+
+class WhoAmI(StrictModel):
+    """The caller, as the controller's tokens name it (anonymous, write, every project and
+    host when the controller has no tokens)."""
+
+    name: str
+    access: Literal["read", "write"]
+    projects: list[str] = Field(description="Projects it may access; '*' is every one.")
+    host: bool = Field(description="May deploy what runs code of its choosing on the host.")
+
+
+# --- the short time series (controller/timeseries.py) --------------------------------
+
+
+class SeriesPoint(StrictModel):
+    """One version's closed second, as the gateways reported it, with its replicas."""
+
+    second: int = Field(description="Unix time, whole seconds.")
+    requests: int = Field(description="Requests that arrived within the second.")
+    answered: int = Field(description="Answers callers got (any status).")
+    errors: int = Field(description="Of those, server errors (5xx, or a gRPC server fault).")
+    p50_ms: float | None = Field(description="Median latency of those answers; null: none.")
+    p99_ms: float | None = Field(description="99th percentile latency; null: none.")
+    shadow_compared: int = Field(description="Mirrored copies compared with the primary.")
+    shadow_differed: int = Field(description="Of those, status or body differed.")
+    ready: int = Field(description="Ready replicas at the end of the second.")
+    desired: int | None = Field(description="The autoscaler's last decision; null: none.")
+
+
+class VersionSeries(StrictModel):
+    version: str
+    points: list[SeriesPoint] = Field(description="One per second, oldest first.")
+
+
+class ScaleEvent(StrictModel):
+    """A change of a version's replica count the autoscaler decided, and why."""
+
+    at: float = Field(description="Unix time.")
+    version: str
+    from_replicas: int
+    to_replicas: int
+    reason: str = Field(description="The policy's reason (rps, concurrency, idle, forecast, ...).")
+    cold_start: bool = Field(description="From zero, with requests waiting for it.")
+
+
+class ModelSeries(StrictModel):
+    """A model's last minutes, per version and second (GET .../series)."""
+
+    project: str
+    model: str
+    window_seconds: int = Field(description="How far back the controller keeps seconds.")
+    until: int = Field(description="The newest closed second included (unix).")
+    signals: bool = Field(
+        description="false: this controller reads no gateway signals; request fields are 0."
+    )
+    versions: list[VersionSeries]
+    events: list[ScaleEvent] = Field(description="Oldest first.")
+
+
+class VersionSummary(StrictModel):
+    """A version at a glance, over the overview's last seconds."""
+
+    version: str
+    status: VersionStatus
+    message: str
+    ready_replicas: int
+    desired_replicas: int | None = Field(description="The autoscaler's; null: none attached.")
+    weight: int = Field(description="Its share of the rule's destinations, percent.")
+    mirrored_percent: float = Field(description="Share of requests copied to it; 0: not mirrored.")
+    rps: float = Field(description="Requests per second.")
+    error_rate: float | None = Field(description="Server errors per answer; null: no answers.")
+    p50_ms: float | None
+    p99_ms: float | None
+    shadow_agreement: float | None = Field(
+        description="Mirrored copies whose answer matched the primary's, per copy compared; "
+        "null: none compared."
+    )
+
+
+class ModelSummary(StrictModel):
+    project: str
+    model: str
+    protocol: str
+    url: str = Field(description="The model endpoint's URL; empty before it has one.")
+    revision: int | None = Field(description="The rule's revision; null: no model endpoint.")
+    rule: Rule | None
+    rollout_phase: str | None = Field(description="The rollout's phase; null: none ever.")
+    versions: list[VersionSummary]
+
+
+class Overview(StrictModel):
+    """Every model with an endpoint or a version, as GET /v1/overview returns them."""
+
+    window_seconds: int = Field(description="Rates are over this many closed seconds.")
+    models: list[ModelSummary]

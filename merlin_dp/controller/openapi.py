@@ -33,15 +33,23 @@ from merlin_dp.controller.models import (
     Health,
     ModelEndpoint,
     ModelEndpointBody,
+    ModelSeries,
+    ModelSummary,
+    Overview,
     Readiness,
     ReplicaLog,
     RollbackBody,
     RuleHistory,
     RuleRevision,
+    ScaleEvent,
+    SeriesPoint,
     SwitchBody,
     VersionEndpoint,
     VersionEndpointList,
     VersionLogs,
+    VersionSeries,
+    VersionSummary,
+    WhoAmI,
 )
 from merlin_dp.spec.endpoints import (
     AutoscalingPolicy,
@@ -78,6 +86,8 @@ MODELS: list[type[BaseModel]] = [
     ModelEndpointSpec, RouteTableSpec, RouteTableVersionEndpoint, Rule, RuleHistory,
     RuleRevision, Sticky, SwitchBody, VersionEndpoint, VersionEndpointList, VersionEndpointSpec,
     VersionLogs, Analysis, Evidence, Judgement, RolloutDecision, RolloutPlan, RolloutStatus, Tally,
+    WhoAmI, SeriesPoint, VersionSeries, ScaleEvent, ModelSeries, VersionSummary, ModelSummary,
+    Overview,
 ]  # fmt: skip
 
 WATCH_VALUES = ("0", "1", "false", "true")
@@ -88,6 +98,8 @@ LOG_FILES_MAX = 50  # a version's newest log files shown; a log file per replica
 BASE = "/v1/projects/{project}/models/{model}"
 METHOD_ORDER = ("parameters", "get", "head", "put", "post", "patch", "delete")
 TAGS = {
+    "Console": "The web console and what it reads: who the caller is, every model at a "
+    "glance, each model's last minutes per second (docs/console.md).",
     "Gateways": "What gateways call: the route table and its stream, activations.",
     "Model endpoints": "A model's traffic rule: weights, matches, stickiness, mirroring.",
     "Operations": "Health, readiness, metrics, the audit log and this document.",
@@ -227,6 +239,16 @@ def openapi_document() -> dict[str, Any]:
     limit = {"name": "limit", "in": "query", "required": False,
              "description": "The most recent entries to return.",
              "schema": {"type": "integer", "minimum": 1, "maximum": AUDIT_LIMIT_MAX, "default": 100}}  # fmt: skip
+    since_second = {"name": "since", "in": "query", "required": False,
+                    "description": "The newest second (unix) you have: only later ones are "
+                    "returned (and, with watch, streamed).",
+                    "schema": {"type": "integer", "minimum": -1, "maximum": SINCE_MAX, "default": -1}}  # fmt: skip
+    series_watch = {**watch, "description": "1 or true: answer with a stream (NDJSON): the "
+                    "series, then one line a second with only the new seconds and events, and "
+                    "an empty line every 15 s while none come."}  # fmt: skip
+    console_file = {"name": "path", "in": "path", "required": True,
+                    "description": "A file of the console (index.html when empty).",
+                    "schema": {"type": "string"}}  # fmt: skip
     version_ok = {"200": {**_json(VersionEndpoint, "The version endpoint"), "headers": ETAG}}
     endpoint_ok = {"200": {**_json(ModelEndpoint, "The model endpoint"), "headers": ETAG}}
     paths: dict[str, Any] = {
@@ -241,6 +263,21 @@ def openapi_document() -> dict[str, Any]:
             "This document",
             {"200": _json({"type": "object"}, "The OpenAPI 3.1 document")},
             op="getOpenApiDocument", public=True)},
+        "/ui/{path}": {"parameters": [console_file], "get": _op(
+            "The web console's files (docs/console.md); the page asks for a token and "
+            "sends it with every API call it makes",
+            {"200": {"description": "HTML, JavaScript, CSS or an image",
+                     "content": {"text/html": {"schema": {"type": "string"}},
+                                 "text/javascript": {"schema": {"type": "string"}},
+                                 "text/css": {"schema": {"type": "string"}}}}},
+            (404,), op="getConsoleFile", public=True)},
+        "/v1/whoami": {"get": _op(
+            "The caller: its token's name, access, projects and host permission",
+            {"200": _json(WhoAmI, "The caller")}, op="getCaller")},
+        "/v1/overview": {"get": _op(
+            "Every model the caller may read: its rule, versions and their last seconds "
+            "(requests/s, errors, latency, shadow agreement, replicas)",
+            {"200": _json(Overview, "The models")}, (503,), op="getOverview")},
         "/metrics": {"get": _op(
             "The attached autoscaler's metrics",
             {"200": {"description": "Prometheus text format 0.0.4",
@@ -302,6 +339,14 @@ def openapi_document() -> dict[str, Any]:
         BASE + "/endpoint/history": {"parameters": params, "get": _op(
             "The model endpoint's last 100 rules",
             {"200": _json(RuleHistory, "Rules, oldest first")}, op="getModelEndpointHistory")},
+        BASE + "/series": {"parameters": params, "get": _op(
+            "The model's last 15 minutes per version and second, and the autoscaler's "
+            "events; with watch, each new second as it closes",
+            {"200": {"description": "The series; with watch, a stream of series holding only "
+                     "what is new, one per line",
+                     "content": {"application/json": {"schema": _ref(ModelSeries)},
+                                 "application/x-ndjson": {"schema": {"type": "string"}}}}},
+            (503,), op="getModelSeries", query=(since_second, series_watch))},
         BASE + "/endpoint:switch": {"parameters": params, "post": _op(
             "Blue-green: move all traffic to the other version", endpoint_ok,
             (400, 404, 409, 412, 413, 503), SwitchBody, body_required=False,
@@ -370,6 +415,8 @@ def openapi_document() -> dict[str, Any]:
 
 
 def _tag(path: str) -> str:
+    if path.startswith("/ui") or path in ("/v1/overview", "/v1/whoami") or path.endswith("/series"):
+        return "Console"
     if "rollout" in path:
         return "Rollouts"
     if path.startswith(BASE + "/versions"):

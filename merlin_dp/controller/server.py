@@ -205,6 +205,7 @@ async def serve(config: ControllerConfig) -> None:
     from merlin_dp.controller.autoscaling import attach_autoscaler
     from merlin_dp.controller.kubernetes.sync import KubernetesSync
     from merlin_dp.controller.rollouts import attach_rollouts
+    from merlin_dp.controller.timeseries import TimeSeries
 
     controller, runner, _ = await start_controller(config)
     scaler = None
@@ -229,11 +230,14 @@ async def serve(config: ControllerConfig) -> None:
             controller, signals, timings=config.autoscaler_timings, runtime=runtime
         )
     rollouts = attach_rollouts(controller, signals, poll=scaler is None) if signals else None
+    series = controller.series = TimeSeries(lambda: controller.state, signals, scaler)
+    series.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await series.close()
     if rollouts is not None:
         await rollouts.close()
     if scaler is not None:

@@ -21,6 +21,7 @@ from merlin_dp.controller.models import ControllerState, VersionEndpoint
 from merlin_dp.controller.state import route_table, runtime_update, version_key
 from merlin_dp.controller.statedir import StateDirLock
 from merlin_dp.controller.store import Store, StoreError
+from merlin_dp.controller.timeseries import TimeSeries
 from merlin_dp.controller.urls import PublicGateway, model_url
 from merlin_dp.runtime import DeploySpec, Runtime, RuntimeEvent
 from merlin_dp.spec.rollout import RolloutStatus
@@ -79,6 +80,8 @@ class Controller:
         self.cluster: ClusterWriter | None = None
         # Rollouts run beside the controller when gateways' signals are at hand.
         self.rollouts: RolloutView | None = None
+        # The short history the console and the SDK read (controller/timeseries.py).
+        self.series: TimeSeries | None = None
         # What /readyz says (Kubernetes mode: synced with the API server, and leading).
         self.ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
 

@@ -25,9 +25,12 @@ from merlin_dp.controller.models import (
     AuditEntry,
     EndpointDeleted,
     ModelEndpoint,
+    ModelSeries,
+    Overview,
     RuleRevision,
     VersionEndpoint,
     VersionLogs,
+    WhoAmI,
 )
 from merlin_dp.sdk.errors import Unreachable, api_error
 from merlin_dp.sdk.operations import (
@@ -314,6 +317,26 @@ class Client(_Options):
     def status(self, model: str) -> ModelStatus:
         """Endpoint, versions and rollout in one; ``print()`` it for a table."""
         return self._run(self.ops.status(model))
+
+    def whoami(self) -> WhoAmI:
+        """Who the token says you are: name, access, projects."""
+        return self._run(self.ops.whoami())
+
+    def overview(self) -> Overview:
+        """Every model you may read, each version's last seconds (req/s, errors, latency,
+        shadow agreement, replicas): what the console's first page shows."""
+        return self._run(self.ops.overview())
+
+    def series(self, model: str, since: int = -1) -> ModelSeries:
+        """The model's last 15 minutes per version and second (after ``since``), with the
+        autoscaler's scale events."""
+        return self._run(self.ops.series(model, since))
+
+    def watch_series(self, model: str, since: int = -1) -> Generator[ModelSeries, None, None]:
+        """The series, then each new second as it closes, until the generator is closed."""
+        for line in self._lines(self.ops.watch_series(model, since)):
+            if line.strip():
+                yield ModelSeries.model_validate_json(line)
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         return self._run(self.ops.audit(limit))
@@ -609,6 +632,20 @@ class AsyncClient(_Options):
 
     async def status(self, model: str) -> ModelStatus:
         return await self._run(self.ops.status(model))
+
+    async def whoami(self) -> WhoAmI:
+        return await self._run(self.ops.whoami())
+
+    async def overview(self) -> Overview:
+        return await self._run(self.ops.overview())
+
+    async def series(self, model: str, since: int = -1) -> ModelSeries:
+        return await self._run(self.ops.series(model, since))
+
+    async def watch_series(self, model: str, since: int = -1) -> AsyncGenerator[ModelSeries, None]:
+        async for line in self._lines(self.ops.watch_series(model, since)):
+            if line.strip():
+                yield ModelSeries.model_validate_json(line)
 
     async def audit(self, limit: int = 100) -> list[AuditEntry]:
         return await self._run(self.ops.audit(limit))

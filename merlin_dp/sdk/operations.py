@@ -26,6 +26,8 @@ from merlin_dp.controller.models import (
     EndpointDeleted,
     ModelEndpoint,
     ModelEndpointBody,
+    ModelSeries,
+    Overview,
     RollbackBody,
     RuleHistory,
     RuleRevision,
@@ -33,6 +35,7 @@ from merlin_dp.controller.models import (
     VersionEndpoint,
     VersionEndpointList,
     VersionLogs,
+    WhoAmI,
 )
 from merlin_dp.sdk.errors import (
     DeployFailed,
@@ -318,6 +321,20 @@ class Operations:
         if endpoint is None and not versions:
             raise NoSuchModel(model)
         return ModelStatus(model, endpoint, versions, rollout)
+
+    def whoami(self) -> Flow[WhoAmI]:
+        return (yield from self.api("GET", "/v1/whoami", WhoAmI))
+
+    def overview(self) -> Flow[Overview]:
+        return (yield from self.api("GET", "/v1/overview", Overview))
+
+    def series(self, model: str, since: int) -> Flow[ModelSeries]:
+        path = self.model_path(model) + f"/series?since={int(since)}"
+        return (yield from self.api("GET", path, ModelSeries))
+
+    def watch_series(self, model: str, since: int) -> Call:
+        return self.call("GET", self.model_path(model) + f"/series?since={int(since)}&watch=1",
+                         timeout=None)  # fmt: skip
 
     def audit(self, limit: int) -> Flow[list[AuditEntry]]:
         return (yield from self.api("GET", f"/v1/audit?limit={int(limit)}", AuditLog)).entries
