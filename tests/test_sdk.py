@@ -199,8 +199,9 @@ def test_a_model_directory_written_for_merlin_runs_unchanged(up: Up, tmp_path: P
     client = Client(up.api)
     client.deploy("sdk/linear/1", model_dir=model_dir, pyfunc_class="linear:Linear", wait=60)
     client.route("sdk/linear", {"1": 100})
+    # Header names reach infer() as merlin-pyfunc-server (tornado) names them.
     answer = client.predict("sdk/linear", {"instances": [[2, 1], [4, 0]]},
-                            headers={"X-Caller": "notebook"})  # fmt: skip
+                            headers={"x-CALLER": "notebook"})  # fmt: skip
     assert answer.result == {"predictions": [3.0, 2.0], "caller": "notebook",
                              "base": "merlin_dp.servers.merlin_contract"}  # fmt: skip
     client.delete_endpoint("sdk/linear")

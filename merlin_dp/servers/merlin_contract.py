@@ -68,10 +68,17 @@ class MerlinModel:
 
     def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         if self._kwargs:
-            return self.model.infer(payload, headers=dict(headers or {}))
+            # Named as merlin-pyfunc-server's tornado hands them over (X-Tenant, whatever
+            # case the caller sent, HTTP/2's lower case included): models index by it.
+            named = {_header_case(k): v for k, v in (headers or {}).items()}
+            return self.model.infer(payload, headers=named)
         # Merlin's older classes take no keyword arguments; merlin-pyfunc-server calls
         # them without headers too.
         return self.model.infer(payload)
+
+
+def _header_case(name: str) -> str:
+    return "-".join(word.capitalize() for word in name.split("-"))
 
 
 def _accepts_kwargs(function: Any) -> bool:
