@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -328,3 +329,16 @@ class Up:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self._out.close()
+
+
+@contextlib.contextmanager
+def running_up(tmp: Path, *extra: str) -> Iterator[Up]:
+    """`merlin-dp up` on free ports for the block, stopped after it; its log must hold
+    no traceback."""
+    server = Up(tmp, tmp / "state", extra=extra)
+    try:
+        server.wait_up()
+        yield server
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()[-4000:]

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from merlin_dp.sdk import Client
 from tests import clients
-from tests.conftest import Up
+from tests.conftest import Up, running_up
 
 merlin_python = clients.merlin_python  # the session fixture: the published Merlin venv
 
@@ -93,14 +93,8 @@ def expected(instances: list[float]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    tmp = tmp_path_factory.mktemp("merlin")
-    server = Up(tmp, tmp / "state")
-    try:
-        server.wait_up()
+    with running_up(tmp_path_factory.mktemp("merlin")) as server:
         yield server
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log.read_text(), server.log.read_text()[-4000:]
 
 
 def shadow_counts(admin_port: int, version: str) -> tuple[float, float]:

@@ -37,7 +37,7 @@ from merlin_dp.sdk import (
     package,
 )
 from merlin_dp.servers.package import MANIFEST, Manifest
-from tests.conftest import ROOT, Proc, Up, wait_port
+from tests.conftest import ROOT, Proc, Up, running_up, wait_port
 
 CRASH = [sys.executable, "-c", "print('boom: no weights file'); raise SystemExit(3)"]
 
@@ -72,14 +72,8 @@ class HoldsALock:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    tmp = tmp_path_factory.mktemp("sdk")
-    server = Up(tmp, tmp / "state")
-    try:
-        server.wait_up()
+    with running_up(tmp_path_factory.mktemp("sdk")) as server:
         yield server
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log.read_text(), server.log.read_text()[-4000:]
 
 
 def test_a_notebook_flow_deploys_objects_routes_and_predicts(up: Up, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from merlin_dp.sdk import Client
 from merlin_dp.spec.endpoints import AutoscalingPolicy, ResourceRequest, VersionEndpointSpec
 from merlin_dp.spec.rule import Rule
 from merlin_dp.spec.signals import LATENCY_BUCKETS
-from tests.conftest import Replica, Up
+from tests.conftest import Replica, Up, running_up
 from tests.fakes import FakeClock, FakeRuntime
 
 NOW = 1_000_000.0
@@ -156,13 +156,8 @@ async def test_seconds_replicas_and_scale_events_as_the_api_reads_them() -> None
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    tmp = tmp_path_factory.mktemp("series")
-    server = Up(tmp, tmp / "state")
-    try:
-        server.wait_up()
+    with running_up(tmp_path_factory.mktemp("series")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_traffic_through_up_is_counted_in_the_series_and_streamed(up: Up) -> None:
