@@ -43,14 +43,13 @@ from merlin_dp.sdk.operations import (
     Reply,
     RouteChange,
     build,
-    deploy_spec,
+    deploy_body,
     mirror_change,
     route_change,
     sticky_change,
     weights_change,
     weights_rule,
 )
-from merlin_dp.sdk.packaging import package
 from merlin_dp.spec.endpoints import AutoscalingPolicy, ResourceRequest, VersionEndpointSpec
 from merlin_dp.spec.rollout import RolloutPlan, RolloutStatus
 from merlin_dp.spec.rule import Destination, HeaderMatch, Mirror, Protocol, Rule, Sticky
@@ -75,50 +74,6 @@ class _Options:
     @property
     def controller(self) -> str:
         return self.ops.controller
-
-
-def _deploy_flow(
-    ops: Operations,
-    name: str,
-    model: Any,
-    *,
-    model_dir: str | Path | None,
-    pyfunc_class: str | None,
-    command: Sequence[str] | None,
-    workdir: str | Path | None,
-    artifacts: Mapping[str, str | Path] | None,
-    requirements: Sequence[str],
-    package_dir: str | Path | None,
-    protocol: Protocol,
-    resources: ResourceRequest | dict[str, Any] | None,
-    autoscaling: AutoscalingPolicy | dict[str, Any] | None,
-    env: Mapping[str, str] | None,
-    container_concurrency: int | None,
-    ready_deadline: float | None,
-    spec: VersionEndpointSpec | dict[str, Any] | None,
-    wait: float | None,
-    if_match: int | None,
-) -> Flow[VersionEndpoint]:
-    model_type = None
-    if spec is not None:
-        if model is not None or model_dir is not None or command is not None:
-            raise ValueError("give spec= alone, or the model, model_dir= or command=")
-        body = build(VersionEndpointSpec, spec, "")
-    else:
-        if model is not None:
-            if model_dir is not None or command is not None:
-                raise ValueError("give one of: a model object, model_dir= or command=")
-            packaged = package(model, package_dir, artifacts=artifacts, requirements=requirements)
-            model_dir, model_type, pyfunc_class = packaged.path, packaged.kind, None
-        elif artifacts or requirements:
-            raise ValueError("artifacts= and requirements= are for a model object")
-        body = deploy_spec(
-            model_dir=model_dir, pyfunc_class=pyfunc_class, command=command, workdir=workdir,
-            model_type=model_type, protocol=protocol, resources=resources,
-            autoscaling=autoscaling, env=env, container_concurrency=container_concurrency,
-            ready_deadline=ready_deadline,
-        )  # fmt: skip
-    return (yield from ops.deploy(name, body, wait=wait, if_match=if_match))
 
 
 def _rollout_plan(
@@ -219,13 +174,14 @@ class Client(_Options):
         scikit-learn ``model.joblib``); ``command=[...]`` (run in ``workdir``, default
         here); or a whole ``spec``. A version that fails raises DeployFailed with the
         reason and its last log lines."""
-        return self._run(_deploy_flow(
-            self.ops, name, model, model_dir=model_dir, pyfunc_class=pyfunc_class,
-            command=command, workdir=workdir, artifacts=artifacts, requirements=requirements,
+        body = deploy_body(
+            model, model_dir=model_dir, pyfunc_class=pyfunc_class, command=command,
+            workdir=workdir, artifacts=artifacts, requirements=requirements,
             package_dir=package_dir, protocol=protocol, resources=resources,
             autoscaling=autoscaling, env=env, container_concurrency=container_concurrency,
-            ready_deadline=ready_deadline, spec=spec, wait=wait, if_match=if_match,
-        ))  # fmt: skip
+            ready_deadline=ready_deadline, spec=spec,
+        )  # fmt: skip
+        return self._run(self.ops.deploy(name, body, wait=wait, if_match=if_match))
 
     def wait(self, name: str, timeout: float = DEFAULT_WAIT) -> VersionEndpoint:
         """Until version endpoint ``name`` runs (DeployFailed, WaitTimeout)."""
@@ -548,13 +504,14 @@ class AsyncClient(_Options):
         wait: float | None = DEFAULT_WAIT,
         if_match: int | None = None,
     ) -> VersionEndpoint:
-        return await self._run(_deploy_flow(
-            self.ops, name, model, model_dir=model_dir, pyfunc_class=pyfunc_class,
-            command=command, workdir=workdir, artifacts=artifacts, requirements=requirements,
+        body = deploy_body(
+            model, model_dir=model_dir, pyfunc_class=pyfunc_class, command=command,
+            workdir=workdir, artifacts=artifacts, requirements=requirements,
             package_dir=package_dir, protocol=protocol, resources=resources,
             autoscaling=autoscaling, env=env, container_concurrency=container_concurrency,
-            ready_deadline=ready_deadline, spec=spec, wait=wait, if_match=if_match,
-        ))  # fmt: skip
+            ready_deadline=ready_deadline, spec=spec,
+        )  # fmt: skip
+        return await self._run(self.ops.deploy(name, body, wait=wait, if_match=if_match))
 
     async def wait(self, name: str, timeout: float = DEFAULT_WAIT) -> VersionEndpoint:
         return await self._run(self.ops.wait(name, timeout))

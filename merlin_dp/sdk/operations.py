@@ -48,6 +48,7 @@ from merlin_dp.sdk.errors import (
     WaitTimeout,
     api_error,
 )
+from merlin_dp.sdk.packaging import package
 from merlin_dp.sdk.text import status_text
 from merlin_dp.servers.package import MANIFEST, Manifest, PackageError
 from merlin_dp.spec.endpoints import (
@@ -489,22 +490,39 @@ def sticky_change(header: str | None, cookie: str | None) -> dict[str, Any]:
     return {"sticky": {k: v for k, v in (("header", header), ("cookie", cookie)) if v is not None}}
 
 
-def deploy_spec(
+def deploy_body(
+    model: Any,
     *,
     model_dir: str | Path | None,
     pyfunc_class: str | None,
     command: Sequence[str] | None,
     workdir: str | Path | None,
-    model_type: str | None,
+    artifacts: Mapping[str, str | Path] | None,
+    requirements: Sequence[str],
+    package_dir: str | Path | None,
     protocol: Protocol,
     resources: ResourceRequest | dict[str, Any] | None,
     autoscaling: AutoscalingPolicy | dict[str, Any] | None,
     env: Mapping[str, str] | None,
     container_concurrency: int | None,
     ready_deadline: float | None,
+    spec: VersionEndpointSpec | dict[str, Any] | None,
 ) -> VersionEndpointSpec:
-    """The deploy body for a model directory or a command (a packaged object arrives here
-    as its directory)."""
+    """The deploy body for what ``Client.deploy`` was given: a whole ``spec``; a model
+    object, packaged here first (it deploys as its directory); a model directory; or a
+    command."""
+    if spec is not None:
+        if model is not None or model_dir is not None or command is not None:
+            raise ValueError("give spec= alone, or the model, model_dir= or command=")
+        return build(VersionEndpointSpec, spec, "")
+    model_type = None
+    if model is not None:
+        if model_dir is not None or command is not None:
+            raise ValueError("give one of: a model object, model_dir= or command=")
+        packaged = package(model, package_dir, artifacts=artifacts, requirements=requirements)
+        model_dir, model_type, pyfunc_class = packaged.path, packaged.kind, None
+    elif artifacts or requirements:
+        raise ValueError("artifacts= and requirements= are for a model object")
     data: dict[str, Any] = {"protocol": protocol}
     if command is not None:
         if model_dir is not None:
@@ -521,16 +539,11 @@ def deploy_spec(
     else:
         raise ValueError("give a model (an object, a class or an estimator), model_dir= or "
                          "command=")  # fmt: skip
-    if resources is not None:
-        data["resource_request"] = resources
-    if autoscaling is not None:
-        data["autoscaling_policy"] = autoscaling
-    if env:
-        data["env_vars"] = dict(env)
-    if container_concurrency is not None:
-        data["container_concurrency"] = container_concurrency
-    if ready_deadline is not None:
-        data["ready_deadline_seconds"] = ready_deadline
+    optional = {"resource_request": resources, "autoscaling_policy": autoscaling,
+                "env_vars": dict(env) if env else None,
+                "container_concurrency": container_concurrency,
+                "ready_deadline_seconds": ready_deadline}  # fmt: skip
+    data.update({k: v for k, v in optional.items() if v is not None})
     return build(VersionEndpointSpec, data, "")
 
 
