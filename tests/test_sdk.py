@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from merlin_dp.common.net import free_port
+from merlin_dp.protos.caraml.upi.v1 import upi_pb2_grpc
 from merlin_dp.sdk import (
     AsyncClient,
     Client,
@@ -38,6 +40,7 @@ from merlin_dp.sdk import (
 )
 from merlin_dp.servers.package import MANIFEST, Manifest
 from tests.conftest import ROOT, Proc, Up, running_up, wait_port
+from tests.test_upi_server import DOUBLE, make_table, request, scores
 
 CRASH = [sys.executable, "-c", "print('boom: no weights file'); raise SystemExit(3)"]
 
@@ -200,6 +203,51 @@ def test_a_model_directory_written_for_merlin_runs_unchanged(up: Up, tmp_path: P
                              "base": "merlin_dp.servers.merlin_contract"}  # fmt: skip
     client.delete_endpoint("sdk/linear")
     client.undeploy("sdk/linear/1")
+
+
+MERLIN_UPI_MODEL = """\
+from caraml.upi.v1 import table_pb2, upi_pb2
+from merlin.pyfunc import PyFuncModel
+
+
+class Doubler(PyFuncModel):
+    def initialize(self, artifacts: dict):
+        with open(artifacts["factor"]) as f:
+            self.factor = float(f.read())
+
+    def upiv1_infer(self, request, context):
+        rows = [
+            table_pb2.Row(row_id=row.row_id, values=[
+                table_pb2.Value(double_value=self.factor * row.values[0].double_value)])
+            for row in request.prediction_table.rows
+        ]
+        table = table_pb2.Table(name="scores", rows=rows,
+                                columns=[table_pb2.Column(name="score", type=2)])
+        return upi_pb2.PredictValuesResponse(
+            prediction_result_table=table, target_name=request.target_name,
+            metadata=upi_pb2.ResponseMetadata(prediction_id=request.metadata.prediction_id))
+"""
+
+
+def test_a_upi_class_written_for_merlin_answers_grpc_unchanged(up: Up, tmp_path: Path) -> None:
+    """``upiv1_infer`` with caraml-upi-protos' messages (this project's stubs stand in)."""
+    model_dir = tmp_path / "upi-model"
+    (model_dir / "artifacts").mkdir(parents=True)
+    (model_dir / "artifacts" / "factor.txt").write_text("2.5")
+    (model_dir / "doubler.py").write_text(MERLIN_UPI_MODEL)
+    client = Client(up.api)
+    client.deploy("sdk/rows/1", model_dir=model_dir, pyfunc_class="doubler:Doubler",
+                  protocol="UPI_V1", wait=60)  # fmt: skip
+    client.route("sdk/rows", {"1": 100}, protocol="UPI_V1")
+    options = [("grpc.default_authority", "rows.sdk.localhost")]
+    with grpc.insecure_channel(f"127.0.0.1:{up.grpc_port}", options=options) as channel:
+        stub = upi_pb2_grpc.UniversalPredictionServiceStub(channel)  # type: ignore[no-untyped-call]
+        table = make_table([("a", DOUBLE)], [("r1", [2.0]), ("r2", [4.0])])
+        answer = stub.PredictValues(request(table, prediction_id="p-7"), timeout=10)
+    assert scores(answer) == [("r1", 5.0), ("r2", 10.0)]
+    assert (answer.target_name, answer.metadata.prediction_id) == ("score", "p-7")
+    client.delete_endpoint("sdk/rows")
+    client.undeploy("sdk/rows/1")
 
 
 def test_refusals_are_exceptions_a_caller_can_catch(up: Up, tmp_path: Path) -> None:

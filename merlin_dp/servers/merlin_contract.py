@@ -12,12 +12,18 @@ and merlin-pyfunc-server call them. This module owns that contract here:
   ``merlin.model`` and ``merlin.pyfunc`` resolve to a stand-in offering
   :class:`PyFuncModel`, so a model file written for Merlin runs without an edit;
 - :class:`MerlinModel`, which serves such an object through the server's
-  ``load()``/``predict()``;
+  ``load()``/``predict()``; :class:`MerlinUpiModel`, a UPI_V1 one (``upiv1_infer(request,
+  context)``, with ``caraml.upi.v1``'s messages: where caraml-upi-protos is not installed,
+  ``import caraml.upi.v1`` gives this project's wire-identical stubs);
 - :func:`artifacts_in`: the artifacts a model directory offers ``initialize``.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import inspect
 import logging
 import sys
@@ -45,6 +51,28 @@ class PyFuncModel:
         """Answer one request: ``request`` is the parsed JSON body, ``kwargs["headers"]``
         the request's headers. Return anything JSON can encode."""
         raise NotImplementedError(f"{type(self).__name__} does not implement infer()")
+
+
+class MerlinUpiModel:
+    """A Merlin PyFunc object answering UPI_V1: the UPI server hands ``predict_proto`` the
+    request message and the call's context, and sends the response message it returns."""
+
+    def __init__(self, model: Any, artifacts: dict[str, str]) -> None:
+        self.model = model
+        self.artifacts = artifacts
+
+    def load(self) -> None:
+        self.model.initialize(dict(self.artifacts))
+
+    def predict_proto(self, request: Any, context: Any) -> Any:
+        return self.model.upiv1_infer(request, context)
+
+
+def answers_upi(obj: object) -> bool:
+    """Written for Merlin's UPI_V1 contract (``initialize`` and ``upiv1_infer``)."""
+    return callable(getattr(obj, "upiv1_infer", None)) and callable(
+        getattr(obj, "initialize", None)
+    )
 
 
 def follows_merlin(obj: object) -> bool:
@@ -113,13 +141,12 @@ def artifacts_in(model_dir: str, named: dict[str, str] | None = None) -> dict[st
 
 def provide_merlin() -> bool:
     """Make ``import merlin`` (and ``merlin.model``, ``merlin.pyfunc``) give
-    :class:`PyFuncModel` in this process, unless merlin-sdk itself is installed. True
-    when the stand-in was put in place."""
-    if "merlin" in sys.modules:
-        return False
-    import importlib.util
-
-    if importlib.util.find_spec("merlin") is not None:
+    :class:`PyFuncModel` in this process, unless merlin-sdk itself is installed, and
+    ``import caraml.upi.v1`` this project's UPI stubs, unless caraml-upi-protos is. True
+    when the merlin stand-in was put in place."""
+    if importlib.util.find_spec("caraml") is None:
+        sys.meta_path.append(_UpiProtos())
+    if "merlin" in sys.modules or importlib.util.find_spec("merlin") is not None:
         return False
     for name in MERLIN_MODULES:
         module = types.ModuleType(name, f"merlin-dataplane's stand-in for merlin-sdk's {name}")
@@ -142,3 +169,26 @@ def _missing(module: str) -> Any:
         )
 
     return __getattr__
+
+
+class _UpiProtos(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``caraml`` and everything below it as aliases of ``merlin_dp.protos.caraml``: the
+    same .proto files, so the same messages on the wire. Imported only when asked for."""
+
+    PREFIX = "merlin_dp.protos."
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "caraml" and not fullname.startswith("caraml."):
+            return None
+        if importlib.util.find_spec(self.PREFIX + fullname) is None:
+            return None
+        is_package = hasattr(importlib.import_module(self.PREFIX + fullname), "__path__")
+        return importlib.util.spec_from_loader(fullname, self, is_package=is_package)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return importlib.import_module(self.PREFIX + spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        """Already executed under its own name."""

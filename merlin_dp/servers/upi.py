@@ -48,6 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
 from merlin_dp.servers.contract import LATENCY, REQUESTS, BadInput, bind_host
+from merlin_dp.servers.merlin_contract import MerlinUpiModel, answers_upi, artifacts_in
 from merlin_dp.servers.pyfunc import load_class
 
 log = logging.getLogger("model")
@@ -181,7 +182,9 @@ class UpiServer:
         self.full_name = f"{name}-{version}"
         self.model_meta = upi_pb2.ModelMetadata(name=name, version=version)
         self.ready = False
-        self._async = inspect.iscoroutinefunction(model.predict)
+        # Merlin's UPI contract: request and response messages as they are.
+        self._proto = callable(getattr(model, "predict_proto", None))
+        self._async = not self._proto and inspect.iscoroutinefunction(model.predict)
 
     async def predict_values(
         self, request: upi_pb2.PredictValuesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -206,6 +209,8 @@ class UpiServer:
     ) -> upi_pb2.PredictValuesResponse:
         if not self.ready:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self._proto:
+            return await self._answer_proto(request, context)
         if not request.HasField("prediction_table"):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "prediction_table is missing")
         try:
@@ -241,6 +246,28 @@ class UpiServer:
                 prediction_id=request.metadata.prediction_id, models=[self.model_meta]
             ),
         )
+
+    async def _answer_proto(
+        self, request: upi_pb2.PredictValuesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> upi_pb2.PredictValuesResponse:
+        predict = self.model.predict_proto  # type: ignore[attr-defined]
+        try:
+            result = await asyncio.wait_for(
+                asyncio.to_thread(predict, request, context), timeout=context.time_remaining()
+            )
+        except TimeoutError:
+            raise _Abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the model ran past the deadline"
+            ) from None
+        except Exception as exc:
+            log.exception("upiv1_infer failed")
+            raise _Abort(
+                grpc.StatusCode.INTERNAL, f"the model failed: {type(exc).__name__}: {exc}"
+            ) from None
+        if not isinstance(result, upi_pb2.PredictValuesResponse):
+            raise _Abort(grpc.StatusCode.INTERNAL, "upiv1_infer returned "
+                         f"{type(result).__name__}, not a PredictValuesResponse")  # fmt: skip
+        return result
 
     async def _predict(self, table: Table, remaining: float | None) -> Table:
         if self._async:
@@ -367,10 +394,18 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m merlin_dp.servers.upi module:Class")
-    model = load_class(args[0], os.environ.get("CARAML_ARTIFACT_LOCATION", ""))
+    model_dir = os.environ.get("CARAML_ARTIFACT_LOCATION", "")
+    model = load_class(args[0], model_dir)
+    if answers_upi(model):  # Merlin's contract: initialize(artifacts), upiv1_infer
+        serve(MerlinUpiModel(model, artifacts_in(model_dir)))  # type: ignore[arg-type]
+        return
     for method in ("load", "predict"):
         if not callable(getattr(model, method, None)):
-            raise SystemExit(f"upi: {args[0]} has no {method}() method")
+            raise SystemExit(
+                f"upi: {args[0]} has no {method}() method (this server's contract is load() "
+                "and predict(table); Merlin's is initialize(artifacts) and "
+                "upiv1_infer(request, context))"
+            )
     serve(model)
 
 
