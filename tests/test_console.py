@@ -318,6 +318,34 @@ def test_an_edit_made_stale_by_someone_else_is_refused_by_if_match(demo: Up, pag
     expect(page.get_by_test_id("stale-note")).to_be_hidden()
 
 
+def test_a_rollout_shows_its_progress_and_is_paused_and_aborted_from_the_page(
+    demo: Up, page: Page
+) -> None:
+    client = Client(demo.api)
+    client.set_weights(MODEL, {"1": 100})
+    client.start_rollout(MODEL, "2", shadow=False, steps=[10, 50], step_seconds=300)
+    try:
+        open_model(page, demo.api)
+        expect(page.get_by_test_id("rollout-phase")).to_have_text("canary")
+        expect(page.get_by_test_id("rollout-step")).to_have_text("step 1 of 2 (10%)")
+        expect(page.get_by_test_id("rollout-decisions")).to_contain_text("start")
+        page.get_by_test_id("rollout-pause").click()
+        confirm(page)
+        expect(page.get_by_test_id("rollout-phase")).to_have_text("canary (paused)")
+        assert client.rollout(MODEL).paused
+        shot(page, "rollout-paused")
+        page.get_by_test_id("rollout-abort").click()
+        assert "goes back to the rule from before the rollout" in confirm(page)
+        expect(page.get_by_test_id("rollout-phase")).to_have_text("aborted")
+        expect(page.get_by_test_id("rollout-abort")).to_have_count(0)
+        assert client.rollout(MODEL).phase == "aborted"
+        endpoint = client.endpoint(MODEL)
+        assert {d.version: d.weight for d in endpoint.rule.destinations} == {"1": 100}
+    finally:
+        if client.rollout(MODEL).active:
+            client.abort_rollout(MODEL)
+
+
 def test_a_read_only_token_sees_no_controls(guarded: str, browser: Browser) -> None:
     def sign_in(token: str) -> Page:
         page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()

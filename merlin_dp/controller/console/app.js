@@ -111,11 +111,12 @@
     if (!unixSeconds) return "—";
     return new Date(unixSeconds * 1000).toLocaleTimeString([], { hour12: false });
   }
-  function fmtDateTime(unixSeconds) {
+  function fmtDateTime(unixSeconds) { // the time alone for today
     if (!unixSeconds) return "—";
     const d = new Date(unixSeconds * 1000);
-    return d.toLocaleDateString([], { month: "short", day: "numeric" }) + " "
-      + d.toLocaleTimeString([], { hour12: false });
+    const time = d.toLocaleTimeString([], { hour12: false });
+    if (d.toDateString() === new Date().toDateString()) return time;
+    return d.toLocaleDateString([], { month: "short", day: "numeric" }) + " " + time;
   }
   function fmtClock(unixSeconds, seconds) {
     const d = new Date(unixSeconds * 1000);
@@ -233,6 +234,7 @@
       tokenForm.hidden = false;
       changeToken.hidden = true;
     }
+    $("#forget-token").hidden = !state.token;
   }
 
   async function signIn(token) {
@@ -291,6 +293,7 @@
   });
   changeToken.addEventListener("click", () => {
     tokenForm.hidden = false;
+    $("#forget-token").hidden = !state.token;
     changeToken.hidden = true;
     tokenInput.focus();
   });
@@ -700,10 +703,11 @@
       this.weightsBase = e.revision;
       this.weightsDirty = false;
       this.showSum();
+      // The switch offers the version carrying the least traffic (90/10's canary).
       const sw = $("#switch-to", this.root);
-      const serving = e.rule.destinations.filter((d) => d.weight > 0).map((d) => d.version);
-      const other = [...sw.options].map((o) => o.value).find((v) => !serving.includes(v));
-      if (other !== undefined && document.activeElement !== sw) sw.value = other;
+      const byWeight = [...sw.options].map((o) => o.value)
+        .sort((a, b) => (weights[a] ?? 0) - (weights[b] ?? 0));
+      if (byWeight.length && document.activeElement !== sw) sw.value = byWeight[0];
     }
 
     fillMirror() {
@@ -919,20 +923,20 @@
       class: r.revision === current ? "current" : null,
     },
       h("th.num", { scope: "row" }, String(r.revision)),
-      h("td", {}, h("time", { datetime: new Date(r.at * 1000).toISOString() }, fmtDateTime(r.at)), h("br"),
-        h("span.muted", {}, r.by)),
+      h("td", {}, h("time", { datetime: new Date(r.at * 1000).toISOString() }, fmtDateTime(r.at)),
+        h("span.muted", {}, ` · ${r.by}`)),
       h("td", { "data-testid": "history-rule" }, describeRule(r.rule)),
       h("td", {}, r.revision === current
         ? h("span.badge.current-badge", {}, "current")
         : m.writable
           ? h("button.small", { type: "button", "data-action": "rollback-to", "data-revision": r.revision,
-            "data-testid": "history-rollback", "aria-label": `Roll back to revision ${r.revision}` }, "Roll back to this")
+            "data-testid": "history-rollback", "aria-label": `Roll back to revision ${r.revision}` }, "Roll back")
           : null)));
     morphChildren(m.el.historyList, h("table.history", {},
       h("caption.visually-hidden", {}, "Rules of this model endpoint, newest first"),
       h("thead", {}, h("tr", {},
         h("th.num", { scope: "col" }, "Rev."),
-        h("th", { scope: "col" }, "When, who"),
+        h("th", { scope: "col" }, "When · who"),
         h("th", { scope: "col" }, "Rule"),
         h("th", { scope: "col" }, h("span.visually-hidden", {}, "Action")))),
       h("tbody", {}, rows)));
@@ -957,17 +961,16 @@
     const active = r.phase === "shadow" || r.phase === "canary";
     const steps = r.plan.steps;
     const step = r.phase === "shadow" ? "shadow" : r.step >= 0 ? `step ${r.step + 1} of ${steps.length} (${steps[r.step]}%)` : "—";
-    const tests = r.tests.length ? h("table.tests", { "data-testid": "rollout-tests" },
+    const tests = r.tests.length ? h("div.table-scroll", { tabindex: 0, "aria-label": "Rollout tests" }, h("table.tests", { "data-testid": "rollout-tests" },
       h("caption", {}, "Tests as they stand"),
       h("thead", {}, h("tr", {},
-        ["Test", "Baseline", "Candidate", "Margin", "Samples", "Verdict"].map((t) => h("th", { scope: "col" }, t)))),
+        ["Test", "Baseline", "Candidate", "Margin", "Verdict"].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, r.tests.map((t) => h("tr", { "data-key": t.metric },
-        h("th", { scope: "row" }, t.metric.replace("_", " ")),
+        h("th", { scope: "row" }, t.metric.replace("_", " "), h("br"), h("span.muted", {}, `${t.samples} samples`)),
         h("td.num", {}, fmtShare(t.baseline)),
         h("td.num", {}, fmtShare(t.candidate)),
         h("td.num", {}, fmtShare(t.margin)),
-        h("td.num", {}, String(t.samples)),
-        h("td", {}, h(`span.badge.verdict-${t.verdict}`, {}, t.verdict)))))) : null;
+        h("td", {}, h(`span.badge.verdict-${t.verdict}`, {}, t.verdict))))))) : null;
     const ev = r.phase === "shadow" ? r.shadow : r.live;
     const evidence = h("p.muted", { "data-testid": "rollout-evidence" },
       `Answers counted: baseline ${ev.baseline.answered} (${ev.baseline.errors} errors), candidate ${ev.candidate.answered} (${ev.candidate.errors} errors)`,
@@ -984,12 +987,12 @@
       h("p.message", { role: "status", "data-testid": "rollout-message" }),
       h("dl.facts", {},
         h("dt", {}, "Versions"), h("dd", {}, `${r.baseline} → ${r.candidate}`),
-        h("dt", {}, "Phase"), h("dd", { "data-testid": "rollout-phase" }, r.phase.replace("_", " "), r.paused ? " (paused)" : ""),
+        h("dt", {}, "Phase"), h("dd", { "data-testid": "rollout-phase" }, r.phase.replace("_", " "), active && r.paused ? " (paused)" : ""),
         h("dt", {}, "Step"), h("dd", { "data-testid": "rollout-step" }, step),
         h("dt", {}, "Candidate weight"), h("dd", { "data-testid": "rollout-weight" }, `${r.weight}%`),
         r.message ? [h("dt", {}, "Now"), h("dd", {}, r.message)] : null),
       evidence, tests, buttons,
-      decisions.length ? [h("h3", {}, "Decisions"), h("ol.decisions", { "data-testid": "rollout-decisions", reversed: true }, decisions)] : null);
+      decisions.length ? [h("h3", {}, "Decisions, newest first"), h("ul.decisions", { "data-testid": "rollout-decisions" }, decisions)] : null);
   }
 
   async function rolloutAction(m, action) {
@@ -1003,7 +1006,8 @@
     try {
       const { data } = await api("POST", modelPath(m.project, m.model) + `/endpoint/rollout:${action}`, {});
       renderRollout(m, data);
-      setStatus($("[data-testid=rollout-message]", m.el.rollout), `Rollout ${data.phase.replace("_", " ")}${data.paused ? " (paused)" : ""}.`, "ok");
+      const live = data.phase === "shadow" || data.phase === "canary";
+      setStatus($("[data-testid=rollout-message]", m.el.rollout), `Rollout ${data.phase.replace("_", " ")}${live && data.paused ? " (paused)" : ""}.`, "ok");
     } catch (err) {
       if (out) setStatus(out, `Not done: ${err.text}`, "error");
     }
@@ -1068,11 +1072,13 @@
       this.points = new Map(); // version -> Map(second -> SeriesPoint)
       this.events = [];
       this.until = 0;
+      this.signals = true; // false: the controller reads no gateway signals
       this.changed = false;
     }
 
     merge(msg) {
       this.until = Math.max(this.until, msg.until || 0);
+      if (msg.signals !== undefined) this.signals = msg.signals;
       for (const v of msg.versions || []) {
         let map = this.points.get(v.version);
         if (!map) this.points.set(v.version, (map = new Map()));
@@ -1166,7 +1172,11 @@
             const msg = JSON.parse(line);
             m.series.merge(msg);
             if (msg.until) since = msg.until;
-            setStreamNote(`Live, to ${fmtTime(m.series.until)}: ${m.series.span()} (the controller keeps 15 minutes).`);
+            setStreamNote(`Live, to ${fmtTime(m.series.until)}: ${m.series.span()} (the controller keeps 15 minutes).`
+              + (m.series.signals === false
+                ? " This controller reads no gateway signals (start it with --gateway-admin or --redis-signals):"
+                  + " requests, latency and errors stay at zero; replicas are its own."
+                : ""));
           }
         }
         setStreamNote("The stream ended; reconnecting…");
@@ -1324,7 +1334,7 @@
         morphChildren(root, h("p.muted", {}, "No scaling in the last 15 minutes."));
         return;
       }
-      morphChildren(root, h("ol.events", { reversed: true }, events.slice(0, 30).map((e) => h("li", {
+      morphChildren(root, h("ul.events", { tabindex: 0, "aria-label": "Autoscaler decisions, newest first" }, events.slice(0, 30).map((e) => h("li", {
         "data-testid": "scale-event", "data-key": `${e.at}/${e.version}`,
       },
         h("span.swatch", { style: { background: colorOf(versions, e.version) }, "aria-hidden": "true" }),
