@@ -210,8 +210,13 @@ async def test_scale_down_under_load_fails_no_request(stack: Stack) -> None:
 
     async def client(s: aiohttp.ClientSession, steady: bool) -> None:
         nonlocal served
+        # The steady client's requests are short: one client at concurrency ~1 sends
+        # ~9/s of 0.1 s. (At 0.2 s it sent ~5/s, and the stable window's count is noisy
+        # enough at 5/s that the policy's hysteresis, sizing for the rate plus two
+        # standard deviations, kept a third replica until a chance lull: 5-20 s.)
+        path = "/sleep?s=0.1" if steady else "/sleep?s=0.2"
         while not stop.is_set() and (steady or not quiet.is_set()):
-            status, body = await _get(s, stack, "/sleep?s=0.2")
+            status, body = await _get(s, stack, path)
             served += 1
             if status != 200:
                 failures.append((status, body))
