@@ -348,15 +348,20 @@ async def test_one_long_request_changes_no_scale(stack: Stack) -> None:
 
 
 async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: Stack) -> None:
-    # A trickle, and a batch caller's 5 s burst of 40 requests/s every 14 s: after two
+    # A trickle, and a batch caller's 4 s burst of 40 requests/s every 12 s: after two
     # bursts the forecast knows the period and orders the replicas one start-up time
-    # ahead of the third.
+    # ahead of the third. (The period is 1.5x FAST's shortest forecast period; between
+    # two bursts, the windows bring the replicas back down before the forecast raises
+    # them: checked below.)
     await stack.deploy(min_replica=1, max_replica=10, container_concurrency=1)
-    period, width, first = 14.0, 5.0, 6.0
+    period, width, first = 12.0, 4.0, 5.0
     needed = math.ceil(40 * 0.05 / 0.7)
     loop = asyncio.get_running_loop()
     began = loop.time()
     at_start: list[tuple[int, int]] = []  # per burst: (asked for, ready or starting)
+    ended: list[float] = []  # per burst: when its last answer came
+    live: list[tuple[float, int]] = []  # (when, ready or starting)
+    stop = asyncio.Event()
 
     async def trickle(s: aiohttp.ClientSession) -> None:
         await _poisson(s, stack, 3.0, first + 2 * period + width + 1, "/sleep?s=0.05", seed=2)
@@ -367,10 +372,19 @@ async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: St
             await asyncio.sleep(max(0.0, began + first + k * period - loop.time()))
             at_start.append((stack.scaler.scalers[KEY].state.desired, stack.live()))
             statuses += await _poisson(s, stack, 40.0, width, "/sleep?s=0.05", seed=10 + k)
+            ended.append(loop.time())
         return statuses
 
+    async def watch_live() -> None:
+        while not stop.is_set():
+            live.append((loop.time(), stack.live()))
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.ensure_future(watch_live())
     async with aiohttp.ClientSession() as s:
         _, statuses = await asyncio.gather(trickle(s), bursts(s))
+    stop.set()
+    await watcher
     assert statuses.count(200) == len(statuses)
     async with stack.api.session.get(stack.api.url + "/metrics") as resp:
         families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
@@ -385,3 +399,7 @@ async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: St
     # machine's business, not the forecast's).
     assert at_start[0][0] < needed, at_start
     assert at_start[2][0] >= needed and at_start[2][1] >= needed, at_start
+    # Those were ordered again for the third: after the second burst, fewer ran.
+    third = began + first + 2 * period
+    lull = [n for at, n in live if ended[1] <= at < third]
+    assert lull and min(lull) < needed, (at_start, lull)
