@@ -38,6 +38,10 @@ WRITE_TOKEN, READ_TOKEN = "console-write-token", "console-read-token"
 # Anything the page offers to change something with, inside the page (not the token form).
 CONTROLS = "main button, main input, main select, main textarea"
 
+# On a fresh machine the first test's set-up installs chromium from Debian (apt-get, a
+# few minutes on a slow mirror); the tests themselves take seconds.
+pytestmark = pytest.mark.timeout(600)
+
 
 def shot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
