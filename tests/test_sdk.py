@@ -165,7 +165,7 @@ def test_a_fitted_estimator_is_served_as_it_predicts_here(up: Up) -> None:
 
     assert f"scikit-learn=={sklearn.__version__}" in pins, pins
     client.route("sdk/iris", {"1": 100})
-    rows = features[::30].tolist()
+    rows = features[::30]  # a numpy array, sent as it is
     answer = client.predict("sdk/iris", {"instances": rows})
     assert answer.result == {"predictions": estimator.predict(rows).tolist()}
     client.delete_endpoint("sdk/iris")

@@ -376,7 +376,8 @@ class Operations:
     ) -> Flow[Prediction]:
         base = yield from self.gateway_base(model, version)
         send = {"Content-Type": "application/json", **(headers or {})}
-        reply = yield Call("POST", base + "/" + path.lstrip("/"), json.dumps(payload).encode(),
+        body = json.dumps(payload, default=_array).encode()
+        reply = yield Call("POST", base + "/" + path.lstrip("/"), body,
                            send, timeout)  # fmt: skip
         assert reply is not None
         served = reply.headers.get("x-model-version", "")
@@ -409,6 +410,14 @@ class Operations:
 
     def watch(self) -> Call:
         return self.call("GET", "/v1/routes?watch=1", timeout=None)
+
+
+def _array(value: Any) -> Any:
+    """numpy arrays and scalars (anything with ``tolist``) as JSON lists and numbers, so a
+    notebook can send ``{"instances": X[:3]}`` as it is."""
+    if callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON: send lists, numbers and strings")
 
 
 def route_change(line: bytes, model: str, last: RouteChange | None) -> RouteChange | None:
