@@ -29,7 +29,7 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 from loadtests.harness.tools import ensure_tools
 from merlin_dp.common.net import free_port
 from merlin_dp.sdk import Client
-from tests.conftest import ROOT, Proc, Up, wait_port
+from tests.conftest import ROOT, Proc, Up, running_up, wait_port
 
 ARTIFACTS = ROOT / ".cache" / "test-artifacts" / "console"
 MODEL = "demo/iris"
@@ -123,13 +123,8 @@ def page(browser: Browser) -> Iterator[Page]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    tmp = tmp_path_factory.mktemp("console")
-    up = Up(tmp, tmp / "state", extra=("--demo",))
-    try:
-        up.wait_up()
+    with running_up(tmp_path_factory.mktemp("console"), "--demo") as up:
         yield up
-    finally:
-        up.stop()
 
 
 @pytest.fixture(scope="module")
