@@ -201,7 +201,8 @@ async def test_a_failing_canary_is_rolled_back_and_fails_only_its_own_answers(
     stack: Stack,
 ) -> None:
     await serve_baseline(stack, {"ROLLOUT_FAIL_EVERY": "20"})  # 5% server errors
-    async with callers(stack) as seen:
+    # Twice the callers: the rollback waits on the candidate's answers counted.
+    async with callers(stack, per_second=120) as seen:
         # A margin well under the 5% it fails, so a few hundred answers decide.
         analysis = {**FAST["analysis"], "error_rate_margin": 0.02}  # type: ignore[dict-item]
         plan = {"candidate": "2", **FAST, "shadow": False, "analysis": analysis}
