@@ -43,6 +43,8 @@ from typing import Any
 
 import pytest
 
+from loadtests.harness.tools import ensure_tools, find_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 KSERVE_SCRIPT = Path(__file__).with_name("kserve_client_script.py")
 CLIENTS_DIR = ROOT / ".cache" / "clients"
@@ -212,3 +214,26 @@ def client_environ() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.pop("PYTHONPATH", None)
     return env
+
+
+_BROWSER_INSTALL = threading.Lock()
+
+
+def chromium() -> str:
+    """Debian's chromium, installed (apt-get) when missing; one attempt at a time."""
+    with _BROWSER_INSTALL:
+        return ensure_tools(["chromium"])["chromium"]
+
+
+def install_browser_in_background() -> None:
+    """Start installing chromium now if it is missing: on a new machine apt takes about a
+    minute, which the tests before the console's then hide. The fixture waits on the same
+    lock; if this attempt failed, the fixture's own attempt reports why."""
+    if find_tool("chromium") is not None:
+        return
+
+    def install() -> None:
+        with contextlib.suppress(Exception):
+            chromium()
+
+    threading.Thread(target=install, name="chromium-install", daemon=True).start()

@@ -28,7 +28,7 @@ from merlin_dp.common.net import LOOPBACK, free_port
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.routing.sources import FileRouteSource
 from merlin_dp.gateway.worker import GatewayWorker
-from tests.clients import CLIENT_ENVS, build_in_background
+from tests.clients import CLIENT_ENVS, build_in_background, install_browser_in_background
 from tests.upstream_app import make_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +38,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # The client venvs (tests/clients.py) the collected tests ask for, made meanwhile.
     wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     build_in_background(env for env in CLIENT_ENVS if env.fixture in wanted)
+    if "browser" in wanted:  # tests/test_console.py
+        install_browser_in_background()
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

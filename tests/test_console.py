@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from loadtests.harness.tools import ensure_tools
 from merlin_dp.common.net import free_port
 from merlin_dp.sdk import Client
+from tests.clients import chromium
 from tests.conftest import ROOT, Proc, Up, running_up, wait_port
 
 ARTIFACTS = ROOT / ".cache" / "test-artifacts" / "console"
@@ -102,8 +102,8 @@ def playwright() -> Iterator[Playwright]:
 
 @pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
-    chromium = ensure_tools(["chromium"])["chromium"]  # apt-get install chromium if missing
-    browser = playwright.chromium.launch(executable_path=chromium)
+    # Debian's chromium, installed when missing (started in the background at collection).
+    browser = playwright.chromium.launch(executable_path=chromium())
     yield browser
     browser.close()
 

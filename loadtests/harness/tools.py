@@ -45,11 +45,15 @@ def install_apt_packages(packages: Sequence[str]) -> None:
     if shutil.which("apt-get") is None:
         raise HarnessError(f"apt-get not found; install {' '.join(packages)} and rerun")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    # Waits for dpkg's lock: the tests may install two tools at once (a browser in the
+    # background, nginx in the foreground).
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y",
+               "--no-install-recommends", *packages]  # fmt: skip
     print(f"bench: installing {' '.join(packages)}", file=sys.stderr, flush=True)
     if subprocess.run(install, env=env, check=False, timeout=900).returncode == 0:
         return
-    subprocess.run(["apt-get", "update"], env=env, check=False, timeout=900)
+    subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update"], env=env, check=False,
+                   timeout=900)  # fmt: skip
     if subprocess.run(install, env=env, check=False, timeout=900).returncode != 0:
         raise HarnessError(f"apt-get install {' '.join(packages)} failed")
 
