@@ -411,7 +411,8 @@ async def test_autoscaler_patches_the_scale_subresource(stack: Stack, cluster: C
     # The autoscaler finds gateways through the headless admin Service's EndpointSlices.
     await cluster.add_gateway_admin(gw_admin)
     port = stack.controller("solo", "--gateway-admin-service", "merlin-dp-gateway-admin",
-                            "--stable-window", "2", "--scale-to-zero-grace", "1")  # fmt: skip
+                            "--stable-window", "2", "--scale-down-delay", "1",
+                            "--scale-to-zero-grace", "1")  # fmt: skip
     stack.gateway(port, admin=gw_admin)
     await eventually(lambda: _served(stack, {"v1"}), "v1 served")
 
