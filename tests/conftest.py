@@ -344,3 +344,23 @@ def running_up(tmp: Path, *extra: str) -> Iterator[Up]:
     finally:
         server.stop()
     assert "Traceback" not in server.log.read_text(), server.log.read_text()[-4000:]
+
+
+@contextlib.contextmanager
+def running_controller(tmp: Path, tokens: str) -> Iterator[str]:
+    """`merlin-dp controller` with the tokens file ``tokens`` (YAML) on a free port, for
+    the block: its API's URL. Its log must hold no traceback."""
+    (tmp / "tokens.yaml").write_text(tokens)
+    port = free_port()
+    proc = Proc(
+        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(tmp / "state"),
+         "--listen", f"127.0.0.1:{port}", "--tokens", str(tmp / "tokens.yaml")],
+        port, tmp / "controller.log",
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+    log = (tmp / "controller.log").read_text()
+    assert "Traceback" not in log, log[-4000:]

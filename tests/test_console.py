@@ -26,10 +26,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from merlin_dp.common.net import free_port
 from merlin_dp.sdk import Client
 from tests.clients import chromium
-from tests.conftest import ROOT, Proc, Up, running_up, wait_port
+from tests.conftest import ROOT, Up, running_controller, running_up
 
 ARTIFACTS = ROOT / ".cache" / "test-artifacts" / "console"
 MODEL = "demo/iris"
@@ -130,29 +129,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A controller with a write and a read token, serving one model endpoint."""
-    tmp = tmp_path_factory.mktemp("console-tokens")
-    tokens = tmp / "tokens.yaml"
-    tokens.write_text(
+    tokens = (
         "tokens:\n"
         f"  - {{name: ops, token: {WRITE_TOKEN}, access: write, projects: ['*'], host: true}}\n"
         f"  - {{name: viewer, token: {READ_TOKEN}, access: read, projects: ['*']}}\n"
     )
-    port = free_port()
-    proc = Proc(
-        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(tmp / "state"),
-         "--listen", f"127.0.0.1:{port}", "--tokens", str(tokens)],
-        port, tmp / "controller.log",
-    )  # fmt: skip
-    try:
-        wait_port(port)
-        api = f"http://127.0.0.1:{port}"
+    with running_controller(tmp_path_factory.mktemp("console-tokens"), tokens) as api:
         with Client(api, token=WRITE_TOKEN) as client:
             client.deploy("shop/ranker/1", command=[sys.executable, "examples/custom_model.py"],
                           workdir=ROOT, wait=60)  # fmt: skip
             client.route("shop/ranker", {"1": 100})
         yield api
-    finally:
-        proc.stop()
 
 
 def version_cell(page: Page, version: str, field: str) -> Any:

@@ -33,10 +33,9 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from merlin_dp.common.net import free_port
 from merlin_dp.controller.openapi import openapi_document
 from merlin_dp.controller.server import ControllerConfig, start_controller
-from tests.conftest import ROOT, Proc, wait_port
+from tests.conftest import ROOT, running_controller
 
 TOKEN = "openapi-document-tests"
 EXAMPLE = [sys.executable, str(ROOT / "examples" / "custom_model.py")]
@@ -54,25 +53,10 @@ BASE = "/v1/projects/{project}/models/{model}"
 
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("controller")
-    tokens = tmp / "tokens.yaml"
-    tokens.write_text(
-        f"tokens:\n  - {{name: tests, token: {TOKEN}, access: write, projects: ['*'],"
-        " host: true}\n"
-    )
-    port = free_port()
-    proc = Proc(
-        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(tmp / "state"),
-         "--listen", f"127.0.0.1:{port}", "--tokens", str(tokens)],
-        port, tmp / "controller.log",
-    )  # fmt: skip
-    try:
-        wait_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
-    log = (tmp / "controller.log").read_text()
-    assert "Traceback" not in log, log[-4000:]
+    tokens = (f"tokens:\n  - {{name: tests, token: {TOKEN}, access: write, projects: ['*'],"
+              " host: true}\n")  # fmt: skip
+    with running_controller(tmp_path_factory.mktemp("controller"), tokens) as api:
+        yield api
 
 
 class Answer:

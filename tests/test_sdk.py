@@ -39,7 +39,7 @@ from merlin_dp.sdk import (
     package,
 )
 from merlin_dp.servers.package import MANIFEST, Manifest
-from tests.conftest import ROOT, Proc, Up, running_up, wait_port
+from tests.conftest import ROOT, Up, running_controller, running_up
 from tests.test_upi_server import DOUBLE, make_table, request, scores
 
 CRASH = [sys.executable, "-c", "print('boom: no weights file'); raise SystemExit(3)"]
@@ -310,24 +310,13 @@ def test_refusals_are_exceptions_a_caller_can_catch(up: Up, tmp_path: Path) -> N
 
 
 def test_a_token_is_sent_and_a_bad_one_is_unauthorized(tmp_path: Path) -> None:
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text("tokens:\n  - {name: ci, token: right-token, access: read, "
-                      "projects: ['*']}\n")  # fmt: skip
-    port = free_port()
-    proc = Proc(
-        [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(tmp_path / "s"),
-         "--listen", f"127.0.0.1:{port}", "--tokens", str(tokens)],
-        port, tmp_path / "controller.log",
-    )  # fmt: skip
-    try:
-        wait_port(port)
-        api = f"http://127.0.0.1:{port}"
+    tokens = "tokens:\n  - {name: ci, token: right-token, access: read, projects: ['*']}\n"
+    with running_controller(tmp_path, tokens) as api:
         assert Client(api, token="right-token").versions("sdk/none") == []
+        assert Client(api, token="right-token").whoami().access == "read"
         with pytest.raises(Unauthorized) as refused:
             Client(api, token="wrong").versions("sdk/none")
         assert refused.value.status == 401
-    finally:
-        proc.stop()
 
 
 async def test_the_async_client_does_the_same_over_asyncio(up: Up, tmp_path: Path) -> None:

@@ -105,6 +105,17 @@ class MerlinModel:
         return self.model.infer(payload)
 
 
+def require_contract(model: object, spec: str, server: str, own: str, merlin: str) -> None:
+    """Exit (the replica fails, saying why) unless ``model`` has ``load`` and
+    ``predict``; ``own`` and ``merlin`` name the two contracts a server takes."""
+    for method in ("load", "predict"):
+        if not callable(getattr(model, method, None)):
+            raise SystemExit(
+                f"{server}: {spec} has no {method}() method (this server's contract is "
+                f"{own}; Merlin's is {merlin})"
+            )
+
+
 def _header_case(name: str) -> str:
     return "-".join(word.capitalize() for word in name.split("-"))
 

@@ -39,6 +39,7 @@ from merlin_dp.servers.merlin_contract import (
     artifacts_in,
     follows_merlin,
     provide_merlin,
+    require_contract,
 )
 from merlin_dp.servers.package import PackageError, load_pyfunc
 
@@ -70,13 +71,8 @@ def load_model(spec: str, model_dir: str) -> Model:
     model = load_class(spec, model_dir)
     if follows_merlin(model):
         return MerlinModel(model, artifacts_in(model_dir))
-    for method in ("load", "predict"):
-        if not callable(getattr(model, method, None)):
-            raise SystemExit(
-                f"pyfunc: {spec} has no {method}() method (this server's contract is "
-                "load() and predict(payload); Merlin's is initialize(artifacts) and "
-                "infer(request, **kwargs))"
-            )
+    require_contract(model, spec, "pyfunc", "load() and predict(payload)",
+                     "initialize(artifacts) and infer(request, **kwargs)")  # fmt: skip
     return model  # type: ignore[no-any-return]
 
 

@@ -48,7 +48,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from merlin_dp.protos.caraml.upi.v1 import table_pb2, type_pb2, upi_pb2
 from merlin_dp.servers.contract import LATENCY, REQUESTS, BadInput, bind_host
-from merlin_dp.servers.merlin_contract import MerlinUpiModel, answers_upi, artifacts_in
+from merlin_dp.servers.merlin_contract import (
+    MerlinUpiModel,
+    answers_upi,
+    artifacts_in,
+    require_contract,
+)
 from merlin_dp.servers.pyfunc import load_class
 
 log = logging.getLogger("model")
@@ -399,13 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     if answers_upi(model):  # Merlin's contract: initialize(artifacts), upiv1_infer
         serve(MerlinUpiModel(model, artifacts_in(model_dir)))  # type: ignore[arg-type]
         return
-    for method in ("load", "predict"):
-        if not callable(getattr(model, method, None)):
-            raise SystemExit(
-                f"upi: {args[0]} has no {method}() method (this server's contract is load() "
-                "and predict(table); Merlin's is initialize(artifacts) and "
-                "upiv1_infer(request, context))"
-            )
+    require_contract(model, args[0], "upi", "load() and predict(table)",
+                     "initialize(artifacts) and upiv1_infer(request, context)")  # fmt: skip
     serve(model)
 
 
