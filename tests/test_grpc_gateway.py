@@ -576,8 +576,10 @@ async def test_a_replica_killed_under_load_fails_only_calls_in_flight(
         assert len(failures) <= concurrency, failures
         assert set(failures) <= {grpc.StatusCode.UNAVAILABLE}
     finally:
+        # Off the loop: the gateway on it must answer the replica's shutdown (GOAWAY and
+        # a PING); a blocked loop can't, and the replica waited out its 10 s grace.
         for r in pair:
-            r.stop()
+            await asyncio.to_thread(r.stop)
 
 
 async def test_a_version_at_zero_holds_calls_until_a_replica_is_ready(
