@@ -336,18 +336,35 @@ def probe_pids(probe: str) -> set[int]:
     return found
 
 
-class ControllerProcess:
-    """`merlin-dp controller` on a state directory, its log in a file of its own."""
+# `python -m merlin_dp`'s own main(), once a line comes on stdin: the interpreter is up and
+# the command's modules are imported before, the command itself runs only after.
+HELD_MAIN = ("import sys; from merlin_dp.cli.main import main; sys.stdin.readline(); "
+             "raise SystemExit(main(sys.argv[1:]))")  # fmt: skip
 
-    def __init__(self, tmp: Path, state: Path, n: int) -> None:
+
+class ControllerProcess:
+    """`merlin-dp controller` on a state directory, its log in a file of its own.
+
+    ``held``: started ahead, it waits before main() until :meth:`go` (a test that starts
+    controllers one after another lets the next import while the last one runs)."""
+
+    def __init__(self, tmp: Path, state: Path, n: int, held: bool = False) -> None:
         self.port = free_port()
         self.log = tmp / f"controller-{n}.log"
         self._out = self.log.open("wb")
+        command = [sys.executable, "-c", HELD_MAIN] if held else [sys.executable, "-m", "merlin_dp"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "merlin_dp", "controller", "--state-dir", str(state),
+            [*command, "controller", "--state-dir", str(state),
              "--listen", f"127.0.0.1:{self.port}"],
             cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+            stdin=subprocess.PIPE if held else None,
         )  # fmt: skip
+
+    def go(self) -> None:
+        """A held controller runs its command now."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
 
     def wait_log(self, *texts: str, timeout: float = 60) -> str:
         """Wait until the log says one of ``texts``; returns the log."""
@@ -399,24 +416,32 @@ def test_a_controller_killed_during_hand_overs_leaves_no_replica_behind(tmp_path
     started: list[ControllerProcess] = []
 
     def start() -> ControllerProcess:
-        started.append(ControllerProcess(tmp_path, state, len(started)))
+        # Held: it runs only at go(), the last one killed by then; started ahead, the next
+        # one's interpreter starts while the last one runs (a cycle costs a controller's
+        # start, not also a Python's).
+        started.append(ControllerProcess(tmp_path, state, len(started), held=True))
         return started[-1]
 
     try:
         first = start()
+        first.go()
         first.wait_log(SERVING)
         first.call("PUT", VERSION, spec)
         first.wait_replicas(2)
         assert len(probe_pids(probe)) == 2
+        ctl = start()
         first.kill9()
         # Each next controller is killed once its hand-over has begun: at once, or a
         # little later (while it starts its own replicas, or once they run).
         for delay in (0, 0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 0):
-            ctl = start()
+            ctl.go()
+            after = start()
             ctl.wait_log(HANDING_OVER, SERVING)
             time.sleep(delay)
             ctl.kill9()
-        last = start()
+            ctl = after
+        last = ctl
+        last.go()
         if HANDING_OVER in last.wait_log(HANDING_OVER, SERVING):
             last.wait_log(HANDED_OVER, timeout=120)  # its own ready, every earlier one stopped
         last.wait_replicas(2)
