@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,9 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    """The stack on FAST's timings, or on those a test passes (indirect parametrization)."""
+    timings: PolicyConfig = getattr(request, "param", FAST)
     controller, runner, port = await start_controller(
         ControllerConfig(state_dir=tmp_path / "state", port=0, drain_seconds=0.5)
     )
@@ -103,7 +105,10 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 
     admin, admin_port = await start_admin(admin_app(reports), "127.0.0.1", 0)
     scaler = attach_autoscaler(
-        controller, GatewaySignals([f"http://127.0.0.1:{admin_port}"]), timings=FAST, interval=0.25
+        controller,
+        GatewaySignals([f"http://127.0.0.1:{admin_port}"]),
+        timings=timings,
+        interval=0.25,
     )
     try:
         yield Stack(api, controller, worker, scaler)
@@ -137,6 +142,9 @@ async def test_load_ramp_raises_replicas_and_they_serve(stack: Stack) -> None:
     assert len(stack.worker.proxy.table.versions[0].upstreams) == 4
 
 
+# The HPA's scale-down stabilization at half FAST's 3 s: its two steps down (3 -> 2 -> 1)
+# waited out the window each.
+@pytest.mark.parametrize("stack", [replace(FAST, stabilization_window=1.5)], indirect=True)
 async def test_cpu_utilization_scales_on_what_replicas_report(stack: Stack, tmp_path: Path) -> None:
     """The HPA path: CPU scraped from each replica's /metrics, as percent of cpu_request."""
     (tmp_path / "burn.py").write_text(BURN_MODEL)
