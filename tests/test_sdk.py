@@ -111,6 +111,12 @@ def test_a_notebook_flow_deploys_objects_routes_and_predicts(up: Up, tmp_path: P
     )
     assert set(served) == {"1", "2"}, served
     client.set_sticky("sdk/scale")  # neither: unpinned again
+    matched = client.set_match("sdk/scale", [{"header": "X-Tenant", "exact": "beta",
+                                              "version": "2"}])  # fmt: skip
+    assert matched.rule.match[0].version == "2" and matched.rule.sticky is None
+    beta = client.predict("sdk/scale", {"instances": [1]}, headers={"X-Tenant": "beta"})
+    assert beta.version == "2"
+    client.set_match("sdk/scale", [])
 
     shadowed = client.set_mirror("sdk/scale", "2", 100)
     assert shadowed.rule.mirror is not None and shadowed.rule.mirror.version == "2"
