@@ -55,22 +55,25 @@ def _end_held() -> None:
         _held.pop()[0].communicate("", timeout=10)
 
 
-def cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    """`merlin-dp ARGS --controller URL` as a process of its own; the next one's Python
+def run_cli(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`merlin-dp ARGV` from the checkout, as a process of its own; the next one's Python
     starts as this one runs (Python and the CLI's imports cost ~0.6 s a command)."""
     proc, env = _held.pop() if _held else _start_held()
     if env != dict(os.environ):  # started before the environment changed: not this one
         proc.communicate("", timeout=10)
         proc, env = _start_held()
     _held.append(_start_held())
-    argv = [*args, "--controller", f"http://127.0.0.1:{port}"]
     try:
-        out, err = proc.communicate(json.dumps(argv) + "\n", timeout=60)
+        out, err = proc.communicate(json.dumps(argv) + "\n", timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
         raise
     return subprocess.CompletedProcess(["merlin-dp", *argv], proc.returncode, out, err)
+
+
+def cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli([*args, "--controller", f"http://127.0.0.1:{port}"])
 
 
 def test_cli_drives_the_controller(tmp_path: Path) -> None:

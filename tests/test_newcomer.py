@@ -23,6 +23,7 @@ import grpc
 from merlin_dp.common.net import free_port
 from merlin_dp.protos.caraml.upi.v1 import upi_pb2_grpc
 from tests.conftest import ROOT, Proc, Up, wait_port
+from tests.test_controller_process import run_cli
 from tests.test_upi_server import DOUBLE, make_table, request, scores
 
 EXAMPLE = ROOT / "examples" / "custom_model.py"
@@ -32,8 +33,11 @@ SLEEPER = f"{sys.executable} -c 'import time; time.sleep(300)'"
 
 
 def cli(api: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    argv = [*args, "--controller", api]
+    if cwd == ROOT:  # a Python started ahead runs it (tests/test_controller_process.py)
+        return run_cli(argv, timeout=120)
     return subprocess.run(
-        [sys.executable, "-m", "merlin_dp", *args, "--controller", api],
+        [sys.executable, "-m", "merlin_dp", *argv],
         cwd=cwd, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
