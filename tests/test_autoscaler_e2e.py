@@ -364,13 +364,13 @@ async def test_one_long_request_changes_no_scale(stack: Stack) -> None:
 
 
 async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: Stack) -> None:
-    # A trickle, and a batch caller's 4 s burst of 40 requests/s every 12 s: after two
-    # bursts the forecast knows the period and orders the replicas one start-up time
-    # ahead of the third. (The period is 1.5x FAST's shortest forecast period; between
-    # two bursts, the windows bring the replicas back down before the forecast raises
-    # them: checked below.)
+    # A trickle, and a batch caller's 4 s burst of 40 requests/s every 12 s from 3 s on:
+    # after two bursts the forecast knows the period and orders the replicas one start-up
+    # time ahead of the third. (The period is 1.5x FAST's shortest forecast period;
+    # between two bursts, the windows bring the replicas back down before the forecast
+    # raises them: checked below.)
     await stack.deploy(min_replica=1, max_replica=10, container_concurrency=1)
-    period, width, first = 12.0, 4.0, 5.0
+    period, width, first = 12.0, 4.0, 3.0
     needed = math.ceil(40 * 0.05 / 0.7)
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -380,7 +380,7 @@ async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: St
     stop = asyncio.Event()
 
     async def trickle(s: aiohttp.ClientSession) -> None:
-        await _poisson(s, stack, 3.0, first + 2 * period + width + 1, "/sleep?s=0.05", seed=2)
+        await _poisson(s, stack, 3.0, first + 2 * period + width, "/sleep?s=0.05", seed=2)
 
     async def bursts(s: aiohttp.ClientSession) -> list[int]:
         statuses: list[int] = []
