@@ -375,6 +375,7 @@ async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: St
     loop = asyncio.get_running_loop()
     began = loop.time()
     at_start: list[tuple[int, int]] = []  # per burst: (asked for, ready or starting)
+    seen: list[str] = []  # per burst: what the last decision before it saw
     ended: list[float] = []  # per burst: when its last answer came
     live: list[tuple[float, int]] = []  # (when, ready or starting)
     stop = asyncio.Event()
@@ -387,6 +388,11 @@ async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: St
         for k in range(3):
             await asyncio.sleep(max(0.0, began + first + k * period - loop.time()))
             at_start.append((stack.scaler.scalers[KEY].state.desired, stack.live()))
+            last = stack.scaler.last_signals[KEY]
+            seen.append(
+                f"period={last.period} forecast={last.forecast_rate:.1f}/s "
+                f"service={last.service_time:.3f}s startup={last.startup_time:.2f}s"
+            )
             statuses += await _poisson(s, stack, 40.0, width, "/sleep?s=0.05", seed=10 + k)
             ended.append(loop.time())
         return statuses
@@ -413,8 +419,8 @@ async def test_a_periodic_burst_seen_twice_is_prewarmed_the_third_time(stack: St
     # The first burst came unannounced; before the third, the forecast had asked for
     # what it needs, and they were ready or starting (how fast a process starts is the
     # machine's business, not the forecast's).
-    assert at_start[0][0] < needed, at_start
-    assert at_start[2][0] >= needed and at_start[2][1] >= needed, at_start
+    assert at_start[0][0] < needed, (at_start, seen)
+    assert at_start[2][0] >= needed and at_start[2][1] >= needed, (at_start, seen)
     # Those were ordered again for the third: after the second burst, fewer ran.
     third = began + first + 2 * period
     lull = [n for at, n in live if ended[1] <= at < third]

@@ -7,19 +7,31 @@ looks for the lag at which the load best resembles itself (the autocorrelation o
 bins, refined to the unit); :func:`predict` takes the median of what arrived one, two and
 three periods before each unit of the next ``lead``. The policy
 (:mod:`merlin_dp.autoscaler.policy`) decides whether to trust it.
+
+A period is known to a unit, no better: a burst whose edges fall across a second boundary
+differently each time (a caller's jitter, a loaded machine) reads as 11 s one time and
+13 s the next. Over a burst a few seconds wide, copies a unit out of phase disagree at
+its edges, and the lower of two is then its edge, not its height: the order comes late.
+So :func:`predict` gives a bound. The ``"upper"`` one, what to order for, takes each
+earlier period's most over its phase and the unit after it (a period read a unit long
+puts the burst a unit later in the copy; read short, the copy shows it early anyway).
+The ``"lower"`` one, what must have come for the forecast to have held, takes the least
+over the phase and a unit either side.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 MIN_PERIOD_S = 40  # shorter cycles are the reactive windows' job (PolicyConfig's default)
 MIN_STRENGTH = 0.6  # correlation of the load with itself one period earlier
 MAX_PERIODS = 3  # periods averaged into a prediction
 SMOOTH_S = 3  # a prediction is the mean of this many seconds around the same phase
+
+Bound = Literal["upper", "lower"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,32 +76,39 @@ def find_period(arrivals: Sequence[float], min_period: int = MIN_PERIOD_S) -> Pe
         coarse += 1  # to the top of that peak: a smooth cycle's rises to it gradually
     lo = max(min_period, (coarse - 1) * bin_s)
     hi = min(2 * len(arrivals) // 3, (coarse + 1) * bin_s)
-    # To the unit on the changes from one to the next: free of any trend, and sharp at
-    # a burst's edges.
-    changes = [b - a for a, b in itertools.pairwise(arrivals)]
+    # To the unit on the changes over two units: free of any trend, and sharp at a
+    # burst's edges, a rise split across a boundary included (one unit's changes would
+    # match the larger halves of two split rises, a unit off as often as not).
+    changes = [b - a for a, b in zip(arrivals, arrivals[2:], strict=False)]
     fine = {lag: _correlation(changes, lag) for lag in range(lo, hi + 1)}
     seconds = max(fine, key=lambda lag: fine[lag])
     return Period(seconds, fine[seconds])
 
 
-def predict(arrivals: Sequence[float], period: int, start: int, lead: int) -> list[float]:
+def predict(
+    arrivals: Sequence[float], period: int, start: int, lead: int, bound: Bound
+) -> list[float]:
     """Predicted arrivals per second for the seconds ``start .. start + lead`` counted from
     the end of ``arrivals`` (0 is the next second; negative looks back, to compare a
     prediction with what came), from up to :data:`MAX_PERIODS` earlier periods of the same
-    phase, each smoothed over :data:`SMOOTH_S` seconds: their median, or the lower of two
-    (0 with fewer: what was seen once is not a pattern)."""
+    phase, each smoothed over :data:`SMOOTH_S` seconds and taken at its ``bound`` within a
+    unit of the phase (the module's docstring says why): their median, or the lower of
+    two (0 with fewer: what was seen once is not a pattern)."""
     end = len(arrivals)
     half = SMOOTH_S // 2
+    before, pick = (1, min) if bound == "lower" else (0, max)
     out = []
     for ahead in range(start, start + lead + 1):
         seen = []
         for k in range(1, MAX_PERIODS + 1):
             at = end + ahead - k * period
-            if at - half < 0:
+            # That phase, and the unit after it (upper) or either side of it (lower);
+            # complete units only (the phase may not have come round yet).
+            if at + 1 - half < 0:
                 break
-            if at + half >= end:
-                continue  # that phase is not complete yet
-            seen.append(sum(arrivals[at - half : at + half + 1]) / SMOOTH_S)
+            near = range(max(at - before, half), min(at + 1, end - half - 1) + 1)
+            if near:
+                seen.append(pick(sum(arrivals[i - half : i + half + 1]) / SMOOTH_S for i in near))
         # Seen twice at least, and agreed on: of two, the lower; of three, the median
         # (one period that lacked the pattern, or one outlier, does not move it). Seen
         # once is not a pattern: nothing is predicted.

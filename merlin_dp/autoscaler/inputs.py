@@ -130,15 +130,17 @@ def _forecast(
         by_minute = period // 60
         span = min(MINUTES_HORIZON, 3 * by_minute + 2)
         recent = _since_first(series.requests_by_minute.series(now / 60, span))
-        ahead = predict(recent, by_minute, 0, math.ceil(lead / 60))
-        return period, found_at, max(ahead) / 60, predict(recent, by_minute, -1, 0)[0] / 60
+        ahead = predict(recent, by_minute, 0, math.ceil(lead / 60), "upper")
+        past = predict(recent, by_minute, -1, 0, "lower")[0]
+        return period, found_at, max(ahead) / 60, past / 60
     window = math.ceil(config.panic_window)
     span = min(ARRIVALS_HORIZON_S, 3 * period + window + 2)
     # Seconds before the first traffic are no data: the forecast averages only seen ones.
     recent = _since_first(rps.series(now, span) if history is None else history[-span:])
-    forecast_rate = max(predict(recent, period, 0, lead))
-    # The median second: a burst's edge, smoothed a second early, is not a miss.
-    forecast_past = median(predict(recent, period, -window, window - 1))
+    # Ordered for the most the period's phase allows; a miss is judged on the least, and
+    # on the median second (a burst's edge, smoothed a second early, is not a miss).
+    forecast_rate = max(predict(recent, period, 0, lead, "upper"))
+    forecast_past = median(predict(recent, period, -window, window - 1, "lower"))
     return period, found_at, forecast_rate, forecast_past
 
 
