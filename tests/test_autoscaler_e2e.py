@@ -31,6 +31,11 @@ from merlin_dp.gateway.worker import GatewayWorker, Report
 from tests.conftest import ROOT
 from tests.test_controller_api import BASE, Api
 
+# Decisions here are judged against real clocks, with the clients, the gateway and the
+# autoscaler on one event loop: a neighbour's CPU stalls them together (an open-loop
+# client then sends its overdue requests at once). The test command runs these alone.
+pytestmark = pytest.mark.alone
+
 # The test replica, started under the contract: its port comes from CARAML_HTTP_PORT.
 SLEEPY = [
     sys.executable, "-c",

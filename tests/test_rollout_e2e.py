@@ -29,6 +29,10 @@ from tests.test_controller_api import Api
 from tests.test_controller_process import cli
 from tests.test_controller_process import start_controller as controller_process
 
+# Rollouts here are judged on live latencies and error counts against real clocks: a
+# neighbour's CPU load would be read as the candidate's. The test command runs these alone.
+pytestmark = pytest.mark.alone
+
 REPLICA = [sys.executable, "-m", "tests.rollout_replica"]
 # A plan a test can watch end in seconds: short steps, margins a few hundred answers
 # can decide, and a latency margin wide enough for two processes on a busy machine.
