@@ -22,6 +22,7 @@ from merlin_dp.common.net import free_port
 from merlin_dp.runtime import DeploySpec, ReplicaInfo, RuntimeEvent
 from merlin_dp.runtime.local import LocalRuntime, LocalTimings
 from tests.conftest import ROOT
+from tests.test_controller_process import HELD_CLI
 
 EXAMPLE = (sys.executable, str(ROOT / "examples" / "custom_model.py"))
 FAST = LocalTimings(probe_interval=0.05, liveness_interval=0.3, drain_seconds=0.2,
@@ -336,12 +337,6 @@ def probe_pids(probe: str) -> set[int]:
     return found
 
 
-# `python -m merlin_dp`'s own main(), once a line comes on stdin: the interpreter is up and
-# the command's modules are imported before, the command itself runs only after.
-HELD_MAIN = ("import sys; from merlin_dp.cli.main import main; sys.stdin.readline(); "
-             "raise SystemExit(main(sys.argv[1:]))")  # fmt: skip
-
-
 class ControllerProcess:
     """`merlin-dp controller` on a state directory, its log in a file of its own.
 
@@ -352,10 +347,12 @@ class ControllerProcess:
         self.port = free_port()
         self.log = tmp / f"controller-{n}.log"
         self._out = self.log.open("wb")
-        command = [sys.executable, "-c", HELD_MAIN] if held else [sys.executable, "-m", "merlin_dp"]
+        self._argv = ["controller", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}"]
+        # Held: the CLI's main() in a Python started ahead (tests/test_controller_process.py),
+        # its arguments sent at go().
+        command = ["-c", HELD_CLI] if held else ["-m", "merlin_dp", *self._argv]
         self.proc = subprocess.Popen(
-            [*command, "controller", "--state-dir", str(state),
-             "--listen", f"127.0.0.1:{self.port}"],
+            [sys.executable, *command],
             cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
             stdin=subprocess.PIPE if held else None,
         )  # fmt: skip
@@ -363,7 +360,7 @@ class ControllerProcess:
     def go(self) -> None:
         """A held controller runs its command now."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.write(json.dumps(self._argv).encode() + b"\n")
         self.proc.stdin.close()
 
     def wait_log(self, *texts: str, timeout: float = 60) -> str:
