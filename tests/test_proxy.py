@@ -8,12 +8,18 @@ import socket
 from collections import Counter
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from merlin_dp.common.net import free_port
 from merlin_dp.gateway.config import GatewayConfig
 from merlin_dp.gateway.pool.upstream import PoolLimits
 from tests.conftest import Replica, model_endpoint, start_replicas, version
+
+# Ejection, back-off and timeouts here are judged on real clocks, with the gateway and the
+# replicas on one event loop: a neighbour's CPU stretches them. The test command runs
+# these alone.
+pytestmark = pytest.mark.alone
 
 
 def two_versions(v1: list[str], v2: list[str], **rule: Any) -> dict[str, Any]:
